@@ -1,0 +1,36 @@
+"""Strip-MLP in JAX/Flax: model, PyTorch weight converter, training and evaluation."""
+from setuptools import find_packages, setup
+
+setup(
+    name="strip-mlp-jax",
+    version="0.1.0",
+    description="Strip-MLP (ICCV 2023) in JAX/Flax with bit-faithful PyTorch weight conversion",
+    packages=find_packages(include=["strip_mlp", "strip_mlp.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "numpy>=1.24",
+        "jax>=0.4.35",
+        "flax>=0.10.0",
+        "optax>=0.2.3",
+        "orbax-checkpoint>=0.9.0",
+        "ml_collections>=0.1.1",
+    ],
+    extras_require={
+        # tf.data / TFDS input pipeline (host side only; JAX keeps the accelerator).
+        "data": [
+            "tensorflow-cpu>=2.16",
+            "tensorflow-datasets>=4.9.6",
+            "scikit-learn>=1.3",
+        ],
+        # Reading released PyTorch .pth files.
+        "convert": ["torch>=2.4"],
+        "test": [
+            "pytest>=8.0",
+            "chex>=0.1.87",
+            "tensorflow-cpu>=2.16",
+            "tensorflow-datasets>=4.9.6",
+            "scikit-learn>=1.3",
+            "torch>=2.4",
+        ],
+    },
+)

@@ -1,0 +1,195 @@
+"""PyTorch state dict <-> Flax variables for Strip-MLP, with strict accounting.
+
+    from strip_mlp.convert import torch_to_flax
+    model, variables = torch_to_flax("smlp_tiny_light.pth")
+    logits = model.apply(variables, images_nhwc, train=False)
+
+Every Flax leaf maps to one `state_dict` key by a rename (`torch_key`) and a layout
+(`leaf_layout`): OIHW convs <-> HWIO, linear/1x1 (out, in) <-> (in, out), and the strip
+projections' grouped (G*L, L, 1, 3) <-> (3, L, L, G). Nothing else is transformed.
+"""
+import collections
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from strip_mlp.model import StripMLP
+from strip_mlp.torch_io import CheckpointFormatError, read_state_dict
+
+_MODULE_RENAMES = {
+    "dwsc_bn": "dwsc.conv_merge.BN",
+    "dwsc": "dwsc.conv_merge.Conv",
+    "strip": None,  # the strip layer's parameters sit directly in `smlp_block`
+    "bn": "BN",
+    "mlp_fc": "mlp.0",
+    "mlp_bn": "mlp.1",
+    "reweight_fc1": "reweight.fc1",
+    "reweight_fc2": "reweight.fc2",
+}
+_LEAF_RENAMES = {"kernel": "weight", "scale": "weight", "mean": "running_mean",
+                 "var": "running_var"}
+_BLOCK = re.compile(r"blocks(\d)_(\d+)$")
+
+
+def torch_key(path: tuple[str, ...]) -> str:
+  """('params', 'blocks1_0', 'token_mixing', 'dwsc', 'kernel') -> state_dict key."""
+  parts = []
+  for name in path[1:-1]:
+    m = _BLOCK.match(name)
+    renamed = f"blocks{m[1]}.{m[2]}" if m else _MODULE_RENAMES.get(name, name)
+    if renamed is not None:
+      parts.append(renamed)
+  parts.append(_LEAF_RENAMES.get(path[-1], path[-1]))
+  return ".".join(parts)
+
+
+def leaf_layout(path: tuple[str, ...], ndim: int) -> str:
+  """How a Flax leaf is laid out relative to its PyTorch tensor."""
+  parent, leaf = path[-2], path[-1]
+  if parent in ("proj_h", "proj_w"):
+    return "strip_" + leaf
+  if leaf == "kernel" and ndim == 4:
+    return "conv"
+  if leaf == "kernel" and ndim == 2:
+    linear = parent == "head" or (parent in ("fc1", "fc2") and "channel_mixing" in path)
+    return "linear" if linear else "conv1x1"
+  return "same"
+
+
+def _to_torch(layout: str, a: np.ndarray) -> np.ndarray:
+  if layout == "conv":
+    return a.transpose(3, 2, 0, 1)
+  if layout == "conv1x1":
+    return a.T[:, :, None, None]
+  if layout == "linear":
+    return a.T
+  if layout == "strip_kernel":
+    _, length, _, groups = a.shape
+    return a.transpose(3, 2, 1, 0).reshape(groups * length, length, 1, 3)
+  if layout == "strip_bias":
+    return a.T.reshape(-1)
+  return a
+
+
+def _to_flax(layout: str, t: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+  if layout == "conv":
+    return t.transpose(2, 3, 1, 0)
+  if layout == "conv1x1":
+    return t[:, :, 0, 0].T
+  if layout == "linear":
+    return t.T
+  if layout == "strip_kernel":
+    _, length, _, groups = shape
+    return t.reshape(groups, length, length, 3).transpose(3, 2, 1, 0)
+  if layout == "strip_bias":
+    length, groups = shape
+    return t.reshape(groups, length).T
+  return t
+
+
+def _torch_shape(layout: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+  return _to_torch(layout, np.broadcast_to(np.float32(0), shape)).shape
+
+
+def abstract_variables(model: StripMLP):
+  """Shapes/dtypes of `model`'s variables without allocating them."""
+  x = jax.ShapeDtypeStruct((1, model.img_size, model.img_size, 3), jnp.float32)
+  return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros(x.shape),
+                                           train=False))
+
+
+def infer_architecture(sd: dict) -> dict:
+  """embed_dim, layers, img_size, num_classes of a Strip-MLP state dict."""
+  for key in ("patch_embed.weight", "head.weight"):
+    if key not in sd:
+      raise CheckpointFormatError(
+          f"not a Strip-MLP state dict: no {key!r} (keys start with "
+          f"{sorted(sd)[:4]}); convert weights of the official Strip-MLP code")
+  layers = [len({int(m[1]) for k in sd if (m := re.match(rf"blocks{s}\.(\d+)\.", k))})
+            for s in range(1, 5)]
+  stage = next((s for s in range(4) if layers[s]), None)
+  if stage is None:
+    raise CheckpointFormatError("state dict has no blocks: cannot tell its image size")
+  table = sd[f"blocks{stage + 1}.0.token_mixing.smlp_block.relate_pos_h.embeddings_table"]
+  resolution = (table.shape[0] - 1) // 2
+  return dict(embed_dim=int(sd["patch_embed.weight"].shape[0]), layers=tuple(layers),
+              img_size=int(resolution * 4 * 2 ** stage),
+              num_classes=int(sd["head.weight"].shape[0]))
+
+
+def _limited(names, n=6):
+  names = sorted(names)
+  return ", ".join(names[:n]) + (f" (+{len(names) - n} more)" if len(names) > n else "")
+
+
+def state_dict_to_variables(sd: dict, model: StripMLP) -> dict:
+  """Fills every Flax variable of `model` from `sd` ({key: array}); strict.
+
+  Raises CheckpointFormatError naming missing, unexpected and mis-shaped keys.
+  """
+  flat = traverse_util.flatten_dict(abstract_variables(model))
+  sd = {k: v for k, v in sd.items() if not k.endswith("num_batches_tracked")}
+  out, missing, mismatched, used = {}, [], [], set()
+  for path, leaf in flat.items():
+    key, layout = torch_key(path), leaf_layout(path, len(leaf.shape))
+    if key not in sd:
+      missing.append(key)
+      continue
+    used.add(key)
+    want = _torch_shape(layout, leaf.shape)
+    if tuple(sd[key].shape) != want:
+      mismatched.append(f"{key} {tuple(sd[key].shape)} != {want}")
+      continue
+    out[path] = jnp.asarray(_to_flax(layout, np.asarray(sd[key], np.float32), leaf.shape))
+  unexpected = set(sd) - used
+  if missing or mismatched or unexpected:
+    problems = [f"{label}: {_limited(names)}" for label, names in
+                (("missing", missing), ("unexpected", unexpected),
+                 ("shape mismatch", mismatched)) if names]
+    raise CheckpointFormatError(
+        "state dict does not match StripMLP(" + ", ".join(
+            f"{k}={v}" for k, v in model.config_dict().items()
+            if k in ("embed_dim", "layers", "img_size", "num_classes")) + "): " +
+        "; ".join(problems))
+  return traverse_util.unflatten_dict(out)
+
+
+def variables_to_state_dict(variables) -> "collections.OrderedDict[str, np.ndarray]":
+  """Flax variables -> the official code's state dict as numpy arrays.
+
+  BatchNorm `num_batches_tracked` counters are included (as 0) so that
+  `load_state_dict(strict=True)` accepts it.
+  """
+  sd = collections.OrderedDict()
+  for path, leaf in traverse_util.flatten_dict(jax.device_get(variables)).items():
+    a = np.asarray(leaf, np.float32)
+    key = torch_key(path)
+    sd[key] = np.ascontiguousarray(_to_torch(leaf_layout(path, a.ndim), a))
+    if key.endswith("running_var"):
+      sd[key[:-len("running_var")] + "num_batches_tracked"] = np.array(0, np.int64)
+  return sd
+
+
+def flax_to_torch(variables) -> "collections.OrderedDict":
+  """Flax variables -> a PyTorch state dict (torch tensors) for the official model."""
+  import torch  # pylint: disable=g-import-not-at-top
+  return collections.OrderedDict(
+      (k, torch.from_numpy(v)) for k, v in variables_to_state_dict(variables).items())
+
+
+def torch_to_flax(path: str, **model_overrides):
+  """Reads a released `.pth` -> (StripMLP, variables) computing the same function.
+
+  The architecture is read from the weights; `model_overrides` may set other
+  StripMLP fields (dtype, drop_path_rate, depthwise_impl, patchify_impl).
+  """
+  sd = read_state_dict(path)
+  arch = infer_architecture(sd)
+  clash = set(arch) & set(model_overrides)
+  if clash:
+    raise ValueError(f"{sorted(clash)} are read from the weights and cannot be overridden")
+  model = StripMLP(**arch, **model_overrides)
+  return model, state_dict_to_variables(sd, model)

@@ -167,7 +167,7 @@ def variables_to_state_dict(variables) -> "collections.OrderedDict[str, np.ndarr
   for path, leaf in traverse_util.flatten_dict(jax.device_get(variables)).items():
     a = np.asarray(leaf, np.float32)
     key = torch_key(path)
-    sd[key] = np.ascontiguousarray(_to_torch(leaf_layout(path, a.ndim), a))
+    sd[key] = np.array(_to_torch(leaf_layout(path, a.ndim), a), order="C")
     if key.endswith("running_var"):
       sd[key[:-len("running_var")] + "num_batches_tracked"] = np.array(0, np.int64)
   return sd

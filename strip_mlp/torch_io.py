@@ -9,6 +9,8 @@ import argparse
 import collections
 import os
 import pickle
+import pickletools
+import warnings
 import zipfile
 
 import numpy as np
@@ -48,34 +50,62 @@ def load_torch_file(path: str):
   if not os.path.isfile(path):
     raise CheckpointFormatError(f"{path}: no such file")
   try:
-    with torch.serialization.safe_globals(_DATA_ONLY_GLOBALS):
+    with torch.serialization.safe_globals(_DATA_ONLY_GLOBALS), warnings.catch_warnings():
+      warnings.filterwarnings("ignore", message=".*pickle protocol.*")
       return torch.load(path, map_location="cpu", weights_only=True)
   except pickle.UnpicklingError as e:
-    msg = str(e)
-    if "Unsupported global" in msg or "unsupported GLOBAL" in msg or "reduce for" in msg:
-      names = _unsafe_globals(torch, path) or [msg.split("\n")[0]]
+    names = _code_globals(torch, path)
+    if names:
       raise CheckpointFormatError(
           f"{path}: refused to unpickle: the file references {', '.join(names)}, which "
           "could run code; only tensors, containers and training configs are read "
           "(re-save the state dict alone with torch.save({'model': state_dict}, ...) "
           "from a trusted session)") from None
     raise CheckpointFormatError(
-        f"{path}: not a PyTorch checkpoint written by torch.save ({msg.splitlines()[0]})"
-    ) from None
-  except (RuntimeError, zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
-    first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        f"{path}: not a PyTorch checkpoint written by torch.save "
+        f"({_core_message(str(e))})") from None
+  except Exception as e:  # pylint: disable=broad-except  # any parse failure of a bad file
+    detail = _core_message(str(e))
+    detail = f"{type(e).__name__}: {detail}" if len(detail) < 20 else detail
     raise CheckpointFormatError(
-        f"{path}: cannot read as a PyTorch checkpoint (truncated or corrupt file?): {first}"
+        f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): {detail}"
     ) from None
 
 
-def _unsafe_globals(torch, path):
-  try:
-    found = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-  except Exception:  # pylint: disable=broad-except
-    return []
+def _core_message(msg: str) -> str:
+  """The informative line of a PyTorch loading error, without its boilerplate."""
+  boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation",
+                 "This is an internal miniz error")
+  lines = [l.strip() for l in msg.splitlines() if l.strip()]
+  lines = [l for l in lines if not l.startswith(boilerplate)] or lines[:1]
+  return lines[0].split(". This is an internal")[0] if lines else ""
+
+
+def _code_globals(torch, path) -> list[str]:
+  """Names of classes/functions the file would import, beyond what is admitted here.
+
+  Reads pickle opcodes only (nothing is executed).
+  """
   allowed = {name for _, name in _DATA_ONLY_GLOBALS}
-  return [g for g in found if g not in allowed]
+  if zipfile.is_zipfile(path):
+    try:
+      found = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # pylint: disable=broad-except
+      return []
+  else:
+    found, strings = [], []
+    try:
+      with open(path, "rb") as f:
+        for op, arg, _ in pickletools.genops(f):
+          if op.name == "GLOBAL":
+            found.append(arg.replace(" ", "."))
+          elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+            found.append(".".join(strings[-2:]))
+          elif isinstance(arg, str):
+            strings.append(arg)
+    except Exception:  # pylint: disable=broad-except
+      pass
+  return sorted(set(found) - allowed)
 
 
 def extract_state_dict(obj, source: str = "checkpoint") -> dict:

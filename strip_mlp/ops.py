@@ -46,19 +46,56 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, impl: str = "auto") -> jax.A
   x: (N, H, W, C); kernel: (kh, kw, 1, C). Returns (N, H, W, C).
   """
   kh, kw, _, channels = kernel.shape
-  ph, pw = kh // 2, kw // 2
   if resolve_impl("depthwise", impl) == "xla":
+    ph, pw = kh // 2, kw // 2
     return lax.conv_general_dilated(
         x, kernel, window_strides=(1, 1), padding=((ph, ph), (pw, pw)),
         dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=channels)
+  return _depthwise_shift(x, kernel)
+
+
+def _shifted_sum(x, kernel):
+  """sum_{a,b} pad(x)[:, a:a+H, b:b+W] * kernel[a, b, 0]: one fused loop on XLA."""
+  kh, kw = kernel.shape[:2]
   _, h, w, _ = x.shape
-  xp = jnp.pad(x, ((0, 0), (ph, ph), (pw, pw), (0, 0)))
+  xp = jnp.pad(x, ((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2), (0, 0)))
   out = None
   for a in range(kh):
     for b in range(kw):
       term = xp[:, a:a + h, b:b + w, :] * kernel[a, b, 0]
       out = term if out is None else out + term
   return out
+
+
+@jax.custom_vjp
+def _depthwise_shift(x, kernel):
+  return _shifted_sum(x, kernel)
+
+
+def _depthwise_shift_fwd(x, kernel):
+  return _shifted_sum(x, kernel), (x, kernel)
+
+
+def _depthwise_shift_bwd(residuals, g):
+  """dx: the same op with the kernel flipped. dkernel: per-tap sums of x * g, one image
+  at a time so that the kh*kw passes over the image stay in cache."""
+  x, kernel = residuals
+  kh, kw = kernel.shape[:2]
+  _, h, w, _ = x.shape
+  dx = _shifted_sum(g, kernel[::-1, ::-1])
+  xp = jnp.pad(x, ((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2), (0, 0)))
+
+  def add_image(acc, image_and_grad):
+    xi, gi = image_and_grad
+    taps = [jnp.sum((xi[a:a + h, b:b + w] * gi).astype(jnp.float32), axis=(0, 1))
+            for a in range(kh) for b in range(kw)]
+    return acc + jnp.stack(taps).reshape(acc.shape), None
+
+  dk, _ = lax.scan(add_image, jnp.zeros((kh, kw, 1, x.shape[-1]), jnp.float32), (xp, g))
+  return dx, dk.astype(kernel.dtype)
+
+
+_depthwise_shift.defvjp(_depthwise_shift_fwd, _depthwise_shift_bwd)
 
 
 def patchify_conv(x: jax.Array, kernel: jax.Array, impl: str = "auto") -> jax.Array:

@@ -1,0 +1,212 @@
+"""Where examples come from: TFDS builders, ImageNet-style folders, the embedded digits set.
+
+A source answers `num_classes`, `num_examples(split)` and `read(split, process_index,
+process_count, drop_remainder)`, a tf.data.Dataset of this process's disjoint part of the
+split with elements {'image': encoded bytes (scalar tf.string) or uint8 (H, W, 3),
+'label': int32 ()}, in a fixed order. Shuffling and transforms happen downstream.
+"""
+from __future__ import annotations
+
+import os
+from typing import Protocol
+
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+# torchvision's IMG_EXTENSIONS (matched case-insensitively).
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp')
+EVAL_SPLIT_CANDIDATES = ('validation', 'val', 'test')
+
+
+class DatasetNotFoundError(FileNotFoundError):
+  """A dataset is missing or not prepared; the message says what to download and where."""
+
+
+class Source(Protocol):
+  name: str
+  num_classes: int
+
+  def num_examples(self, split: str) -> int: ...
+
+  def default_eval_split(self) -> str: ...
+
+  def read(self, split: str, process_index: int, process_count: int,
+           drop_remainder: bool) -> tf.data.Dataset: ...
+
+
+def default_tfds_dir() -> str:
+  return os.path.expanduser(os.environ.get('TFDS_DATA_DIR', '~/tensorflow_datasets'))
+
+
+# ----------------------------------------------------------------------------- TFDS
+
+def _not_prepared_message(name: str, data_dir: str, manual_dir: str | None,
+                          builder: tfds.core.DatasetBuilder) -> str:
+  manual_dir = manual_dir or os.path.join(data_dir, 'downloads', 'manual')
+  base = name.split(':')[0].split('/')[0]
+  if base == 'imagenet2012':
+    return (f"TFDS dataset 'imagenet2012' is not prepared in data_dir={data_dir}. Download "
+            f"ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar (https://image-net.org/"
+            f"download-images, registration needed) into manual_dir={manual_dir}, then run "
+            f"`tfds build imagenet2012 --data_dir={data_dir} --manual_dir={manual_dir}` "
+            f"(or set data.prepare=True and data.manual_dir).")
+  if getattr(builder, 'MANUAL_DOWNLOAD_INSTRUCTIONS', None):
+    how = ' '.join(builder.MANUAL_DOWNLOAD_INSTRUCTIONS.split())
+    return (f"TFDS dataset {name!r} is not prepared in data_dir={data_dir}. It needs a manual "
+            f"download into manual_dir={manual_dir}: {how} Then run `tfds build {base} "
+            f"--data_dir={data_dir} --manual_dir={manual_dir}` (or set data.prepare=True).")
+  return (f"TFDS dataset {name!r} is not prepared in data_dir={data_dir}. Run `tfds build {base} "
+          f"--data_dir={data_dir}` on a machine with internet access and copy "
+          f"{os.path.join(data_dir, base)} here, or set data.prepare=True to download it now.")
+
+
+class TfdsSource:
+  """Any prepared TFDS dataset; each process reads tfds.split_for_jax_process(split)."""
+
+  def __init__(self, builder: tfds.core.DatasetBuilder, image_key: str = 'image',
+               label_key: str = 'label', shuffle_files_seed: int | None = None):
+    self.builder = builder
+    self.name = builder.name
+    self.image_key, self.label_key = image_key, label_key
+    self.shuffle_files_seed = shuffle_files_seed
+    features = builder.info.features
+    for key in (image_key, label_key):
+      if key not in features:
+        raise ValueError(f'{self.name} has no feature {key!r}; features: {list(features.keys())}. '
+                         f'Set data.image_key / data.label_key.')
+    self._skip_decode = isinstance(features[image_key], tfds.features.Image)
+    self.num_classes = int(features[label_key].num_classes)
+
+  @classmethod
+  def from_name(cls, name: str, data_dir: str | None = None, manual_dir: str | None = None,
+                prepare: bool = False, **kw) -> 'TfdsSource':
+    data_dir = os.path.expanduser(data_dir) if data_dir else default_tfds_dir()
+    try:
+      builder = tfds.builder(name, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError as e:
+      raise ValueError(f'unknown TFDS dataset {name!r}: see `tfds.list_builders()`, or use '
+                       f"data.source='folder' for an image folder.") from e
+    if not builder.is_prepared():
+      if not prepare:
+        raise DatasetNotFoundError(_not_prepared_message(name, data_dir, manual_dir, builder))
+      builder.download_and_prepare(
+          download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+    return cls(builder, **kw)
+
+  def _split_info(self, split: str):
+    try:
+      return self.builder.info.splits[split]
+    except (KeyError, ValueError, AssertionError) as e:
+      raise ValueError(f'bad split {split!r} for {self.name}: available '
+                       f'{sorted(self.builder.info.splits.keys())} (slices like '
+                       f"'train[:90%]' work too)") from e
+
+  def num_examples(self, split: str) -> int:
+    return int(self._split_info(split).num_examples)
+
+  def default_eval_split(self) -> str:
+    for cand in EVAL_SPLIT_CANDIDATES:
+      if cand in self.builder.info.splits:
+        return cand
+    raise ValueError(f'{self.name} has no validation/test split; set data.eval_split '
+                     f'(available {sorted(self.builder.info.splits.keys())})')
+
+  def read(self, split, process_index, process_count, drop_remainder):
+    self._split_info(split)
+    sub = tfds.split_for_jax_process(split, process_index=process_index,
+                                     process_count=process_count, drop_remainder=drop_remainder)
+    shuffle = self.shuffle_files_seed is not None
+    read_config = tfds.ReadConfig(shuffle_seed=self.shuffle_files_seed,
+                                  shuffle_reshuffle_each_iteration=True,
+                                  add_tfds_id=False)
+    decoders = {self.image_key: tfds.decode.SkipDecoding()} if self._skip_decode else None
+    ds = self.builder.as_dataset(split=sub, shuffle_files=shuffle, decoders=decoders,
+                                 read_config=read_config)
+    image_key, label_key = self.image_key, self.label_key
+    return ds.map(tf.autograph.experimental.do_not_convert(
+        lambda ex: {'image': ex[image_key], 'label': tf.cast(ex[label_key], tf.int32)}),
+                  num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+
+# ----------------------------------------------------------------------------- folders
+
+def _list_images(directory: str) -> list[str]:
+  out = []
+  for dirpath, dirnames, filenames in os.walk(directory, followlinks=True):
+    dirnames.sort()
+    out.extend(os.path.join(dirpath, f) for f in sorted(filenames)
+               if f.lower().endswith(IMAGE_EXTENSIONS))
+  return out
+
+
+class FolderSource:
+  """ImageNet-style folder: root/<split>/<class>/<image>, classes = sorted train subfolders
+  (torchvision ImageFolder order). Process p reads every process_count-th file from p."""
+
+  def __init__(self, root: str, class_split: str = 'train'):
+    root = os.path.expanduser(root) if root else root
+    if not root or not os.path.isdir(root):
+      raise DatasetNotFoundError(
+          f'image folder data.folder_root={root!r} not found: expected root/train/<class>/*.JPEG '
+          f'and root/val/<class>/* (ImageNet: extract ILSVRC2012_img_train.tar per class and '
+          f'sort the val images into class folders).')
+    self.root = root
+    self.name = f'folder:{root}'
+    class_dir = os.path.join(root, class_split)
+    if not os.path.isdir(class_dir):
+      class_dir = self._split_dir(self.default_eval_split())
+    self.classes = sorted(e.name for e in os.scandir(class_dir) if e.is_dir())
+    if not self.classes:
+      raise DatasetNotFoundError(f'no class folders in {class_dir}: expected '
+                                 f'{class_dir}/<class>/<image files>')
+    self.class_to_index = {c: i for i, c in enumerate(self.classes)}
+    self.num_classes = len(self.classes)
+    self._files: dict[str, tuple[list[str], list[int]]] = {}
+
+  def _split_dir(self, split: str) -> str:
+    path = os.path.join(self.root, split)
+    if not os.path.isdir(path):
+      have = sorted(e.name for e in os.scandir(self.root) if e.is_dir())
+      raise ValueError(f'bad split {split!r}: {path} does not exist (folders in root: {have})')
+    return path
+
+  def default_eval_split(self) -> str:
+    for cand in ('val', 'validation', 'test'):
+      if os.path.isdir(os.path.join(self.root, cand)):
+        return cand
+    raise ValueError(f'no val/validation/test folder in {self.root}; set data.eval_split')
+
+  def files(self, split: str) -> tuple[list[str], list[int]]:
+    """Sorted (paths, labels) of a split."""
+    if split not in self._files:
+      split_dir = self._split_dir(split)
+      paths, labels = [], []
+      for cls in sorted(e.name for e in os.scandir(split_dir) if e.is_dir()):
+        if cls not in self.class_to_index:
+          raise ValueError(f'class folder {cls!r} in {split_dir} is not a class of the train split')
+        found = _list_images(os.path.join(split_dir, cls))
+        paths += found
+        labels += [self.class_to_index[cls]] * len(found)
+      if not paths:
+        raise DatasetNotFoundError(f'no images ({", ".join(IMAGE_EXTENSIONS)}) under {split_dir}/<class>/')
+      self._files[split] = (paths, labels)
+    return self._files[split]
+
+  def num_examples(self, split: str) -> int:
+    return len(self.files(split)[0])
+
+  def read(self, split, process_index, process_count, drop_remainder):
+    paths, labels = self.files(split)
+    if not 0 <= process_index < process_count:
+      raise ValueError(f'process_index {process_index} not in [0, {process_count})')
+    n = len(paths)
+    local = list(range(process_index, n, process_count))  # strided: every class on every host
+    if drop_remainder:
+      local = local[:n // process_count]
+    ds = tf.data.Dataset.from_tensor_slices({
+        'path': tf.constant([paths[i] for i in local], tf.string),
+        'label': tf.constant([labels[i] for i in local], tf.int32)})
+    return ds.map(tf.autograph.experimental.do_not_convert(
+        lambda ex: {'image': tf.io.read_file(ex['path']), 'label': ex['label']}),
+                  num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+

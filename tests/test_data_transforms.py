@@ -1,0 +1,146 @@
+"""Per-example transforms: crop geometry, eval resize, RandAugment ops, random erasing."""
+import math
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from strip_mlp import transforms as T
+
+
+def seed(*s):
+  return tf.constant(s if len(s) == 2 else (s[0], 0), tf.int64)
+
+
+def ramp_image(h=24, w=32):
+  y, x = np.mgrid[:h, :w]
+  return np.stack([x * 7 % 256, y * 9 % 256, (x + y) * 3 % 256], -1).astype(np.uint8)
+
+
+def test_random_resized_crop_window_obeys_scale_ratio_and_is_seeded():
+  areas, ratios = [], []
+  for s in range(40):
+    top, left, h, w = T.random_resized_crop_window(tf.constant([300, 400]), seed(s)).numpy()
+    assert 0 <= top <= 300 - h and 0 <= left <= 400 - w and h > 0 and w > 0
+    areas.append(h * w / (300 * 400))
+    ratios.append(w / h)
+  assert 0.08 - 0.01 <= min(areas) and max(areas) <= 1.0
+  assert 3 / 4 - 0.02 <= min(ratios) and max(ratios) <= 4 / 3 + 0.02
+  assert max(areas) - min(areas) > 0.3                     # really random
+  a = T.random_resized_crop_window(tf.constant([300, 400]), seed(5)).numpy()
+  b = T.random_resized_crop_window(tf.constant([300, 400]), seed(5)).numpy()
+  np.testing.assert_array_equal(a, b)
+  # No attempt can fit a 10 x 1000 strip at scale >= 0.9: central crop clamped to ratio 4/3.
+  fallback = T.random_resized_crop_window(tf.constant([10, 1000]), seed(1), scale=(0.9, 1.0))
+  np.testing.assert_array_equal(fallback.numpy(), [0, (1000 - 13) // 2, 10, 13])
+
+
+def test_fused_jpeg_crop_matches_decode_then_crop():
+  image = ramp_image(48, 64)
+  jpeg = tf.io.encode_jpeg(image, quality=95)
+  window = tf.constant([5, 9, 30, 40])
+  fused = T.decode_and_crop(jpeg, lambda hw: window).numpy()
+  full = tf.io.decode_jpeg(jpeg, channels=3).numpy()[5:35, 9:49]
+  assert fused.shape == (30, 40, 3)
+  assert np.abs(fused.astype(int) - full.astype(int)).max() <= 2
+  png = T.decode_and_crop(tf.io.encode_png(image), lambda hw: window).numpy()
+  np.testing.assert_array_equal(png, image[5:35, 9:49])     # non-JPEG path, lossless
+
+
+@pytest.mark.parametrize('hw,size,expected', [((375, 500), 224, (256, 341)),
+                                              ((100, 50), 224, (512, 256)),
+                                              ((64, 64), 64, (73, 73))])
+def test_eval_resize_shorter_side_then_center_crop(hw, size, expected):
+  new_h, new_w = T.eval_resize_shape(hw[0], hw[1], size)
+  assert (int(new_h), int(new_w)) == expected                # int(R * 256 / 224) on the short side
+  image = np.zeros(hw + (3,), np.uint8)
+  image[hw[0] // 2 - 2:hw[0] // 2 + 2, hw[1] // 2 - 2:hw[1] // 2 + 2] = 255   # centred dot
+  out = T.eval_resize_and_center_crop(tf.constant(image), size).numpy()
+  assert out.shape == (size, size, 3) and out.dtype == np.uint8
+  ys, xs = np.nonzero(out[..., 0] > 128)
+  assert abs(ys.mean() - (size - 1) / 2) < 1.5 and abs(xs.mean() - (size - 1) / 2) < 1.5
+
+
+def test_pad_crop_flip_normalize():
+  image = tf.constant(ramp_image(32, 32))
+  crops = [T.pad_and_random_crop(image, seed(s), 32, 4).numpy() for s in range(8)]
+  assert all(c.shape == (32, 32, 3) for c in crops)
+  assert any(not np.array_equal(c, image.numpy()) for c in crops)
+  for c in crops:   # a shifted copy of the original, zero-filled
+    found = any(np.array_equal(c[max(0, dy):32 + min(0, dy), max(0, dx):32 + min(0, dx)],
+                               image.numpy()[max(0, -dy):32 - max(0, dy), max(0, -dx):32 - max(0, dx)])
+                for dy in range(-4, 5) for dx in range(-4, 5))
+    assert found
+  flips = [T.random_flip_left_right(image, seed(s)).numpy() for s in range(16)]
+  n_flipped = sum(np.array_equal(f, image.numpy()[:, ::-1]) for f in flips)
+  assert 2 <= n_flipped <= 14
+  x = T.normalize(tf.constant([[[0, 255, 124]]], tf.uint8)).numpy()[0, 0]
+  np.testing.assert_allclose(x, [-0.485 / 0.229, (1 - 0.456) / 0.224, (124 / 255 - 0.406) / 0.225],
+                             rtol=1e-5)
+
+
+def test_rand_augment_point_ops_match_pil_formulas():
+  x = ramp_image()
+  t = tf.constant(x)
+  np.testing.assert_array_equal(T.invert(t).numpy(), 255 - x)
+  np.testing.assert_array_equal(T.solarize(t, 128).numpy(), np.where(x >= 128, 255 - x, x))
+  np.testing.assert_array_equal(T.solarize_add(t, 50).numpy(),
+                                np.where(x < 128, np.minimum(x.astype(int) + 50, 255), x))
+  np.testing.assert_array_equal(T.posterize(t, 2).numpy(), x & 0b11000000)
+  np.testing.assert_array_equal(T.posterize(t, 8).numpy(), x)
+  low = (x // 4 + 40).astype(np.uint8)                       # range [40, 103] per channel
+  ac = T.auto_contrast(tf.constant(low)).numpy()
+  assert ac.min() == 0 and ac.max() == 255
+  eq = T.equalize(tf.constant(low)).numpy()
+  assert eq.max() >= 240 and eq.min() <= 16
+  np.testing.assert_array_equal(T.brightness(t, 1.0).numpy(), x)
+  np.testing.assert_array_equal(T.contrast(t, 1.0).numpy(), x)
+  gray = T.color(t, 0.0).numpy()
+  np.testing.assert_array_equal(gray[..., 0], gray[..., 1])
+  np.testing.assert_array_equal(gray[..., 1], gray[..., 2])
+
+
+def test_rand_augment_geometry():
+  x = ramp_image()
+  t = tf.constant(x)
+  fill = (124, 116, 104)
+  np.testing.assert_array_equal(T.rotate(t, 0.0, fill).numpy(), x)
+  moved = T.translate_x(t, 5.0, fill).numpy()               # PIL: content moves left by 5
+  np.testing.assert_array_equal(moved[:, :-5], x[:, 5:])
+  np.testing.assert_array_equal(moved[:, -5:], np.broadcast_to(fill, moved[:, -5:].shape))
+  down = T.translate_y(t, -3.0, fill).numpy()
+  np.testing.assert_array_equal(down[3:], x[:-3])
+  square = np.zeros((21, 21, 3), np.uint8)
+  square[2:5, 9:12] = 255                                    # a dot above the centre
+  rot = T.rotate(tf.constant(square), 90.0, (0, 0, 0)).numpy()   # counter-clockwise
+  ys, xs = np.nonzero(rot[..., 0] > 128)
+  assert abs(ys.mean() - 10) < 1 and xs.mean() < 6           # now left of the centre
+
+
+def test_rand_augment_spec_and_determinism():
+  spec = T.parse_rand_augment('rand-m9-mstd0.5-inc1')
+  assert spec == T.RandAugmentSpec(magnitude=9.0, num_layers=2, magnitude_std=0.5,
+                                   increasing=True, prob=0.5)
+  with pytest.raises(ValueError, match='unknown RandAugment option'):
+    T.parse_rand_augment('rand-m9-zz3')
+  image = tf.constant(ramp_image())
+  outs = [T.rand_augment(image, seed(s)).numpy() for s in range(12)]
+  assert all(o.shape == (24, 32, 3) and o.dtype == np.uint8 for o in outs)
+  assert sum(not np.array_equal(o, ramp_image()) for o in outs) >= 4
+  np.testing.assert_array_equal(T.rand_augment(image, seed(3)).numpy(), outs[3])
+
+
+def test_random_erasing_pixel_mode():
+  image = tf.zeros([40, 40, 3])
+  same = T.random_erasing(image, seed(0), prob=0.0).numpy()
+  np.testing.assert_array_equal(same, 0)
+  for s in range(5):
+    out = T.random_erasing(image, seed(s), prob=1.0).numpy()
+    changed = np.any(out != 0, axis=-1)
+    ys, xs = np.nonzero(changed)
+    box = (ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1)
+    assert changed.sum() >= 0.9 * box                        # one filled rectangle
+    assert 0.02 * 1600 * 0.5 <= box <= 1600 / 3 * 1.3
+    assert 0.5 < out[changed].std() < 1.5                    # N(0, 1) noise per pixel
+  np.testing.assert_array_equal(T.random_erasing(image, seed(2), prob=1.0).numpy(),
+                                T.random_erasing(image, seed(2), prob=1.0).numpy())

@@ -12,6 +12,7 @@ import os
 import shutil
 import tempfile
 
+import jax
 import orbax.checkpoint as ocp
 
 from strip_mlp.model import StripMLP
@@ -77,7 +78,11 @@ def load_checkpoint(directory: str, **model_overrides):
   """
   from strip_mlp.convert import abstract_variables  # pylint: disable=g-import-not-at-top
   model = StripMLP(**{**read_model_config(directory), **model_overrides})
-  target = abstract_variables(model)
+  # Restored onto this process's first device, also when several processes run.
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = jax.tree_util.tree_map(
+      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
+      abstract_variables(model))
   variables = ocp.StandardCheckpointer().restore(
       os.path.join(os.path.abspath(directory), VARIABLES_DIR), target)
   return model, variables

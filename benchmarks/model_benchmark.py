@@ -225,8 +225,8 @@ def benchmark(args):
         row = dict(variant=variant, batch=batch, mode=mode, dtype=args.dtype,
                    compile_s=round(compile_s, 2), images_per_s=round(batch / sec, 2),
                    step_ms=round(sec * 1e3, 1), peak_gib=_peak_memory(),
-                   gflops_per_image=round(flops / batch / 1e9, 3),
-                   achieved_tflops=round(flops / sec / 1e12, 4))
+                   gflops_per_image=float(f"{flops / batch / 1e9:.4g}"),
+                   achieved_tflops=float(f"{flops / sec / 1e12:.4g}"))
         if theirs:
           their_sec = statistics.median(theirs_t)
           row.update(torch_images_per_s=round(batch / their_sec, 2),

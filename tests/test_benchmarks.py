@@ -22,8 +22,8 @@ def test_model_benchmark_runs_on_tiny_config(tmp_path, capsys):
   assert [(r["mode"], r["batch"]) for r in rows] == [("inference", 2), ("train", 2)]
   for r in rows:
     assert r["images_per_s"] > 0 and r["gflops_per_image"] > 0
-  # Training costs about 3x the inference FLOPs.
-  assert 2 < rows[1]["gflops_per_image"] / rows[0]["gflops_per_image"] < 4
+  # A train step costs about 3x the forward FLOPs (plus the optimizer, large at this size).
+  assert 2 < rows[1]["gflops_per_image"] / rows[0]["gflops_per_image"] < 6
   assert json.loads(out.read_text())["rows"] == rows
   table = capsys.readouterr().out
   assert "| variant | batch | mode |" in table and "| tiny_light | 2 | train |" in table

@@ -12,8 +12,9 @@ setup(
         "jax>=0.4.35",
         "flax>=0.10.0",
         "optax>=0.2.3",
-        "orbax-checkpoint>=0.9.0",
+        "orbax-checkpoint>=0.11.20",
         "ml_collections>=0.1.1",
+        "absl-py>=1.0",
     ],
     extras_require={
         # tf.data / TFDS input pipeline (host side only; JAX keeps the accelerator).

@@ -1,0 +1,112 @@
+"""Optimizer of the published Strip-MLP recipe: AdamW, weight-decay mask, lr rule and schedule.
+
+Facts reproduced (released Swin-style PyTorch trainer, see `shared/spec/training_recipe.md`):
+* AdamW(b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.05); parameters with one dimension and
+  every bias get no weight decay, everything else decays (position tables, GRN gamma/beta).
+* lr schedule stepped per optimizer update (timm `CosineLRScheduler`, `t_in_epochs=False`):
+  linear warmup from `warmup_lr` to `base_lr` over the warmup steps, and
+  `min_lr + (base_lr - min_lr) * (1 + cos(pi * t / total)) / 2` afterwards, where timm's
+  default (`warmup_prefix=False`) measures `t` from step 0, not from the end of the warmup.
+* the global-norm gradient clip (5.0) runs before AdamW.
+"""
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+LR_SCALING_RULES = "'none', 'linear_<N>' (lr * batch / N) or 'sqrt_<N>' (lr * sqrt(batch / N))"
+_RULE = re.compile(r"^(none|linear_(\d+)|sqrt_(\d+))$")
+
+
+def lr_scale_factor(rule: str, global_batch_size: int) -> float:
+  """Multiplier of base/warmup/min lr for `global_batch_size` (effective, per update).
+
+  'linear_300' is the released script's rule (lr * total_batch / 300), 'linear_512' Swin's,
+  'none' keeps the configured values.
+  """
+  m = _RULE.match(rule or "")
+  if not m:
+    raise ValueError(f"lr.scaling={rule!r} is not a known rule; use {LR_SCALING_RULES}")
+  if m.group(1) == "none":
+    return 1.0
+  if m.group(2):
+    return global_batch_size / int(m.group(2))
+  return math.sqrt(global_batch_size / int(m.group(3)))
+
+
+def warmup_cosine_schedule(base_lr: float, warmup_lr: float, min_lr: float,
+                           total_steps: int, warmup_steps: int,
+                           warmup_prefix: bool = False) -> optax.Schedule:
+  """lr(step) of timm's CosineLRScheduler stepped per update (one cycle).
+
+  warmup_prefix=False (the released default): cosine over [0, total_steps) with the first
+  `warmup_steps` replaced by the linear ramp; True: cosine over the steps after warmup.
+  """
+  if total_steps <= 0:
+    raise ValueError(f"total_steps must be positive, got {total_steps}")
+  if not 0 <= warmup_steps < total_steps:
+    raise ValueError(f"warmup ({warmup_steps} steps) must be shorter than training "
+                     f"({total_steps} steps)")
+
+  def schedule(step):
+    t = jnp.asarray(step, jnp.float32)
+    ramp = warmup_lr + t * (base_lr - warmup_lr) / max(warmup_steps, 1)
+    if warmup_prefix:
+      t_cos, t_total = t - warmup_steps, total_steps - warmup_steps
+    else:
+      t_cos, t_total = t, total_steps
+    frac = jnp.clip(t_cos / t_total, 0.0, 1.0)
+    cosine = min_lr + 0.5 * (base_lr - min_lr) * (1.0 + jnp.cos(jnp.pi * frac))
+    return jnp.where(t < warmup_steps, ramp, cosine)
+
+  return schedule
+
+
+def constant_schedule(base_lr: float, warmup_lr: float, warmup_steps: int) -> optax.Schedule:
+  """Linear warmup, then constant `base_lr` (for quick experiments)."""
+  def schedule(step):
+    t = jnp.asarray(step, jnp.float32)
+    ramp = warmup_lr + t * (base_lr - warmup_lr) / max(warmup_steps, 1)
+    return jnp.where(t < warmup_steps, ramp, base_lr)
+  return schedule
+
+
+def weight_decay_mask(params: Any) -> Any:
+  """True for leaves that decay: every leaf except 1-D (or scalar) ones and those named 'bias'.
+
+  Matches the released `set_weight_decay` (`len(shape) == 1 or name.endswith('.bias')`):
+  the strip layers' biases are stored 2-D here (L, G) but are named 'bias', the GRN
+  gamma/beta (1, 1, 1, C) and the position tables (2L+1, D) decay as in PyTorch.
+  """
+  def decays(path, leaf):
+    last = path[-1]
+    name = getattr(last, "key", getattr(last, "name", None))
+    return bool(jnp.ndim(leaf) > 1 and name != "bias")
+  return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def create_optimizer(schedule: optax.Schedule, *, b1: float = 0.9, b2: float = 0.999,
+                     eps: float = 1e-8, weight_decay: float = 0.05,
+                     grad_clip_norm: float = 5.0, mask: Any = None
+                     ) -> optax.GradientTransformation:
+  """clip_by_global_norm(grad_clip_norm) -> AdamW(schedule) with decoupled decay on `mask`.
+
+  optax's adamw is PyTorch's AdamW: p -= lr * (m_hat / (sqrt(v_hat) + eps) + wd * p).
+  `mask` is a pytree of bools or a callable params -> mask (default `weight_decay_mask`).
+  """
+  parts = []
+  if grad_clip_norm and grad_clip_norm > 0:
+    parts.append(optax.clip_by_global_norm(grad_clip_norm))
+  parts.append(optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
+                           mask=weight_decay_mask if mask is None else mask))
+  return optax.chain(*parts)
+
+
+def ema_update(ema: Any, new: Any, decay: float | jax.Array) -> Any:
+  """ema <- decay * ema + (1 - decay) * new, leaf-wise (params and BatchNorm statistics)."""
+  return jax.tree_util.tree_map(lambda e, n: decay * e + (1.0 - decay) * n, ema, new)

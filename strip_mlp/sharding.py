@@ -1,0 +1,146 @@
+"""Device mesh and partitioning for training on 1 CPU ... a TPU pod with the same code.
+
+The mesh has two axes over all devices of all processes:
+  'data' -- pure data parallelism (parameters replicated along it);
+  'fsdp' -- data parallelism that also shards parameters and optimizer state
+            (ZeRO-3 / FSDP style): size 1 (the default) means everything is replicated.
+The batch is split over both axes, so every device holds batch / device_count examples.
+BatchNorm statistics inside a jitted step are then means over the global batch: XLA
+inserts the cross-device reductions.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+try:  # jax >= 0.5: say that the axes are sharded automatically (jax.make_mesh's default
+  from jax.sharding import AxisType  # became Explicit); older jax has only automatic axes.
+except ImportError:  # pragma: no cover
+  AxisType = None
+
+DATA_AXES = ("data", "fsdp")
+# Leaves smaller than this stay replicated under FSDP (sharding them costs more than it saves).
+FSDP_MIN_SIZE = 2 ** 12
+
+
+def maybe_initialize_distributed(coordinator_address: str | None = None,
+                                 num_processes: int | None = None,
+                                 process_id: int | None = None) -> bool:
+  """Calls `jax.distributed.initialize` when several processes run; returns whether it did.
+
+  Explicit arguments win; otherwise a cluster environment is detected (SLURM, Open MPI,
+  Cloud TPU pods, or JAX_COORDINATOR_ADDRESS set by a launcher) and JAX reads it. A single
+  plain process does nothing. A launcher may also set JAX_COORDINATOR_ADDRESS,
+  JAX_NUM_PROCESSES and JAX_PROCESS_ID. Must run before anything touches a JAX device.
+  """
+  env = os.environ
+  explicit = coordinator_address is not None or (num_processes or 1) > 1
+  detected = (int(env.get("SLURM_NTASKS", "1") or 1) > 1
+              or int(env.get("OMPI_COMM_WORLD_SIZE", "1") or 1) > 1
+              or "," in env.get("TPU_WORKER_HOSTNAMES", "")
+              or bool(env.get("JAX_COORDINATOR_ADDRESS")))
+  if not (explicit or detected):
+    return False
+  kwargs = {}
+  if coordinator_address is None and env.get("JAX_COORDINATOR_ADDRESS"):
+    coordinator_address = env["JAX_COORDINATOR_ADDRESS"]
+    num_processes = num_processes or int(env.get("JAX_NUM_PROCESSES", "0")) or None
+    if process_id is None and env.get("JAX_PROCESS_ID"):
+      process_id = int(env["JAX_PROCESS_ID"])
+  if coordinator_address is not None:
+    kwargs.update(coordinator_address=coordinator_address, num_processes=num_processes,
+                  process_id=process_id)
+  jax.distributed.initialize(**kwargs)
+  return True
+
+
+def barrier(name: str, timeout_s: int = 1800):
+  """Waits until every process gets here (no-op with one process).
+
+  Uses the coordination service's barrier, whose timeout is ours, rather than a device
+  collective: hosts can reach the first step minutes apart (one compiles, another hits the
+  compilation cache), longer than CPU (gloo) collectives wait for their peers.
+  """
+  if jax.process_count() == 1:
+    return
+  from jax._src import distributed  # pylint: disable=g-import-not-at-top
+  client = distributed.global_state.client
+  if client is not None and hasattr(client, "wait_at_barrier"):
+    client.wait_at_barrier(name, timeout_in_ms=int(timeout_s * 1000))
+  else:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(name)
+
+
+def create_mesh(fsdp: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A ('data', 'fsdp') mesh over `devices` (default: all devices of all processes).
+
+  fsdp: size of the parameter-sharding axis; must divide the device count. Devices are
+  ordered by process so that each process's devices are contiguous along the batch.
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  n = len(devices)
+  if fsdp < 1 or n % fsdp:
+    raise ValueError(f"mesh.fsdp={fsdp} must be >= 1 and divide the number of devices ({n})")
+  devices.sort(key=lambda d: (d.process_index, d.id))
+  grid = np.array(devices, dtype=object).reshape(n // fsdp, fsdp)
+  if AxisType is None:  # pragma: no cover
+    return Mesh(grid, DATA_AXES)
+  return Mesh(grid, DATA_AXES, axis_types=(AxisType.Auto, AxisType.Auto))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading (batch) dimension split over every device of the mesh."""
+  return NamedSharding(mesh, P(DATA_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def fsdp_spec(shape: Sequence[int], fsdp_size: int, min_size: int = FSDP_MIN_SIZE) -> P:
+  """PartitionSpec sharding the largest dimension divisible by `fsdp_size` over 'fsdp'.
+
+  Leaves that are small, scalar or have no divisible dimension are replicated.
+  """
+  if fsdp_size <= 1 or not shape or int(np.prod(shape)) < min_size:
+    return P()
+  for dim in sorted(range(len(shape)), key=lambda i: -shape[i]):
+    if shape[dim] % fsdp_size == 0:
+      spec = [None] * len(shape)
+      spec[dim] = "fsdp"
+      return P(*spec)
+  return P()
+
+
+def tree_shardings(abstract_tree: Any, mesh: Mesh) -> Any:
+  """NamedShardings for a pytree of arrays/ShapeDtypeStructs (train state, params, ...).
+
+  Parameters and the optimizer moments, which have the same shapes, get the same specs.
+  """
+  size = mesh.shape["fsdp"]
+
+  def one(leaf):
+    return NamedSharding(mesh, fsdp_spec(tuple(getattr(leaf, "shape", ())), size))
+  return jax.tree_util.tree_map(one, abstract_tree)
+
+
+def with_shardings(abstract_tree: Any, shardings: Any) -> Any:
+  """ShapeDtypeStructs carrying `shardings` (targets for checkpoint restore)."""
+  return jax.tree_util.tree_map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_tree, shardings)
+
+
+def put_global(tree: Any, shardings: Any) -> Any:
+  """Host numpy trees (identical on every process) -> global arrays with `shardings` (a
+  tree of shardings, or one sharding for every leaf)."""
+  def one(x, s):
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, s, lambda idx: x[idx])
+  if isinstance(shardings, jax.sharding.Sharding):
+    return jax.tree_util.tree_map(lambda x: one(x, shardings), tree)
+  return jax.tree_util.tree_map(one, tree, shardings)

@@ -1,0 +1,225 @@
+"""End-to-end training: default config, resume equivalence, 8 devices == 1 device,
+SIGTERM + resume, fine-tuning from converted PyTorch weights, config errors.
+
+Runs share compiled programs through a persistent compilation cache (train_test_utils).
+"""
+import contextlib
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import train_test_utils as utils  # noqa: E402
+
+from strip_mlp import input_pipeline, sharding, train_lib  # noqa: E402
+
+utils.enable_compilation_cache()
+utils.quiet_logs()
+
+MINI = utils.MINI
+
+
+def one_device_mesh():
+  return sharding.create_mesh(1, jax.devices()[:1])
+
+
+def run(config, workdir, **kw):
+  out = io.StringIO()
+  with contextlib.redirect_stdout(out):
+    result = train_lib.train_and_evaluate(config, str(workdir), **kw)
+  return result, out.getvalue()
+
+
+def assert_trees_close(a, b, rtol=1e-6, atol=1e-7):
+  jax.tree_util.tree_map(
+      lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol,
+                                              atol=atol), a, b)
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+  """configs/default.py for 60 steps on one device, uninterrupted."""
+  workdir = tmp_path_factory.mktemp("straight")
+  result, log = run(utils.small_config(), workdir, mesh=one_device_mesh())
+  return workdir, result, log
+
+
+def test_default_config_trains_end_to_end(straight_run):
+  workdir, result, log = straight_run
+  assert result["step"] == utils.TOTAL_STEPS and not result["stopped"]
+  assert result["eval"]["count"] == result["plan"]["num_eval"]        # the whole split
+  assert result["eval"]["top1"] > 0.6, result["eval"]                 # chance: 0.1
+  assert result["eval"]["top5"] >= result["eval"]["top1"]
+  train = utils.read_metrics(workdir)
+  assert [r["step"] for r in train] == list(range(1, utils.TOTAL_STEPS + 1))
+  assert {"loss", "lr", "grad_norm", "images_per_sec", "step_time"} <= set(train[0])
+  assert np.mean([r["loss"] for r in train[-5:]]) < 0.6 * np.mean([r["loss"] for r in train[:5]])
+  assert "img/s" in log and "ETA" in log and "eval @ step 60: top1" in log
+  with open(workdir / "config.json") as f:
+    saved = json.load(f)
+  assert saved["config"]["model"]["num_classes"] == 10
+  assert saved["derived"]["total_steps"] == utils.TOTAL_STEPS
+  assert os.path.isdir(workdir / "checkpoints" / str(utils.TOTAL_STEPS))
+
+
+def test_resume_is_equivalent_to_a_straight_run(straight_run, tmp_path):
+  _, straight, _ = straight_run
+  half = utils.TOTAL_STEPS // 2
+  first, _ = run(utils.small_config(), tmp_path, mesh=one_device_mesh(), stop_at_step=half)
+  assert first["stopped"] and first["step"] == half
+  second, log = run(utils.small_config(), tmp_path, mesh=one_device_mesh())
+  assert f"resumed from {tmp_path}/checkpoints/{half}" in log
+  assert second["step"] == utils.TOTAL_STEPS
+  assert_trees_close(second["state"].params, straight["state"].params)
+  assert_trees_close(second["state"].batch_stats, straight["state"].batch_stats)
+  assert_trees_close(second["state"].opt_state, straight["state"].opt_state)
+  assert second["eval"]["top1"] == pytest.approx(straight["eval"]["top1"])
+
+
+def test_eight_devices_match_one_device():
+  """Same global batches and initial state: 1 device vs 8 devices (batch split 8 ways,
+  BatchNorm statistics over the global batch, mixup/cutmix partners across devices, the
+  larger parameters and their Adam moments split over 2 devices)."""
+  config = utils.small_config(**MINI)
+  info = input_pipeline.get_dataset_info(config.data)
+  plan = train_lib.make_plan(config, info)
+  model = train_lib.build_model(config, plan.num_classes, plan.image_size)
+  schedule = train_lib.build_schedule(config, plan)
+  tx = train_lib.build_optimizer(config, schedule)
+  it = input_pipeline.create_train_iterator(config.data, config.batch_size, None, 0)
+  batches = [next(it) for _ in range(2)]
+  initial = None
+  results = []
+  for mesh in (sharding.create_mesh(config.mesh.fsdp), one_device_mesh()):  # 8 devices first
+    target, init = train_lib.create_train_state(config, model, tx, mesh, jax.random.key(0))
+    shardings = jax.tree_util.tree_map(lambda x: x.sharding, target)
+    if initial is None:
+      state = init(jax.random.key(0))
+      initial = jax.device_get(state)
+      specs = {x.sharding.spec for x in jax.tree_util.tree_leaves(state.opt_state)}
+      assert jax.sharding.PartitionSpec() in specs and len(specs) > 1   # some leaves split
+    else:
+      state = sharding.put_global(initial, shardings)
+    step = train_lib.jit_train_step(model, tx, schedule, config, plan.num_classes, mesh,
+                                    shardings)
+    losses = []
+    for b in batches:
+      state, metrics = step(state, input_pipeline.to_global_arrays(
+          b, sharding.batch_sharding(mesh)))
+      losses.append([float(metrics["loss"]), float(metrics["grad_norm"])])
+    results.append((losses, jax.device_get(state)))
+  (loss8, state8), (loss1, state1) = results
+  assert len(jax.devices()) == 8
+  np.testing.assert_allclose(loss8, loss1, rtol=1e-5)   # loss and gradient norm per step
+  assert_trees_close(state8.params, state1.params, rtol=1e-4, atol=1e-6)
+  assert_trees_close(state8.batch_stats, state1.batch_stats, rtol=1e-4, atol=1e-6)
+  assert not np.allclose(state1.params["head"]["kernel"], initial.params["head"]["kernel"])
+
+
+def test_sigterm_saves_and_resume_continues(tmp_path):
+  args = utils.config_args(**{k: str(v).replace(" ", "") for k, v in MINI.items()})
+  cmd = [sys.executable, os.path.join(utils.REPO, "train.py"), "--workdir", str(tmp_path)]
+  env = {**os.environ, **utils.CACHE_ENV, "PYTHONUNBUFFERED": "1"}
+  proc = subprocess.Popen(cmd + args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, env=env, cwd=utils.REPO)
+  lines, deadline = [], time.time() + 400
+  try:
+    for line in proc.stdout:
+      lines.append(line)
+      if line.startswith("step ") and line.split()[1].startswith("3/"):
+        proc.send_signal(signal.SIGTERM)
+        break
+      assert time.time() < deadline, "".join(lines[-20:])
+    out, _ = proc.communicate(timeout=120)
+  finally:
+    proc.kill()
+  log = "".join(lines) + out
+  assert proc.returncode == 0, log[-3000:]
+  assert "preempted at step" in log, log[-3000:]
+  saved = int(log.split("preempted at step ")[1].split(":")[0])
+  assert 3 <= saved < utils.TOTAL_STEPS
+  assert sorted(int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit()) == [saved]
+
+  result, log = run(utils.small_config(**MINI), tmp_path, stop_at_step=saved + 2)
+  assert f"resumed from {tmp_path}/checkpoints/{saved}" in log
+  assert result["step"] == saved + 2
+  steps = [r["step"] for r in utils.read_metrics(tmp_path)]
+  assert steps == list(range(1, saved + 3))       # no step trained twice, none skipped
+
+
+def test_fine_tune_from_converted_pytorch_weights(fixtures_dir, tmp_path):
+  """The 100-class fixture -> digits (10 classes): all weights but the head are loaded."""
+  from strip_mlp import save_checkpoint
+  from strip_mlp.convert import torch_to_flax
+  model, variables = torch_to_flax(str(fixtures_dir / "smlp_e48_i64_l1111_c100.pth"))
+  converted = str(tmp_path / "converted")
+  save_checkpoint(converted, model, variables)
+  config = utils.small_config(**{"model.embed_dim": 48, "data.image_size": 64,
+                                 "init_from": converted, "batch_size": 16,
+                                 "warmup_steps": 1})
+  # The initial state, as train_and_evaluate builds it.
+  mesh = one_device_mesh()
+  plan = train_lib.make_plan(config, input_pipeline.get_dataset_info(config.data))
+  model = train_lib.build_model(config, plan.num_classes, plan.image_size)
+  tx = train_lib.build_optimizer(config, train_lib.build_schedule(config, plan))
+  target, init = train_lib.create_train_state(config, model, tx, mesh, jax.random.key(0))
+  pretrained, reinit = train_lib.load_pretrained_variables(converted, target)
+  assert sorted(reinit) == ["params/head/bias", "params/head/kernel"]
+  state = jax.device_get(init(jax.random.key(0), pretrained))
+  assert state.params["head"]["kernel"].shape == (384, 10)
+  assert np.abs(state.params["head"]["kernel"]).max() > 0          # freshly initialised
+  pre = jax.device_get(variables)
+  got = {"params": state.params, "batch_stats": state.batch_stats}
+  del got["params"]["head"], pre["params"]["head"]
+  assert_trees_close(got, pre, rtol=0, atol=0)
+
+  result, log = run(config, tmp_path / "run", mesh=mesh, stop_at_step=2)
+  assert "re-initialised params/head/bias, params/head/kernel" in log
+  assert result["step"] == 2 and np.isfinite(result["train_loss"])
+  stem = np.asarray(result["state"].params["patch_embed"]["kernel"])
+  assert 0 < np.abs(stem - pre["params"]["patch_embed"]["kernel"]).max() < 0.1
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+  def poisoned(config, batch_size, batch_sharding, seed, start_step):
+    it = train_lib.default_train_iterator(config, batch_size, batch_sharding, seed, start_step)
+    for i, batch in enumerate(it, start=start_step + 1):
+      if i == 4:
+        batch = dict(batch, image=batch["image"] * np.nan)
+      yield batch
+  config = utils.small_config(checkpoint_every_steps=2)
+  with pytest.raises(train_lib.TrainingDivergedError,
+                     match=rf"loss is nan at step 4.*last good checkpoint is "
+                           rf"{tmp_path}/checkpoints/2"):
+    run(config, tmp_path, mesh=one_device_mesh(), train_iterator_fn=poisoned)
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2"]
+
+
+def test_config_values_are_checked_before_compiling():
+  for key, value, message in [("lr.scaling", "linear", "not a known rule"),
+                              ("batch_size", 60, "multiple of the device count"),
+                              ("model.variant", "huge", "model.variant='huge'"),
+                              ("ema_decay", 1.0, "ema_decay=1.0"),
+                              ("mesh.fsdp", 3, "mesh.fsdp=3")]:
+    with pytest.raises(train_lib.ConfigError, match=message):
+      train_lib.validate_config(utils.small_config(**{key: value}), num_devices=8)
+
+
+def test_unknown_config_key_is_one_line(tmp_path):
+  proc = subprocess.run([sys.executable, os.path.join(utils.REPO, "train.py"),
+                         "--workdir", str(tmp_path), "--config.lr.sclaing=none"],
+                        capture_output=True, text=True, timeout=120, cwd=utils.REPO)
+  message = "unknown config key 'sclaing' Did you mean \"scaling\""
+  assert proc.returncode != 0
+  errors = [line for line in proc.stderr.splitlines() if line.startswith("train.py: error:")]
+  assert len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
+  assert "Traceback" not in proc.stderr
+  assert not os.listdir(tmp_path)

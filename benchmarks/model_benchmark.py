@@ -42,6 +42,8 @@ def parse_args(argv=None):
   p.add_argument("--modes", default="inference,train")
   p.add_argument("--torch_baseline", default=None, help="checkout of the official code")
   p.add_argument("--torch_threads", type=int, default=None)
+  p.add_argument("--pause", type=float, default=1.0,
+                 help="seconds between alternating runs (OpenMP/XLA threads spin a while)")
   p.add_argument("--json", default=None, help="write the results here")
   # Custom sizes (override the variant's): e.g. --embed_dim 16 --layers 1,1,1,1
   p.add_argument("--embed_dim", type=int, default=None)
@@ -220,7 +222,9 @@ def benchmark(args):
         for _ in range(args.repeats):  # alternate so that both see the same machine state
           ours_t.append(_median_seconds(lambda: ours.run(mode), 1))
           if theirs:
+            time.sleep(args.pause)  # let the other side's idle threads stop spinning
             theirs_t.append(theirs.run(mode))
+            time.sleep(args.pause)
         sec = statistics.median(ours_t)
         row = dict(variant=variant, batch=batch, mode=mode, dtype=args.dtype,
                    compile_s=round(compile_s, 2), images_per_s=round(batch / sec, 2),

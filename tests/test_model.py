@@ -102,20 +102,26 @@ def test_strip_mix_rejects_unknown_direction():
                   "diag")
 
 
+def assert_formulations_agree(op, impl, ref_impl, x, kernel):
+  """op(x, kernel, impl) matches op(..., ref_impl) in value and in both gradients."""
+  loss = lambda i: lambda x, k: jnp.sum(jnp.sin(op(x, k, i)))
+  with jax.default_matmul_precision("highest"):
+    ref, got = op(x, kernel, ref_impl), op(x, kernel, impl)
+    g_ref = jax.grad(loss(ref_impl), argnums=(0, 1))(x, kernel)
+    g_got = jax.grad(loss(impl), argnums=(0, 1))(x, kernel)
+  assert got.shape == ref.shape
+  assert rel_err(got, ref) < 1e-6
+  for a, b in zip(g_got, g_ref):
+    assert rel_err(a, b) < 1e-5
+  return got
+
+
 @pytest.mark.parametrize("kernel_size", [(3, 3), (3, 7), (7, 3), (7, 7)])
 def test_depthwise_formulations_agree_forward_and_grad(kernel_size):
   kx, kk = jax.random.split(jax.random.PRNGKey(sum(kernel_size)))
   x = jax.random.normal(kx, (2, 9, 9, 5))
   kernel = jax.random.normal(kk, (*kernel_size, 1, 5))
-  loss = lambda impl: lambda x, k: jnp.sum(jnp.sin(ops.depthwise_conv(x, k, impl)))
-  with jax.default_matmul_precision("highest"):
-    ref = ops.depthwise_conv(x, kernel, "xla")
-    got = ops.depthwise_conv(x, kernel, "shift")
-    g_ref = jax.grad(loss("xla"), argnums=(0, 1))(x, kernel)
-    g_got = jax.grad(loss("shift"), argnums=(0, 1))(x, kernel)
-  assert rel_err(got, ref) < 1e-6
-  for a, b in zip(g_got, g_ref):
-    assert rel_err(a, b) < 1e-5
+  assert_formulations_agree(ops.depthwise_conv, "shift", "xla", x, kernel)
 
 
 @pytest.mark.parametrize("patch,cin,cout,groups", [(4, 3, 8, 1), (2, 6, 12, 1), (2, 6, 12, 6)])
@@ -123,16 +129,8 @@ def test_patchify_formulations_agree_forward_and_grad(patch, cin, cout, groups):
   kx, kk = jax.random.split(jax.random.PRNGKey(patch * cout + groups))
   x = jax.random.normal(kx, (2, 8, 8, cin))
   kernel = jax.random.normal(kk, (patch, patch, cin // groups, cout))
-  loss = lambda impl: lambda x, k: jnp.sum(jnp.sin(ops.patchify_conv(x, k, impl)))
-  with jax.default_matmul_precision("highest"):
-    ref = ops.patchify_conv(x, kernel, "xla")
-    got = ops.patchify_conv(x, kernel, "einsum")
-    g_ref = jax.grad(loss("xla"), argnums=(0, 1))(x, kernel)
-    g_got = jax.grad(loss("einsum"), argnums=(0, 1))(x, kernel)
+  got = assert_formulations_agree(ops.patchify_conv, "einsum", "xla", x, kernel)
   assert got.shape == (2, 8 // patch, 8 // patch, cout)
-  assert rel_err(got, ref) < 1e-6
-  for a, b in zip(g_got, g_ref):
-    assert rel_err(a, b) < 1e-5
 
 
 def test_resolve_impl():

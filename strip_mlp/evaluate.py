@@ -37,10 +37,11 @@ from flax import traverse_util
 from jax.sharding import Mesh
 
 from strip_mlp import sharding as sharding_lib
+from strip_mlp import train_lib
 from strip_mlp.model import VARIANTS, StripMLP
 
-CHECKPOINT_DIR = "checkpoints"   # as in train_lib
-WORKDIR_CONFIG = "config.json"   # train_lib.CONFIG_FILE
+CHECKPOINT_DIR = train_lib.CHECKPOINT_DIR
+WORKDIR_CONFIG = train_lib.CONFIG_FILE
 METRICS_FILE = "metrics.jsonl"   # train_lib.METRICS_FILE
 STATE, META = "state", "meta"    # items of a training checkpoint (strip_mlp.checkpointing)
 MAX_EXACT_BATCH = 2 ** 24        # float32 sums of 0/1 hits are exact below this
@@ -55,7 +56,6 @@ class EvalError(ValueError):
 def make_eval_fn(model: StripMLP, mesh: Mesh) -> Callable:
   """The jitted eval step of `train_lib.make_eval_step`: variables replicated, the batch
   ({'image', 'label', 'mask'}) split over every device of `mesh`, the sums replicated."""
-  from strip_mlp import train_lib  # pylint: disable=g-import-not-at-top
   repl = sharding_lib.replicated(mesh)
   return jax.jit(train_lib.make_eval_step(model),
                  in_shardings=(repl, sharding_lib.batch_sharding(mesh)), out_shardings=repl)

@@ -529,17 +529,16 @@ def _abstract_eval_batch(config, plan: Plan, batch_sharding) -> dict:
 
 
 def evaluate(eval_step, variables, config, plan: Plan, batch_sharding) -> dict:
-  """top1/top5 (fractions), mean loss and count over the whole eval split."""
+  """top1/top5 (fractions), mean loss and count over the whole eval split.
+
+  Sums are accumulated exactly on the host (the same code as eval.py).
+  """
   from strip_mlp import input_pipeline  # pylint: disable=g-import-not-at-top
-  totals = None
-  for batch in input_pipeline.create_eval_iterator(config.data, plan.eval_batch_size,
-                                                   batch_sharding):
-    out = eval_step(variables, batch)
-    totals = out if totals is None else jax.tree_util.tree_map(jnp.add, totals, out)
-  totals = jax.device_get(totals)
-  n = max(float(totals["count"]), 1.0)
-  return {"top1": float(totals["top1"]) / n, "top5": float(totals["top5"]) / n,
-          "loss": float(totals["loss"]) / n, "count": float(totals["count"])}
+  from strip_mlp.evaluate import evaluate_batches  # pylint: disable=g-import-not-at-top
+  batches = input_pipeline.create_eval_iterator(config.data, plan.eval_batch_size,
+                                                batch_sharding)
+  result = evaluate_batches(eval_step, variables, batches)
+  return {k: result[k] for k in ("top1", "top5", "loss", "count")}
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,

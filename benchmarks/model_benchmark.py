@@ -11,6 +11,8 @@ backend reports it, model FLOPs per image from XLA's cost analysis and achieved 
 With --torch_baseline DIR (a checkout of the official PyTorch code, which needs timm),
 the official model is timed in the same run on the same inputs, alternating runs (in a
 worker process of its own), and the table gets the ratio ours/theirs in images/s. Synthetic data: no dataset is read.
+--malloc picks glibc's allocator setting for both processes (strip_mlp/host_memory.py): on
+CPU it decides whether XLA's per-step temporary buffer is page-faulted in every step.
 """
 import argparse
 import json
@@ -26,7 +28,7 @@ import numpy as np
 import optax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from strip_mlp import create_model, ops  # noqa: E402  pylint: disable=g-import-not-at-top
+from strip_mlp import create_model, host_memory, ops  # noqa: E402  pylint: disable=g-import-not-at-top
 
 
 def parse_args(argv=None):
@@ -45,6 +47,9 @@ def parse_args(argv=None):
   p.add_argument("--pause", type=float, default=1.0,
                  help="seconds between alternating runs (OpenMP/XLA threads spin a while)")
   p.add_argument("--json", default=None, help="write the results here")
+  p.add_argument("--malloc", default="default", choices=sorted(host_memory.SETTINGS),
+                 help="glibc malloc setting for both processes on Linux (the script "
+                      "restarts itself with it); see strip_mlp/host_memory.py")
   # Custom sizes (override the variant's): e.g. --embed_dim 16 --layers 1,1,1,1
   p.add_argument("--embed_dim", type=int, default=None)
   p.add_argument("--layers", default=None)
@@ -139,6 +144,7 @@ class TorchRunner:
                 layers=list(model.layers), num_classes=model.num_classes)
     cmd = [sys.executable, "-u", "-c", _TORCH_WORKER, os.path.abspath(checkout), inputs,
            json.dumps(arch), str(threads or 0), dtype]
+    # The worker inherits our environment, so both sides run with the same --malloc.
     self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                   text=True)
     ready = self._proc.stdout.readline().strip()
@@ -259,6 +265,7 @@ def main(argv=None):
   header = (f"backend={jax.default_backend()} device={dev.device_kind} "
             f"devices={jax.device_count()} cpu={platform.processor() or platform.machine()} "
             f"cores={os.cpu_count()} jax={jax.__version__} "
+            f"malloc={args.malloc} GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r} "
             f"date={time.strftime('%Y-%m-%d')}")
   rows = benchmark(args)
   print(header)
@@ -270,4 +277,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+  host_memory.reexec_with(parse_args().malloc)
   main()

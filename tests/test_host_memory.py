@@ -1,0 +1,36 @@
+"""glibc malloc settings: merging into GLIBC_TUNABLES, errors, and the re-exec."""
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+from strip_mlp import host_memory
+
+
+def test_environ_with_appends_to_existing_tunables_once():
+  env = host_memory.environ_with("resident", {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1",
+                                              "OTHER": "x"})
+  tunables = env["GLIBC_TUNABLES"].split(":")
+  assert tunables[0] == "glibc.malloc.hugetlb=1"
+  assert tunables[1:] == list(host_memory.SETTINGS["resident"])
+  assert env["OTHER"] == "x"
+  assert host_memory.environ_with("resident", env) == env  # idempotent
+  assert host_memory.environ_with("default", {}) == {}
+
+
+def test_unknown_setting_names_the_choices():
+  with pytest.raises(ValueError, match="'hugepages'"):
+    host_memory.environ_with("huge", {})
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc tunables are Linux")
+def test_reexec_restarts_the_process_with_the_tunables():
+  code = ("import os, sys; from strip_mlp import host_memory; "
+          "print('start', flush=True); host_memory.reexec_with('hugepages'); "
+          "print(os.environ['GLIBC_TUNABLES'], host_memory.active('hugepages'), sys.argv[1:])")
+  env = {k: v for k, v in host_memory.environ_with("default").items()
+         if k != "GLIBC_TUNABLES"}
+  out = subprocess.run([sys.executable, "-c", code, "--flag"], cwd=REPO, env=env,
+                       capture_output=True, text=True, check=True).stdout.split("\n")
+  assert out[:3] == ["start", "start", "glibc.malloc.hugetlb=1 True ['--flag']"]

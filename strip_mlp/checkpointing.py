@@ -22,6 +22,7 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 from flax import serialization
 from flax import traverse_util
 from orbax.checkpoint import checkpoint_managers as ocm
@@ -35,7 +36,8 @@ class CheckpointMismatchError(ValueError):
   """A stored checkpoint does not fit the model/optimizer being trained."""
 
 
-def _shape_map(tree: Any) -> dict[str, tuple]:
+def shape_map(tree: Any) -> dict[str, tuple]:
+  """{'a/b/c': shape} of the leaves of a nested dict (arrays or orbax metadata)."""
   flat = traverse_util.flatten_dict(tree, sep="/") if isinstance(tree, dict) else {}
   return {k: tuple(getattr(v, "shape", np.shape(v))) for k, v in flat.items()
           if not (isinstance(v, dict) and not v)}
@@ -63,25 +65,38 @@ class Checkpointer:
   keep: the newest `keep` checkpoints are kept; keep_best: also the one with the highest
   eval top-1 among those saved with metrics. Every process must call save/restore (they
   are collective); only process 0 writes the shared metadata.
+
+  read_only=True opens an existing directory for reading (eval.py): nothing is created,
+  cleaned up or deleted, so a training job writing there is safe.
   """
 
   def __init__(self, directory: str, *, keep: int = 3, keep_best: bool = True,
-               async_save: bool = True):
+               async_save: bool = True, read_only: bool = False):
     if keep < 1:
       raise ValueError(f"keep_checkpoints must be >= 1, got {keep}")
     self.directory = os.path.abspath(directory)
-    policies = [ocm.LatestN(n=keep)]
-    if keep_best:
-      policies.append(ocm.BestN(get_metric_fn=lambda m: m["top1"], n=1,
-                                keep_checkpoints_without_metrics=False))
-    options = ocp.CheckpointManagerOptions(
-        create=True, cleanup_tmp_directories=True, enable_async_checkpointing=async_save,
-        preservation_policy=ocm.AnyPreservationPolicy(policies=policies),
-        best_fn=lambda m: m["top1"], best_mode="max")  # also makes orbax store metrics
-    self.manager = ocp.CheckpointManager(
-        self.directory, options=options,
-        item_handlers={STATE: ocp.StandardCheckpointHandler(),
-                       META: ocp.JsonCheckpointHandler()})
+    best = dict(best_fn=lambda m: m["top1"], best_mode="max")  # also makes orbax store metrics
+    if read_only:
+      options = ocp.CheckpointManagerOptions(
+          read_only=True, create=False, cleanup_tmp_directories=False, **best)
+    else:
+      policies = [ocm.LatestN(n=keep)]
+      if keep_best:
+        policies.append(ocm.BestN(get_metric_fn=lambda m: m["top1"], n=1,
+                                  keep_checkpoints_without_metrics=False))
+      options = ocp.CheckpointManagerOptions(
+          create=True, cleanup_tmp_directories=True, enable_async_checkpointing=async_save,
+          preservation_policy=ocm.AnyPreservationPolicy(policies=policies), **best)
+    level = logging.get_verbosity()
+    if read_only:
+      logging.set_verbosity(logging.ERROR)  # orbax's "directory is read only": intended
+    try:
+      self.manager = ocp.CheckpointManager(
+          self.directory, options=options,
+          item_handlers={STATE: ocp.StandardCheckpointHandler(),
+                         META: ocp.JsonCheckpointHandler()})
+    finally:
+      logging.set_verbosity(level)
 
   # --------------------------------------------------------------------------- queries
   def all_steps(self) -> list[int]:
@@ -142,8 +157,8 @@ class Checkpointer:
               f"checkpoint {where} was written for a different model ({desc}); {hint}")
     tree = self.manager.item_metadata(step)[STATE]
     tree = getattr(tree, "tree", tree)
-    problem = describe_mismatch(_shape_map(tree),
-                                _shape_map(serialization.to_state_dict(target)))
+    problem = describe_mismatch(shape_map(tree),
+                                shape_map(serialization.to_state_dict(target)))
     if problem:
       raise CheckpointMismatchError(
           f"checkpoint {where} does not fit the model/optimizer being trained: {problem}; {hint}")

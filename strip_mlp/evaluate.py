@@ -36,14 +36,15 @@ import numpy as np
 from flax import traverse_util
 from jax.sharding import Mesh
 
+from strip_mlp import checkpointing
 from strip_mlp import sharding as sharding_lib
 from strip_mlp import train_lib
 from strip_mlp.model import VARIANTS, StripMLP
 
 CHECKPOINT_DIR = train_lib.CHECKPOINT_DIR
 WORKDIR_CONFIG = train_lib.CONFIG_FILE
-METRICS_FILE = "metrics.jsonl"   # train_lib.METRICS_FILE
-STATE, META = "state", "meta"    # items of a training checkpoint (strip_mlp.checkpointing)
+METRICS_FILE = train_lib.METRICS_FILE
+STATE, META = checkpointing.STATE, checkpointing.META  # items of a training checkpoint
 MAX_EXACT_BATCH = 2 ** 24        # float32 sums of 0/1 hits are exact below this
 
 
@@ -253,24 +254,6 @@ def _read_json(path: str) -> dict:
     raise EvalError(f"cannot read {path}: {e}") from None
 
 
-def _read_only_manager(checkpoints_dir: str):
-  """A CheckpointManager that never writes (no root creation, no tmp-dir cleanup)."""
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  from absl import logging  # pylint: disable=g-import-not-at-top
-  level = logging.get_verbosity()
-  logging.set_verbosity(logging.ERROR)  # "directory is read only" warnings: intended here
-  try:
-    options = ocp.CheckpointManagerOptions(
-        read_only=True, create=False, cleanup_tmp_directories=False,
-        best_fn=lambda m: m["top1"], best_mode="max")
-    return ocp.CheckpointManager(
-        checkpoints_dir, options=options,
-        item_handlers={STATE: ocp.StandardCheckpointHandler(),
-                       META: ocp.JsonCheckpointHandler()})
-  finally:
-    logging.set_verbosity(level)
-
-
 def _best_from_metrics_file(workdir: str, steps: list[int]) -> int | None:
   """Step (among `steps`) with the highest eval top-1 in WORKDIR/metrics.jsonl."""
   path = os.path.join(workdir, METRICS_FILE)
@@ -289,9 +272,10 @@ def _best_from_metrics_file(workdir: str, steps: list[int]) -> int | None:
   return max(scored)[1] if scored else None
 
 
-def select_step(manager, checkpoints_dir: str, step: int | None, which: str) -> int:
+def select_step(ckpt: checkpointing.Checkpointer, step: int | None, which: str) -> int:
   """The checkpoint step to evaluate: `step` if given, else the latest or the best."""
-  steps = sorted(manager.all_steps())
+  checkpoints_dir = ckpt.directory
+  steps = ckpt.all_steps()
   if not steps:
     raise EvalError(f"no complete checkpoint in {checkpoints_dir} yet")
   if step is not None:
@@ -307,7 +291,7 @@ def select_step(manager, checkpoints_dir: str, step: int | None, which: str) -> 
   # otherwise the eval rows train.py writes to metrics.jsonl decide.
   has_metrics = any(os.path.isdir(os.path.join(checkpoints_dir, str(s), "metrics"))
                     for s in steps)
-  best = manager.best_step() if has_metrics else None
+  best = ckpt.best_step() if has_metrics else None
   if best is None:
     best = _best_from_metrics_file(os.path.dirname(checkpoints_dir), steps)
   if best is None:
@@ -327,15 +311,9 @@ def _state_tree_metadata(state_dir: str) -> dict:
   return dict(tree) if tree is not None else {}
 
 
-def _shapes(tree: Any) -> dict[str, tuple]:
-  flat = traverse_util.flatten_dict(tree, sep="/") if isinstance(tree, dict) else {}
-  return {k: tuple(getattr(v, "shape", np.shape(v))) for k, v in flat.items()
-          if not (isinstance(v, dict) and not v)}
-
-
 def _check_fits(stored: dict, abstract: dict, where: str, hint: str) -> None:
-  from strip_mlp.checkpointing import describe_mismatch  # pylint: disable=g-import-not-at-top
-  problem = describe_mismatch(_shapes(stored), _shapes(abstract))
+  problem = checkpointing.describe_mismatch(checkpointing.shape_map(stored),
+                                           checkpointing.shape_map(abstract))
   if problem:
     raise EvalError(f"checkpoint {where} does not match its model config: {problem}; {hint}")
 
@@ -369,16 +347,14 @@ def _model(config: dict, where: str, **overrides) -> StripMLP:
 
 def _load_workdir(checkpoints_dir: str, step: int | None, which: str, ema: bool,
                   dtype: str | None, mesh: Mesh) -> LoadedCheckpoint:
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   from strip_mlp.convert import abstract_variables  # pylint: disable=g-import-not-at-top
   workdir = os.path.dirname(checkpoints_dir)
-  manager = _read_only_manager(checkpoints_dir)
+  ckpt = checkpointing.Checkpointer(checkpoints_dir, read_only=True)
   try:
-    step = select_step(manager, checkpoints_dir, step, which)
-    meta = dict(manager.restore(step, args=ocp.args.Composite(
-        **{META: ocp.args.JsonRestore()}))[META])
+    step = select_step(ckpt, step, which)
+    meta = ckpt.read_meta(step)
   finally:
-    manager.close()
+    ckpt.close()
   where = os.path.join(checkpoints_dir, str(step))
   if "model" not in meta:
     raise EvalError(f"checkpoint {where} does not record its model (no 'model' in {META}); "

@@ -81,11 +81,12 @@ def _workdir_config(path):
   if not path:
     return None
   try:
-    from strip_mlp.evaluate import locate_checkpoint  # pylint: disable=g-import-not-at-top
+    from strip_mlp.evaluate import (  # pylint: disable=g-import-not-at-top
+        WORKDIR_CONFIG, locate_checkpoint)
     kind, root, _ = locate_checkpoint(path)
     if kind != "workdir":
       return None
-    with open(os.path.join(os.path.dirname(root), "config.json")) as f:
+    with open(os.path.join(os.path.dirname(root), WORKDIR_CONFIG)) as f:
       resolved = json.load(f)["config"]
   except (ValueError, OSError, KeyError):
     return None  # main() reports what is wrong with the checkpoint

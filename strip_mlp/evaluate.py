@@ -165,12 +165,7 @@ def evaluate(model: StripMLP, variables: Any, data_cfg, batch_size: int,
   eval_fn = make_eval_fn(model, mesh)
 
   batch_sharding = sharding_lib.batch_sharding(mesh)
-  r = int(data_cfg.image_size)
-  image_dtype = jnp.bfloat16 if data_cfg.image_dtype == "bfloat16" else jnp.float32
-  spec = {"image": jax.ShapeDtypeStruct((batch_size, r, r, 3), image_dtype,
-                                        sharding=batch_sharding),
-          "label": jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=batch_sharding),
-          "mask": jax.ShapeDtypeStruct((batch_size,), jnp.float32, sharding=batch_sharding)}
+  spec = train_lib.abstract_eval_batch(batch_size, data_cfg, batch_sharding)
   t0 = time.perf_counter()
   compiled = eval_fn.lower(variables, spec).compile()
   compile_seconds = time.perf_counter() - t0

@@ -454,24 +454,16 @@ def save_config(config, plan: Plan, workdir: str, extra: dict):
   if os.path.exists(path):
     with open(path) as f:
       old = json.load(f).get("config", {})
-    changed = sorted(k for k in _flat(resolved).keys() | _flat(old).keys()
-                     if _flat(resolved).get(k) != _flat(old).get(k))
+    new_flat = flax.traverse_util.flatten_dict(resolved, sep=".")
+    old_flat = flax.traverse_util.flatten_dict(old, sep=".")
+    changed = sorted(k for k in new_flat.keys() | old_flat.keys()
+                     if new_flat.get(k) != old_flat.get(k))
     if changed:
       log(f"note: config differs from the one in {path}: {', '.join(changed[:8])}")
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
     json.dump({"config": resolved, "derived": {**plan.to_dict(), **extra}}, f, indent=2)
   os.replace(tmp, path)
-
-
-def _flat(d, prefix=""):
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict):
-      out.update(_flat(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = v
-  return out
 
 
 def default_train_iterator(config, batch_size: int, batch_sharding, seed: int,
@@ -520,9 +512,10 @@ def load_pretrained_variables(path: str, target: TrainState) -> tuple[dict, list
   return placed, reinit
 
 
-def _abstract_eval_batch(config, plan: Plan, batch_sharding) -> dict:
-  b, r = plan.eval_batch_size, plan.image_size
-  dtype = jnp.bfloat16 if config.data.image_dtype == "bfloat16" else jnp.float32
+def abstract_eval_batch(batch_size: int, data_cfg, batch_sharding) -> dict:
+  """ShapeDtypeStructs of an eval batch {'image' (B, R, R, 3), 'label' (B,), 'mask' (B,)}."""
+  b, r = batch_size, int(data_cfg.image_size)
+  dtype = jnp.bfloat16 if data_cfg.image_dtype == "bfloat16" else jnp.float32
   return {"image": jax.ShapeDtypeStruct((b, r, r, 3), dtype, sharding=batch_sharding),
           "label": jax.ShapeDtypeStruct((b,), jnp.int32, sharding=batch_sharding),
           "mask": jax.ShapeDtypeStruct((b,), jnp.float32, sharding=batch_sharding)}
@@ -664,8 +657,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     will_eval = (end_step == plan.total_steps
                  or end_step // plan.eval_every > start_step // plan.eval_every)
     if will_eval or jax.process_count() > 1:  # compile it now: all hosts sync just below
-      eval_fn = eval_fn.lower(state.variables(), _abstract_eval_batch(
-          config, plan, batch_sharding)).compile()
+      eval_fn = eval_fn.lower(state.variables(), abstract_eval_batch(
+          plan.eval_batch_size, config.data, batch_sharding)).compile()
     log(f"compiled the train{' and eval' if will_eval else ''} steps in "
         f"{time.time() - t0:.1f}s")
     sharding.barrier(f"compiled_{start_step}")  # hosts may differ by minutes here

@@ -10,7 +10,8 @@ train-step (forward + backward + AdamW update) images/s, peak device memory wher
 backend reports it, model FLOPs per image from XLA's cost analysis and achieved FLOP/s.
 With --torch_baseline DIR (a checkout of the official PyTorch code, which needs timm),
 the official model is timed in the same run on the same inputs, alternating runs (in a
-worker process of its own), and the table gets the ratio ours/theirs in images/s. Synthetic data: no dataset is read.
+worker process of its own), and the table gets the ratio ours/theirs in images/s.
+Synthetic data: no dataset is read.
 --malloc picks glibc's allocator setting for both processes (strip_mlp/host_memory.py): on
 CPU it decides whether XLA's per-step temporary buffer is page-faulted in every step.
 """
@@ -56,13 +57,10 @@ def parse_args(argv=None):
   return p.parse_args(argv)
 
 
-def _median_seconds(fn, repeats):
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t)
-  return statistics.median(times)
+def _seconds(fn):
+  t = time.perf_counter()
+  fn()
+  return time.perf_counter() - t
 
 
 def _peak_memory():
@@ -158,8 +156,10 @@ class TorchRunner:
     return float(self._proc.stdout.readline())
 
   def close(self):
+    import shutil  # pylint: disable=g-import-not-at-top
     self._proc.stdin.close()
     self._proc.wait(timeout=60)
+    shutil.rmtree(self._dir, ignore_errors=True)
 
 
 _TORCH_WORKER = r"""
@@ -226,7 +226,7 @@ def benchmark(args):
           theirs.run(mode)
         ours_t, theirs_t = [], []
         for _ in range(args.repeats):  # alternate so that both see the same machine state
-          ours_t.append(_median_seconds(lambda: ours.run(mode), 1))
+          ours_t.append(_seconds(lambda: ours.run(mode)))
           if theirs:
             time.sleep(args.pause)  # let the other side's idle threads stop spinning
             theirs_t.append(theirs.run(mode))

@@ -12,8 +12,9 @@ With --torch_baseline DIR (a checkout of the official PyTorch code, which needs 
 the official model is timed in the same run on the same inputs, alternating runs (in a
 worker process of its own), and the table gets the ratio ours/theirs in images/s.
 Synthetic data: no dataset is read.
---malloc picks glibc's allocator setting for both processes (strip_mlp/host_memory.py): on
-CPU it decides whether XLA's per-step temporary buffer is page-faulted in every step.
+--malloc picks the host allocator setting for both processes (strip_mlp/host_memory.py): on
+CPU it decides whether XLA's per-step temporary buffer is page-faulted in every step
+(`--malloc tcmalloc` was fastest for both models on the README's machine).
 """
 import argparse
 import json
@@ -49,7 +50,7 @@ def parse_args(argv=None):
                  help="seconds between alternating runs (OpenMP/XLA threads spin a while)")
   p.add_argument("--json", default=None, help="write the results here")
   p.add_argument("--malloc", default="default", choices=sorted(host_memory.SETTINGS),
-                 help="glibc malloc setting for both processes on Linux (the script "
+                 help="allocator setting for both processes on Linux (the script "
                       "restarts itself with it); see strip_mlp/host_memory.py")
   # Custom sizes (override the variant's): e.g. --embed_dim 16 --layers 1,1,1,1
   p.add_argument("--embed_dim", type=int, default=None)
@@ -266,6 +267,7 @@ def main(argv=None):
             f"devices={jax.device_count()} cpu={platform.processor() or platform.machine()} "
             f"cores={os.cpu_count()} jax={jax.__version__} "
             f"malloc={args.malloc} GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r} "
+            f"LD_PRELOAD={os.environ.get('LD_PRELOAD', '')!r} "
             f"date={time.strftime('%Y-%m-%d')}")
   rows = benchmark(args)
   print(header)
@@ -277,5 +279,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  host_memory.reexec_with(parse_args().malloc)
+  try:
+    host_memory.reexec_with(parse_args().malloc)
+  except ValueError as e:
+    raise SystemExit(f"--malloc: {e}") from None
   main()

@@ -14,7 +14,7 @@ def test_environ_with_appends_to_existing_tunables_once():
                                               "OTHER": "x"})
   tunables = env["GLIBC_TUNABLES"].split(":")
   assert tunables[0] == "glibc.malloc.hugetlb=1"
-  assert tunables[1:] == list(host_memory.SETTINGS["resident"])
+  assert tunables[1:] == list(host_memory.SETTINGS["resident"].tunables)
   assert env["OTHER"] == "x"
   assert host_memory.environ_with("resident", env) == env  # idempotent
   assert host_memory.environ_with("default", {}) == {}
@@ -34,3 +34,31 @@ def test_reexec_restarts_the_process_with_the_tunables():
   out = subprocess.run([sys.executable, "-c", code, "--flag"], cwd=REPO, env=env,
                        capture_output=True, text=True, check=True).stdout.split("\n")
   assert out[:3] == ["start", "start", "glibc.malloc.hugetlb=1 True ['--flag']"]
+
+
+def test_tcmalloc_is_preloaded_once_and_quietly():
+  path = host_memory.preload_path("c")  # any installed library exercises the same path
+  assert path.startswith("libc.so")
+  with pytest.raises(ValueError, match="libno_such_allocator_x is not installed; install it"):
+    host_memory.preload_path("no_such_allocator_x")
+  try:
+    env = host_memory.environ_with("tcmalloc", {"LD_PRELOAD": "libother.so"})
+  except ValueError as e:  # the error must say what to install
+    assert "apt-get install libtcmalloc-minimal4" in str(e)
+    return
+  first, rest = env["LD_PRELOAD"].split(":")
+  assert first.startswith("libtcmalloc_minimal.so") and rest == "libother.so"
+  assert host_memory.environ_with("tcmalloc", env) == env  # idempotent
+  assert int(env["TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD"]) >= 2**40
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or
+                    not __import__("ctypes.util").util.find_library("tcmalloc_minimal"),
+                    reason="needs Linux and libtcmalloc-minimal4 (.ci/run installs it)")
+def test_reexec_with_tcmalloc_loads_it():
+  code = ("from strip_mlp import host_memory; host_memory.reexec_with('tcmalloc'); "
+          "print(any('libtcmalloc' in line for line in open('/proc/self/maps')))")
+  env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+  out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env,
+                       capture_output=True, text=True, check=True)
+  assert out.stdout.strip() == "True" and "large alloc" not in out.stderr

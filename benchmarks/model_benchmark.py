@@ -52,6 +52,8 @@ def parse_args(argv=None):
   p.add_argument("--malloc", default="default", choices=sorted(host_memory.SETTINGS),
                  help="allocator setting for both processes on Linux (the script "
                       "restarts itself with it); see strip_mlp/host_memory.py")
+  p.add_argument("--torch_malloc", default=None, choices=sorted(host_memory.SETTINGS),
+                 help="a different allocator setting for the official model's process")
   # Custom sizes (override the variant's): e.g. --embed_dim 16 --layers 1,1,1,1
   p.add_argument("--embed_dim", type=int, default=None)
   p.add_argument("--layers", default=None)
@@ -133,7 +135,7 @@ class TorchRunner:
   Each `run` times one step there; the caller alternates it with ours.
   """
 
-  def __init__(self, checkout, model, images, labels, threads, dtype):
+  def __init__(self, checkout, model, images, labels, threads, dtype, environ=None):
     import subprocess  # pylint: disable=g-import-not-at-top
     import tempfile  # pylint: disable=g-import-not-at-top
     self._dir = tempfile.mkdtemp(prefix="smlp_bench_")
@@ -143,9 +145,8 @@ class TorchRunner:
                 layers=list(model.layers), num_classes=model.num_classes)
     cmd = [sys.executable, "-u", "-c", _TORCH_WORKER, os.path.abspath(checkout), inputs,
            json.dumps(arch), str(threads or 0), dtype]
-    # The worker inherits our environment, so both sides run with the same --malloc.
     self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                  text=True)
+                                  text=True, env=environ)
     ready = self._proc.stdout.readline().strip()
     if ready != "ready":
       raise SystemExit(f"--torch_baseline {checkout}: the official model did not start "
@@ -205,6 +206,14 @@ for line in sys.stdin:
 """
 
 
+def torch_environ(args):
+  """The official model's environment: ours, or ours with --torch_malloc instead of --malloc."""
+  if args.torch_malloc in (None, args.malloc):
+    return None  # inherit ours: both sides run with the same --malloc
+  return host_memory.environ_with(args.torch_malloc,
+                                  host_memory.environ_without(args.malloc))
+
+
 def benchmark(args):
   modes = args.modes.split(",")
   rows = []
@@ -219,7 +228,8 @@ def benchmark(args):
     for batch in (int(b) for b in args.batch_sizes.split(",")):
       ours = JaxRunner(model, batch, args.num_classes)
       theirs = (TorchRunner(args.torch_baseline, model, ours.images, ours.labels,
-                            args.torch_threads, args.dtype) if args.torch_baseline else None)
+                            args.torch_threads, args.dtype, torch_environ(args))
+                if args.torch_baseline else None)
       for mode in modes:
         compile_s, flops = ours.compile(mode)
         ours.run(mode)  # warm-up
@@ -266,7 +276,8 @@ def main(argv=None):
   header = (f"backend={jax.default_backend()} device={dev.device_kind} "
             f"devices={jax.device_count()} cpu={platform.processor() or platform.machine()} "
             f"cores={os.cpu_count()} jax={jax.__version__} "
-            f"malloc={args.malloc} GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r} "
+            f"malloc={args.malloc} torch_malloc={args.torch_malloc or args.malloc} "
+            f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r} "
             f"LD_PRELOAD={os.environ.get('LD_PRELOAD', '')!r} "
             f"date={time.strftime('%Y-%m-%d')}")
   rows = benchmark(args)

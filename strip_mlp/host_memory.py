@@ -71,6 +71,22 @@ def environ_with(setting: str, environ=None) -> dict:
   return {**env, **dict(chosen.environ)}
 
 
+def environ_without(setting: str, environ=None) -> dict:
+  """A copy of `environ` (default os.environ) with `setting`'s variables taken out."""
+  chosen = SETTINGS[setting]
+  env = dict(os.environ if environ is None else environ)
+  for var, drop in (("GLIBC_TUNABLES", set(chosen.tunables)),
+                    ("LD_PRELOAD", {preload_path(chosen.preload)} if chosen.preload else set())):
+    kept = [t for t in env.get(var, "").split(":") if t and t not in drop]
+    if kept:
+      env[var] = ":".join(kept)
+    else:
+      env.pop(var, None)
+  for var, _ in chosen.environ:
+    env.pop(var, None)
+  return env
+
+
 def active(setting: str) -> bool:
   """Whether this process was started with `setting`'s environment."""
   return environ_with(setting) == dict(os.environ)

@@ -27,3 +27,15 @@ def test_model_benchmark_runs_on_tiny_config(tmp_path, capsys):
   assert json.loads(out.read_text())["rows"] == rows
   table = capsys.readouterr().out
   assert "| variant | batch | mode |" in table and "| tiny_light | 2 | train |" in table
+
+
+def test_torch_malloc_gives_the_official_process_its_own_setting(monkeypatch):
+  bench = _load_benchmark()
+  monkeypatch.setenv("GLIBC_TUNABLES", "glibc.other=1:" + ":".join(
+      bench.host_memory.SETTINGS["resident"].tunables))
+  same = bench.parse_args(["--malloc", "resident"])
+  assert bench.torch_environ(same) is None  # inherits ours
+  args = bench.parse_args(["--malloc", "resident", "--torch_malloc", "hugepages"])
+  assert bench.torch_environ(args)["GLIBC_TUNABLES"] == "glibc.other=1:glibc.malloc.hugetlb=1"
+  args = bench.parse_args(["--malloc", "resident", "--torch_malloc", "default"])
+  assert bench.torch_environ(args)["GLIBC_TUNABLES"] == "glibc.other=1"

@@ -62,3 +62,10 @@ def test_reexec_with_tcmalloc_loads_it():
   out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env,
                        capture_output=True, text=True, check=True)
   assert out.stdout.strip() == "True" and "large alloc" not in out.stderr
+
+
+def test_environ_without_undoes_environ_with():
+  base = {"GLIBC_TUNABLES": "glibc.other=1", "PATH": "/bin"}
+  for setting in ("default", "hugepages", "resident"):
+    assert host_memory.environ_without(setting, host_memory.environ_with(setting, base)) == base
+  assert host_memory.environ_without("resident", {"PATH": "/bin"}) == {"PATH": "/bin"}

@@ -14,7 +14,8 @@ worker process of its own), and the table gets the ratio ours/theirs in images/s
 Synthetic data: no dataset is read.
 --malloc picks the host allocator setting for both processes (strip_mlp/host_memory.py): on
 CPU it decides whether XLA's per-step temporary buffer is page-faulted in every step
-(`--malloc tcmalloc` was fastest for both models on the README's machine).
+(`--malloc tcmalloc` was fastest for both models on the README's machine); --torch_malloc
+gives the official model's process a setting of its own (e.g. `default`, as it ships).
 """
 import argparse
 import json

@@ -33,7 +33,6 @@ from typing import Any, Callable, Iterable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import traverse_util
 from jax.sharding import Mesh
 
 from strip_mlp import checkpointing

@@ -54,34 +54,44 @@ def preload_path(library: str) -> str:
   return found
 
 
+def _setting(name: str) -> Setting:
+  if name not in SETTINGS:
+    raise ValueError(f"malloc setting {name!r} is not one of {sorted(SETTINGS)}")
+  return SETTINGS[name]
+
+
+def _entries(env: dict, var: str) -> list:
+  """The entries of a colon-separated variable (GLIBC_TUNABLES, LD_PRELOAD)."""
+  return [e for e in env.get(var, "").split(":") if e]
+
+
+def _set_entries(env: dict, var: str, entries: list) -> None:
+  if entries:
+    env[var] = ":".join(entries)
+  else:
+    env.pop(var, None)
+
+
 def environ_with(setting: str, environ=None) -> dict:
   """A copy of `environ` (default os.environ) with `setting`'s variables added."""
-  if setting not in SETTINGS:
-    raise ValueError(f"malloc setting {setting!r} is not one of {sorted(SETTINGS)}")
-  chosen = SETTINGS[setting]
+  chosen = _setting(setting)
   env = dict(os.environ if environ is None else environ)
-  tunables = [t for t in env.get("GLIBC_TUNABLES", "").split(":") if t]
-  tunables += [t for t in chosen.tunables if t not in tunables]
-  if tunables:
-    env["GLIBC_TUNABLES"] = ":".join(tunables)
+  tunables = _entries(env, "GLIBC_TUNABLES")
+  _set_entries(env, "GLIBC_TUNABLES", tunables + [t for t in chosen.tunables
+                                                   if t not in tunables])
   if chosen.preload:
-    preload = [p for p in env.get("LD_PRELOAD", "").split(":") if p]
-    path = preload_path(chosen.preload)
-    env["LD_PRELOAD"] = ":".join(preload if path in preload else [path] + preload)
+    preload, path = _entries(env, "LD_PRELOAD"), preload_path(chosen.preload)
+    _set_entries(env, "LD_PRELOAD", preload if path in preload else [path] + preload)
   return {**env, **dict(chosen.environ)}
 
 
 def environ_without(setting: str, environ=None) -> dict:
   """A copy of `environ` (default os.environ) with `setting`'s variables taken out."""
-  chosen = SETTINGS[setting]
+  chosen = _setting(setting)
   env = dict(os.environ if environ is None else environ)
-  for var, drop in (("GLIBC_TUNABLES", set(chosen.tunables)),
-                    ("LD_PRELOAD", {preload_path(chosen.preload)} if chosen.preload else set())):
-    kept = [t for t in env.get(var, "").split(":") if t and t not in drop]
-    if kept:
-      env[var] = ":".join(kept)
-    else:
-      env.pop(var, None)
+  drop = set(chosen.tunables) | ({preload_path(chosen.preload)} if chosen.preload else set())
+  for var in ("GLIBC_TUNABLES", "LD_PRELOAD"):
+    _set_entries(env, var, [e for e in _entries(env, var) if e not in drop])
   for var, _ in chosen.environ:
     env.pop(var, None)
   return env
@@ -97,9 +107,11 @@ def reexec_with(setting: str) -> None:
 
   Call it first thing in a script's `__main__`: the process is replaced.
   """
-  if not sys.platform.startswith("linux") or active(setting):
+  if not sys.platform.startswith("linux"):
     return
   env = environ_with(setting)
+  if env == dict(os.environ):
+    return
   sys.stdout.flush()
   sys.stderr.flush()
   os.execve(sys.executable, [sys.executable] + sys.orig_argv[1:], env)

@@ -1,4 +1,5 @@
-"""glibc malloc settings: merging into GLIBC_TUNABLES, errors, and the re-exec."""
+"""Allocator settings: merging into GLIBC_TUNABLES/LD_PRELOAD, errors, and the re-exec."""
+import ctypes.util
 import os
 import subprocess
 import sys
@@ -53,7 +54,7 @@ def test_tcmalloc_is_preloaded_once_and_quietly():
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux") or
-                    not __import__("ctypes.util").util.find_library("tcmalloc_minimal"),
+                    not ctypes.util.find_library("tcmalloc_minimal"),
                     reason="needs Linux and libtcmalloc-minimal4 (.ci/run installs it)")
 def test_reexec_with_tcmalloc_loads_it():
   code = ("from strip_mlp import host_memory; host_memory.reexec_with('tcmalloc'); "
@@ -69,3 +70,5 @@ def test_environ_without_undoes_environ_with():
   for setting in ("default", "hugepages", "resident"):
     assert host_memory.environ_without(setting, host_memory.environ_with(setting, base)) == base
   assert host_memory.environ_without("resident", {"PATH": "/bin"}) == {"PATH": "/bin"}
+  with pytest.raises(ValueError, match="'hugepages'"):
+    host_memory.environ_without("huge", {})

@@ -27,12 +27,14 @@ from flax import serialization
 from flax import traverse_util
 from orbax.checkpoint import checkpoint_managers as ocm
 
+from strip_mlp.errors import UserError
+
 STATE = "state"
 META = "meta"
 HEAD = "head"  # name of the classifier in the model's params
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(UserError, ValueError):
   """A stored checkpoint does not fit the model/optimizer being trained."""
 
 

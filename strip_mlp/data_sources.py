@@ -13,12 +13,14 @@ from typing import Protocol
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from strip_mlp.errors import UserError
+
 # torchvision's IMG_EXTENSIONS (matched case-insensitively).
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp')
 EVAL_SPLIT_CANDIDATES = ('validation', 'val', 'test')
 
 
-class DatasetNotFoundError(FileNotFoundError):
+class DatasetNotFoundError(UserError, FileNotFoundError):
   """A dataset is missing or not prepared; the message says what to download and where."""
 
 

@@ -38,6 +38,7 @@ from jax.sharding import Mesh
 from strip_mlp import checkpointing
 from strip_mlp import sharding as sharding_lib
 from strip_mlp import train_lib
+from strip_mlp.errors import UserError
 from strip_mlp.model import VARIANTS, StripMLP
 
 CHECKPOINT_DIR = train_lib.CHECKPOINT_DIR
@@ -47,7 +48,7 @@ STATE, META = checkpointing.STATE, checkpointing.META  # items of a training che
 MAX_EXACT_BATCH = 2 ** 24        # float32 sums of 0/1 hits are exact below this
 
 
-class EvalError(ValueError):
+class EvalError(UserError, ValueError):
   """A checkpoint/data/flag problem; the message is one line that says what to do."""
 
 

@@ -15,8 +15,10 @@ import zipfile
 
 import numpy as np
 
+from strip_mlp.errors import UserError
 
-class CheckpointFormatError(ValueError):
+
+class CheckpointFormatError(UserError, ValueError):
   """A file that is not a usable Strip-MLP checkpoint; the message says what to do."""
 
 

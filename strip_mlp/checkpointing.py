@@ -1,5 +1,5 @@
-"""Training checkpoints: an orbax CheckpointManager with resume, keep-last/keep-best and
-fine-tuning initialisation from converted PyTorch weights.
+"""Training checkpoints: an orbax CheckpointManager with resume and keep-last/keep-best
+(fine-tuning initialisation, `load_pretrained`/`merge_pretrained`, lives in checkpoint.py).
 
 Layout: WORKDIR/checkpoints/<step>/{state, meta}
   state: the whole train state as a nested dict (flax.serialization.to_state_dict):
@@ -13,29 +13,39 @@ mid-save leaves no directory that `latest_step` would return; leftovers are dele
 the next manager opens the directory. Arrays are stored per shard with their global shape,
 so a checkpoint restores onto any number of devices/processes: pass targets that carry the
 new shardings.
+
+A save that fails (disk full, permissions) raises CheckpointSaveError, one line, from
+whichever call first sees it (save, newly_committed, wait or close); the previous
+checkpoint stays the latest and its temporary directory is deleted on the next open.
+`newly_committed()` and `wait()` name the steps whose files are committed, so "saved" is
+announced only then. Orbax's warnings about expected situations (read-only opening, saves
+without metrics) and its tracebacks of a failed save are not logged.
 """
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 from typing import Any
 
-import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from absl import logging
 from flax import serialization
 from flax import traverse_util
 from orbax.checkpoint import checkpoint_managers as ocm
 
+from strip_mlp.checkpoint import (  # noqa: F401  (fine-tuning: re-exported)
+    HEAD, CheckpointMismatchError, StorageNoiseFilter, format_bytes, is_storage_error,
+    load_pretrained, merge_pretrained, storage_error_reason, tree_nbytes)
 from strip_mlp.errors import UserError
 
 STATE = "state"
 META = "meta"
-HEAD = "head"  # name of the classifier in the model's params
 
 
-class CheckpointMismatchError(UserError, ValueError):
-  """A stored checkpoint does not fit the model/optimizer being trained."""
+class CheckpointSaveError(UserError, OSError):
+  """Writing a checkpoint failed; the message (one line) names the step, the directory, the
+  cause, the size needed and the intact checkpoint a rerun resumes from (or none)."""
 
 
 def shape_map(tree: Any) -> dict[str, tuple]:
@@ -70,6 +80,11 @@ class Checkpointer:
 
   read_only=True opens an existing directory for reading (eval.py): nothing is created,
   cleaned up or deleted, so a training job writing there is safe.
+
+  Invariants: at most one save is in flight (orbax waits for the previous one); a step is
+  reported by `newly_committed()`/`wait()` once, after its directory is final; after a
+  failed save the manager lists only the checkpoints on disk, and close() raises nothing
+  more.
   """
 
   def __init__(self, directory: str, *, keep: int = 3, keep_best: bool = True,
@@ -77,10 +92,16 @@ class Checkpointer:
     if keep < 1:
       raise ValueError(f"keep_checkpoints must be >= 1, got {keep}")
     self.directory = os.path.abspath(directory)
+    self._async = async_save and not read_only
+    self._pending: tuple[int, int] | None = None  # (step, bytes) of the save in flight
+    self._committed: list[int] = []                # finished, not reported yet
+    self._failed = False                           # a CheckpointSaveError was raised
+    self._closed = False
     best = dict(best_fn=lambda m: m["top1"], best_mode="max")  # also makes orbax store metrics
-    if read_only:
+    if read_only:  # save_interval_steps=0: orbax would warn that it sets it so
       options = ocp.CheckpointManagerOptions(
-          read_only=True, create=False, cleanup_tmp_directories=False, **best)
+          read_only=True, create=False, cleanup_tmp_directories=False,
+          save_interval_steps=0, **best)
     else:
       policies = [ocm.LatestN(n=keep)]
       if keep_best:
@@ -89,16 +110,19 @@ class Checkpointer:
       options = ocp.CheckpointManagerOptions(
           create=True, cleanup_tmp_directories=True, enable_async_checkpointing=async_save,
           preservation_policy=ocm.AnyPreservationPolicy(policies=policies), **best)
-    level = logging.get_verbosity()
-    if read_only:
-      logging.set_verbosity(logging.ERROR)  # orbax's "directory is read only": intended
+    self._filter = StorageNoiseFilter(self.directory).attach()
     try:
-      self.manager = ocp.CheckpointManager(
-          self.directory, options=options,
-          item_handlers={STATE: ocp.StandardCheckpointHandler(),
-                         META: ocp.JsonCheckpointHandler()})
-    finally:
-      logging.set_verbosity(level)
+      with self._filter.quiet(_READ_ONLY_WARNING if read_only else None):
+        self.manager = ocp.CheckpointManager(
+            self.directory, options=options,
+            item_handlers={STATE: ocp.StandardCheckpointHandler(),
+                           META: ocp.JsonCheckpointHandler()})
+    except BaseException:
+      self._filter.detach()
+      raise
+    # Orbax deletes leftover temporary directories in a background thread that only save()
+    # waits for; wait now, so the directory is settled and no thread outlives close().
+    getattr(self.manager, "_maybe_await_cleanup_tmp_directory", lambda: None)()
 
   # --------------------------------------------------------------------------- queries
   def all_steps(self) -> list[int]:
@@ -115,26 +139,101 @@ class Checkpointer:
   def save(self, step: int, state: Any, meta: dict, metrics: dict | None = None) -> bool:
     """Starts saving `state` (a pytree; stored as a nested dict) at `step`.
 
-    Returns False when a checkpoint of this step exists already. Asynchronous: arrays are
-    copied to host memory before returning, so the caller may donate/overwrite `state`;
-    `wait()` blocks until the files are committed.
+    Returns True when the save started (with async_save=False: when it is committed),
+    False when a checkpoint of this step exists already. Asynchronous: arrays are copied
+    to host memory before returning, so the caller may donate/overwrite `state`; the step
+    is on disk once `newly_committed()` or `wait()` returns it. Raises CheckpointSaveError
+    when this save, or the previous one still in flight, fails.
     """
     step = int(step)
+    self._finish()  # orbax waits for the previous save anyway: report it as that step's
     if step in self.manager.all_steps():
       return False
     metrics = None if metrics is None else {k: float(v) for k, v in metrics.items()}
-    return self.manager.save(
-        step, args=ocp.args.Composite(**{
-            STATE: ocp.args.StandardSave(serialization.to_state_dict(state)),
-            META: ocp.args.JsonSave(dict(meta, step=step))}),
-        metrics=metrics, force=True)
+    nbytes = tree_nbytes(state)
+    try:
+      with self._filter.quiet(_NO_METRICS_WARNING if metrics is None else None):
+        started = self.manager.save(
+            step, args=ocp.args.Composite(**{
+                STATE: ocp.args.StandardSave(serialization.to_state_dict(state)),
+                META: ocp.args.JsonSave(dict(meta, step=step))}),
+            metrics=metrics, force=True)
+    except Exception as e:  # pylint: disable=broad-except  # storage errors only, below
+      self._raise_save_error(step, nbytes, e)
+    if started:
+      if self._async:
+        self._pending = (step, nbytes)
+      else:
+        self._committed.append(step)
+    return bool(started)
 
-  def wait(self):
-    self.manager.wait_until_finished()
+  def newly_committed(self) -> list[int]:
+    """Steps whose save has been committed since the last call of this or `wait()`,
+    oldest first; never blocks. Raises CheckpointSaveError if the save in flight failed.
+
+    Per process (processes may see a step a moment apart): use it for messages, not for
+    decisions all processes must agree on.
+    """
+    if self._pending is not None and not self.manager.is_saving_in_progress():
+      self._finish()  # the background save has ended: joining it does not block
+    return self._take_committed()
+
+  def wait(self) -> list[int]:
+    """Blocks until the save in flight is committed; returns the steps committed since
+    the last `newly_committed()`/`wait()`, oldest first. Raises CheckpointSaveError."""
+    self._finish()
+    return self._take_committed()
 
   def close(self):
-    self.manager.wait_until_finished()
-    self.manager.close()
+    """Waits for the save in flight (CheckpointSaveError if it fails) and stops orbax's
+    threads. Idempotent; after a CheckpointSaveError it raises nothing more."""
+    if self._closed:
+      return
+    self._closed = True
+    try:
+      self._finish()
+    finally:
+      try:
+        self.manager.close()
+      except Exception:  # pylint: disable=broad-except
+        if not self._failed:
+          raise
+      if not self._failed:  # after a failure, asyncio may still log its writes at exit
+        self._filter.detach()
+
+  def _take_committed(self) -> list[int]:
+    steps, self._committed = self._committed, []
+    return steps
+
+  def _finish(self):
+    """Blocks until the save in flight ends; records it as committed or raises."""
+    if self._pending is None:
+      return
+    step, nbytes = self._pending
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except  # storage errors only, below
+      self._raise_save_error(step, nbytes, e)
+    self._pending = None
+    self._committed.append(step)
+
+  def _raise_save_error(self, step: int, nbytes: int, error: Exception):
+    """Raises CheckpointSaveError for a failed save of `step` after making the manager list
+    what is on disk; re-raises `error` as it is when it is not a storage failure (a bug
+    keeps its traceback). The half-written `<step>.orbax-checkpoint-tmp` is left to orbax:
+    writes of it may still be running, it is never listed, and the next writable manager
+    deletes it when it opens the directory."""
+    self._pending = None
+    if not is_storage_error(error):
+      raise error
+    self._failed = True
+    try:
+      self.manager.reload()
+      previous = self.manager.latest_step()
+    except Exception:  # pylint: disable=broad-except  # the message matters more
+      previous = None
+    raise CheckpointSaveError(
+        _save_error_message(self.directory, step, nbytes, error, previous)) from error
 
   # --------------------------------------------------------------------------- restore
   def read_meta(self, step: int) -> dict:
@@ -182,52 +281,27 @@ def _norm(v):
   return list(v) if isinstance(v, (list, tuple)) else v
 
 
-# ----------------------------------------------------------------------------- fine-tuning
+# ----------------------------------------------------------------------------- save failures
 
-def load_pretrained(path: str) -> tuple[dict, dict]:
-  """(model keywords, {'params', 'batch_stats'} as numpy) of pretrained weights at `path`:
-  a directory written by `convert_torch_weights.py`/`strip_mlp.save_checkpoint`, or a
-  PyTorch .pth file (converted on the fly; needs torch)."""
-  if os.path.isdir(path):
-    from strip_mlp import load_checkpoint  # pylint: disable=g-import-not-at-top
-    model, variables = load_checkpoint(path)
-  elif os.path.isfile(path):
-    from strip_mlp.convert import torch_to_flax  # pylint: disable=g-import-not-at-top
-    model, variables = torch_to_flax(path)
+_NO_METRICS_WARNING = "Requested `tracked_metric`; did not provide metrics."
+_READ_ONLY_WARNING = "Given directory is read only=%s"
+
+
+def _save_error_message(directory: str, step: int, nbytes: int, error: BaseException,
+                        previous: int | None) -> str:
+  """One line: step, where, why, the size needed, what a rerun resumes from, what to do."""
+  code, why = storage_error_reason(error)
+  try:
+    free = f", {format_bytes(shutil.disk_usage(directory).free)} free there"
+  except OSError:
+    free = ""
+  if previous is None:
+    resume = "there is no previous checkpoint, so a rerun starts from scratch"
   else:
-    raise FileNotFoundError(
-        f"init_from={path!r} does not exist; give a converted checkpoint directory "
-        "(python convert_torch_weights.py IN.pth OUT_DIR) or a .pth file")
-  variables = jax.tree_util.tree_map(np.asarray, dict(variables))
-  return model.config_dict(), {"params": variables["params"],
-                               "batch_stats": variables.get("batch_stats", {})}
-
-
-def merge_pretrained(target: dict, pretrained: dict, *, source: str = "pretrained"
-                     ) -> tuple[dict, list[str]]:
-  """Takes every leaf of `target` ({'params', 'batch_stats'}, numpy or jax) from
-  `pretrained` when the shapes agree; the classifier `head` is kept from `target` (freshly
-  initialised) when the class counts differ. Any other mismatch raises with what to change.
-
-  Returns (merged, names of the re-initialised leaves).
-  """
-  tflat = traverse_util.flatten_dict(target, sep="/")
-  pflat = traverse_util.flatten_dict(pretrained, sep="/")
-  merged, reinit, problems = {}, [], []
-  for k, v in tflat.items():
-    is_head = k.split("/")[1:2] == [HEAD]
-    if k in pflat and np.shape(pflat[k]) == np.shape(v):
-      merged[k] = np.asarray(pflat[k], dtype=getattr(v, "dtype", None))
-    elif is_head:
-      merged[k] = v
-      reinit.append(k)
-    else:
-      problems.append(f"{k}: {np.shape(pflat[k]) if k in pflat else 'missing'} in {source} "
-                      f"vs {tuple(np.shape(v))} in the model")
-  extra = [k for k in pflat if k not in tflat]
-  if problems or extra:
-    desc = "; ".join(problems[:3] + [f"{k} only in {source}" for k in extra[:2]])
-    raise CheckpointMismatchError(
-        f"{source} weights do not fit the model ({desc}); use the variant, embed_dim, "
-        "layers and model.img_size of the checkpoint (only the number of classes may differ)")
-  return traverse_util.unflatten_dict(merged, sep="/"), reinit
+    where = os.path.join(directory, str(previous))
+    resume = (f"the previous checkpoint, step {previous} ({where}), is intact and a rerun "
+              "resumes from it")
+  fix = "free up space there" if code in (errno.ENOSPC, errno.EDQUOT) else "fix that"
+  return (f"saving checkpoint step {step} in {directory} failed: {why} (the checkpoint needs "
+          f"about {format_bytes(nbytes)}{free}); {resume}; {fix} or use another --workdir, "
+          "then rerun")

@@ -22,6 +22,10 @@ class CheckpointFormatError(UserError, ValueError):
   """A file that is not a usable Strip-MLP checkpoint; the message says what to do."""
 
 
+class TorchNotInstalledError(UserError, ImportError):
+  """Reading .pth files needs PyTorch, which is not installed."""
+
+
 class _InertConfigNode:
   """Stands in for `yacs.config.CfgNode` while unpickling: becomes an OrderedDict."""
 
@@ -40,7 +44,7 @@ def _import_torch():
   try:
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError as e:
-    raise ImportError(
+    raise TorchNotInstalledError(
         "reading .pth files needs PyTorch: pip install 'strip-mlp-jax[convert]' "
         "(on CPU-only machines install torch's CPU build first)") from e
   return torch
@@ -49,6 +53,9 @@ def _import_torch():
 def load_torch_file(path: str):
   """Unpickles `path` with PyTorch's weights-only loader (tensors stay on CPU)."""
   torch = _import_torch()
+  if os.path.isdir(path):
+    raise CheckpointFormatError(f"{path} is a directory, not a PyTorch .pth file; give the "
+                                "weights file written by torch.save")
   if not os.path.isfile(path):
     raise CheckpointFormatError(f"{path}: no such file")
   try:

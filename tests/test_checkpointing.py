@@ -1,20 +1,33 @@
-"""Checkpoint manager: round trip, retention, crash safety, resharding, fine-tune merging."""
+"""Checkpoint manager: round trip, retention, crash safety, resharding, fine-tune merging,
+failed saves (one line, the previous checkpoint stays the latest), when a save is committed,
+and the orbax log noise that is silenced."""
+import asyncio
+import errno
+import logging
 import os
+import signal
 import subprocess
 import sys
 import textwrap
+import threading
+import time
+import types
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 import pytest
+from orbax.checkpoint._src.serialization import serialization
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import train_test_utils  # noqa: E402
 
-from strip_mlp import checkpointing, sharding, train_lib  # noqa: E402
-from strip_mlp.checkpointing import CheckpointMismatchError, Checkpointer  # noqa: E402
+from strip_mlp import checkpoint, checkpointing, sharding, train_lib  # noqa: E402
+from strip_mlp.checkpointing import (  # noqa: E402
+    CheckpointMismatchError, Checkpointer, CheckpointSaveError)
+from strip_mlp.errors import UserError  # noqa: E402
 
 train_test_utils.quiet_logs()
 
@@ -142,3 +155,208 @@ def test_pretrained_of_another_architecture_is_refused(fixtures_dir):
   target, _ = train_lib.create_train_state(config, model, tx, mesh, jax.random.key(0))
   with pytest.raises(CheckpointMismatchError, match="use the variant, embed_dim, layers"):
     train_lib.load_pretrained_variables(config.init_from, target)
+
+
+# ----------------------------------------------------------------------------- save failures
+
+def _small(value=1.0):
+  return {"w": jnp.full((64,), value)}
+
+
+def _no_space(monkeypatch, directory, step):
+  """Makes the array writes of checkpoint `step` fail like a full disk: OSError(ENOSPC) in
+  the background commit of an async save, in save() of a sync one."""
+  original = serialization.async_serialize_from_host
+
+  async def write(rslices, spec, **kwargs):
+    if f"{step}.orbax-checkpoint-tmp" in str(spec):
+      raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), f"{directory}/{step}.orbax-...")
+    return await original(rslices, spec, **kwargs)
+  monkeypatch.setattr(serialization, "async_serialize_from_host", write)
+
+
+class _Records(logging.Handler):
+  def __init__(self):
+    super().__init__(logging.DEBUG)
+    self.records = []
+
+  def emit(self, record):
+    self.records.append(record)
+
+
+@pytest.fixture
+def absl_records():
+  handler = _Records()
+  logging.getLogger("absl").addHandler(handler)
+  yield handler.records
+  logging.getLogger("absl").removeHandler(handler)
+
+
+@pytest.mark.parametrize("surface", ["sync_save", "wait", "next_save", "newly_committed",
+                                     "close"])
+def test_failed_save_is_one_line_and_the_previous_checkpoint_stays_latest(
+    tmp_path, monkeypatch, absl_records, surface):
+  directory = str(tmp_path / "ckpt")
+  ckpt = Checkpointer(directory, async_save=surface != "sync_save")
+  assert ckpt.save(1, _small(1.0), {}) and ckpt.wait() == [1]
+  _no_space(monkeypatch, directory, 2)
+  with pytest.raises(CheckpointSaveError) as info:
+    if surface == "sync_save":
+      ckpt.save(2, _small(2.0), {})
+    assert ckpt.save(2, _small(2.0), {})     # async: started, fails in the background
+    if surface == "wait":
+      ckpt.wait()
+    elif surface == "next_save":
+      ckpt.save(3, _small(3.0), {})
+    elif surface == "newly_committed":
+      for _ in range(600):
+        assert ckpt.newly_committed() == []
+        time.sleep(0.05)
+    else:
+      ckpt.close()
+  message = str(info.value)
+  assert isinstance(info.value, UserError) and isinstance(info.value, OSError)
+  assert "\n" not in message
+  assert message.startswith(f"saving checkpoint step 2 in {directory} failed: no space left "
+                            "on device (the checkpoint needs about 256 bytes, ")
+  assert (f"the previous checkpoint, step 1 ({directory}/1), is intact and a rerun resumes "
+          "from it; free up space there" in message)
+  assert [n for n in os.listdir(directory) if n.startswith("2")] in (
+      [], ["2.orbax-checkpoint-tmp"])                     # never a final step 2
+  assert ckpt.latest_step() == 1 and ckpt.all_steps() == [1]
+  ckpt.close()                                            # no second error
+  ckpt.close()
+  assert not [r for r in absl_records if r.exc_info or r.levelno >= logging.ERROR]
+  monkeypatch.undo()
+  ckpt = Checkpointer(directory)
+  assert ckpt.latest_step() == 1
+  restored, _ = ckpt.restore(1, jax.eval_shape(lambda: _small()))
+  np.testing.assert_array_equal(restored["w"], 1.0)
+  ckpt.close()
+  assert sorted(os.listdir(directory)) == ["1"]           # the leftover went on that open
+
+
+def test_failed_first_save_says_a_rerun_starts_from_scratch(tmp_path, monkeypatch):
+  _no_space(monkeypatch, tmp_path, 5)
+  ckpt = Checkpointer(str(tmp_path), async_save=False)
+  with pytest.raises(CheckpointSaveError, match="step 5 .*there is no previous checkpoint, so "
+                     "a rerun starts from scratch"):
+    ckpt.save(5, _small(), {})
+  ckpt.close()
+  ckpt = Checkpointer(str(tmp_path))
+  assert ckpt.latest_step() is None
+  ckpt.close()
+  assert os.listdir(tmp_path) == []
+
+
+def _blocked_meta_writes(monkeypatch):
+  """Holds orbax's JSON writes (the `meta` item) until the returned event is set."""
+  release = threading.Event()
+  original = ocp.JsonCheckpointHandler._save_fn
+
+  async def save_fn(self, x, directory):
+    await asyncio.to_thread(release.wait, 60)
+    return await original(self, x, directory)
+  monkeypatch.setattr(ocp.JsonCheckpointHandler, "_save_fn", save_fn)
+  return release
+
+
+def test_a_save_is_reported_committed_once_and_only_when_on_disk(tmp_path, monkeypatch):
+  directory = tmp_path / "async"
+  ckpt = Checkpointer(str(directory))
+  release = _blocked_meta_writes(monkeypatch)
+  assert ckpt.save(2, _small(), {"epoch": 1})
+  time.sleep(0.5)
+  assert ckpt.newly_committed() == []                   # still being written
+  assert not os.path.exists(directory / "2")
+  release.set()
+  for _ in range(600):
+    committed = ckpt.newly_committed()
+    if committed:
+      break
+    time.sleep(0.05)
+  assert committed == [2]
+  assert sorted(os.listdir(directory)) == ["2"]          # final, no temporary directory
+  assert ckpt.read_meta(2)["epoch"] == 1
+  assert ckpt.newly_committed() == [] and ckpt.wait() == []   # reported once
+  assert ckpt.save(4, _small(), {}) and ckpt.wait() == [4]
+  assert ckpt.save(6, _small(), {}) and ckpt.save(8, _small(), {})
+  assert ckpt.wait() == [6, 8]       # save(8) waited for 6: both reported, oldest first
+  ckpt.close()
+  sync = Checkpointer(str(tmp_path / "sync"), async_save=False)
+  assert sync.save(1, _small(), {}) and os.path.isdir(tmp_path / "sync" / "1")
+  assert sync.newly_committed() == [1] and sync.newly_committed() == []
+  sync.close()
+
+
+def test_expected_orbax_warnings_are_not_logged(tmp_path, absl_records):
+  filters = list(logging.getLogger("absl").filters)
+  ckpt = Checkpointer(str(tmp_path))
+  ckpt.save(1, _small(), {})                              # no metrics
+  ckpt.save(2, _small(), {}, {"top1": 0.5})
+  ckpt.close()
+  reader = Checkpointer(str(tmp_path), read_only=True)    # eval.py's way
+  assert reader.latest_step() == 2 and reader.best_step() == 2
+  reader.close()
+  messages = [r.getMessage() for r in absl_records if r.levelno >= logging.WARNING]
+  assert not messages, messages
+  # the filters are gone with the checkpointers: the same warning elsewhere is kept
+  assert logging.getLogger("absl").filters == filters
+  logging.getLogger("absl").warning("Requested `tracked_metric`; did not provide metrics.")
+  assert absl_records[-1].getMessage().startswith("Requested `tracked_metric`")
+
+
+def test_closed_event_loop_errors_are_silenced_and_others_kept(monkeypatch):
+  seen = []
+  monkeypatch.setattr(sys, "unraisablehook", seen.append)
+  checkpoint.quiet_closed_event_loop_errors()
+  checkpoint.quiet_closed_event_loop_errors()             # once
+  loop = asyncio.new_event_loop()
+  loop.close()
+  with pytest.raises(RuntimeError) as closed:
+    loop.call_soon_threadsafe(print)                      # what a late tensorstore write does
+  other = RuntimeError("Event loop is closed")             # raised elsewhere: kept
+  for e in (closed.value, other):
+    sys.unraisablehook(types.SimpleNamespace(exc_type=type(e), exc_value=e, object=None,
+                                             exc_traceback=e.__traceback__, err_msg=None))
+  assert [u.exc_value for u in seen] == [other]
+
+
+_DISK_FULL_SCRIPT = textwrap.dedent("""
+    import resource, signal, sys
+    import numpy as np, jax.numpy as jnp
+    sys.path.insert(0, {repo!r})
+    from strip_mlp.checkpointing import Checkpointer, CheckpointSaveError
+    ckpt = Checkpointer(sys.argv[1])
+    ckpt.save(1, {{"w": jnp.ones(3)}}, {{}})
+    ckpt.wait()
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)         # writes past the limit fail: EFBIG
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, resource.RLIM_INFINITY))
+    rs = np.random.RandomState(0)
+    ckpt.save(2, {{f"w{{i}}": jnp.asarray(rs.randn(50000), jnp.float32) for i in range(100)}},
+              {{}})
+    try:
+      ckpt.wait()
+    except CheckpointSaveError as e:
+      print(e)
+    ckpt.close()
+""")
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGXFSZ"), reason="needs RLIMIT_FSIZE (POSIX)")
+def test_real_write_failure_in_tensorstore_is_one_line(tmp_path):
+  """A file-size limit makes tensorstore's writes fail (as a full disk does, with the same
+  errors and the same 'Event loop is closed' aftermath): one line, nothing else."""
+  directory = str(tmp_path / "ckpt")
+  script = _DISK_FULL_SCRIPT.format(repo=train_test_utils.REPO)
+  res = subprocess.run([sys.executable, "-c", script, directory], timeout=300, text=True,
+                       env={**os.environ, "XLA_FLAGS": ""}, capture_output=True, check=False)
+  assert res.returncode == 0, res.stderr[-3000:]
+  assert res.stdout.startswith(f"saving checkpoint step 2 in {directory} failed: file too "
+                               "large (the checkpoint needs about 19.1 MiB"), res.stdout
+  assert "the previous checkpoint, step 1" in res.stdout
+  assert "Traceback" not in res.stderr and "Event loop" not in res.stderr, res.stderr[-3000:]
+  ckpt = Checkpointer(directory)
+  assert ckpt.latest_step() == 1
+  ckpt.close()
+  assert sorted(os.listdir(directory)) == ["1"]

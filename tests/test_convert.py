@@ -15,7 +15,8 @@ import torch
 
 import convert_torch_weights
 from conftest import FIXTURE_NAMES, REPO
-from strip_mlp import load_checkpoint
+from strip_mlp import load_checkpoint, save_checkpoint
+from strip_mlp.checkpointing import Checkpointer
 from strip_mlp.convert import flax_to_torch, torch_to_flax, variables_to_state_dict
 from strip_mlp.torch_io import CheckpointFormatError, read_state_dict
 
@@ -197,9 +198,27 @@ def test_reverse_state_dict_is_plain_numpy(reference):
   assert sd["blocks1.0.channel_mixing.grn.gamma"].shape == (1, 1, 1, 120)
 
 
-def _run_cli(*args):
-  return subprocess.run([sys.executable, str(REPO / "convert_torch_weights.py"), *map(str, args)],
-                        capture_output=True, text=True, cwd=REPO, timeout=300, check=False)
+def _run_cli(*args, max_file_size=None):
+  """Runs the converter; `max_file_size` (bytes) makes larger writes fail (EFBIG) as a full
+  disk makes them fail (ENOSPC)."""
+  cmd = [sys.executable, str(REPO / "convert_torch_weights.py"), *map(str, args)]
+  if max_file_size:
+    cmd[1:1] = ["-c", "import resource, runpy, signal, sys\n"
+                "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+                f"resource.setrlimit(resource.RLIMIT_FSIZE, ({max_file_size}, -1))\n"
+                "sys.argv = sys.argv[1:]\n"
+                "runpy.run_path(sys.argv[0], run_name='__main__')"]
+  return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300, check=False)
+
+
+def _assert_one_line_error(res, *fragments):
+  """Exit code 1 and exactly one stderr line, `convert_torch_weights.py: error: ...`."""
+  lines = res.stderr.strip().splitlines()
+  assert res.returncode == 1 and len(lines) == 1, res.stderr[-3000:]
+  assert lines[0].startswith("convert_torch_weights.py: error: "), lines[0]
+  assert "Traceback" not in res.stderr
+  for fragment in fragments:
+    assert fragment in lines[0], lines[0]
 
 
 def test_cli_writes_checkpoint_that_loads_and_reverses(tmp_path, fixtures_dir, reference):
@@ -241,9 +260,7 @@ def test_cli_bad_input_one_line_error_and_no_output(tmp_path, fixtures_dir, case
     (tmp_path / "file").write_text("")
     out = tmp_path / "file" / "out"  # parent is a file: cannot be created
   res = _run_cli(src, out)
-  assert res.returncode == 1
-  lines = res.stderr.strip().splitlines()
-  assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
+  _assert_one_line_error(res)
   assert not out.exists()
   assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p]
 
@@ -269,3 +286,114 @@ def test_package_and_model_work_without_tensorflow_and_torch():
                        timeout=600, check=False)
   assert res.returncode == 0, res.stderr[-2000:]
   assert "(1, 3)" in res.stdout
+
+
+# ----------------------------------------------------------------------------- CLI errors
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory, reference):
+  return save_checkpoint(str(tmp_path_factory.mktemp("conv") / "small"), *reference)
+
+
+@pytest.mark.parametrize("case", ["unwritable", "to_torch_disk_full", "to_checkpoint_disk_full"])
+def test_cli_write_failures_are_one_line_and_leave_nothing(converted, fixtures_dir, tmp_path,
+                                                           case):
+  """Nothing can be created in /proc; a file-size limit makes writes fail mid-file (EFBIG)
+  as a full disk does (ENOSPC), in the orbax direction inside tensorstore."""
+  if case == "unwritable":
+    if not os.path.isdir("/proc/self"):
+      pytest.skip("needs Linux /proc")
+    _assert_one_line_error(_run_cli("--to-torch", converted, "/proc/x.pth"), "cannot write")
+    return
+  if case == "to_torch_disk_full":
+    args, name, says = ["--to-torch", converted], "out.pth", "; nothing was written"
+  else:
+    args, name, says = [fixtures_dir / f"{SMALL}.pth"], "out", " (the weights need about 7.3 MiB)"
+  res = _run_cli(*args, tmp_path / name, max_file_size=64 << 10)
+  _assert_one_line_error(res, f"cannot write {tmp_path / name}: file too large{says}")
+  assert os.listdir(tmp_path) == []            # no partial output, no temporary file
+
+
+def _main_error(capsys, *args, code=1):
+  assert convert_torch_weights.main(list(map(str, args))) == code
+  err = capsys.readouterr().err
+  assert err.startswith("convert_torch_weights.py: error: ") and err.count("\n") == 1, err
+  return err
+
+
+def test_cli_refuses_existing_outputs_and_says_what_they_are(
+    converted, fixtures_dir, tmp_path, capsys):
+  empty = tmp_path / "empty.pth"
+  empty.write_bytes(b"")
+  assert "empty.pth already exists (a file); choose a new output file" in _main_error(
+      capsys, "--to-torch", converted, empty)
+  assert "empty.pth already exists and is not a directory; choose a new output directory" in (
+      _main_error(capsys, fixtures_dir / f"{SMALL}.pth", empty))
+  assert "already exists (a directory)" in _main_error(capsys, "--to-torch", converted,
+                                                       tmp_path)
+  assert "cannot write" in _main_error(capsys, "--to-torch", converted, empty / "out.pth")
+  assert empty.read_bytes() == b"" and sorted(os.listdir(tmp_path)) == ["empty.pth"]
+
+
+def test_cli_wrong_kinds_of_input_say_what_is_expected(converted, fixtures_dir, tmp_path,
+                                                       capsys):
+  err = _main_error(capsys, converted, tmp_path / "out")
+  assert (f"{converted} is a directory, not a PyTorch .pth file; to export a checkpoint "
+          f"directory or train.py workdir to .pth use --to-torch {converted} OUT.pth") in err
+  assert "drop --to-torch" in _main_error(capsys, "--to-torch", fixtures_dir / f"{SMALL}.pth",
+                                          tmp_path / "o.pth")
+  assert "is not a checkpoint" in _main_error(capsys, "--to-torch", tmp_path, tmp_path / "o.pth")
+  assert "apply to training workdirs only" in _main_error(capsys, "--to-torch", converted,
+                                                          tmp_path / "o.pth", "--ema")
+  assert "apply to --to-torch only" in _main_error(capsys, fixtures_dir / f"{SMALL}.pth",
+                                                   tmp_path / "o", "--step", "3", code=2)
+  assert "unrecognized arguments: --bogus" in _main_error(capsys, "a", "b", "--bogus", code=2)
+  assert os.listdir(tmp_path) == []
+
+
+# ----------------------------------------------------------------------------- training workdirs
+
+def _scaled(variables, factor):
+  return jax.tree_util.tree_map(lambda x: np.asarray(x) * np.float32(factor), dict(variables))
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory, reference):
+  """A train.py workdir of the fixture's model: step 10 (best eval top-1) holds the
+  fixture's weights as raw weights and 2x them as EMA weights, step 20 holds 3x as raw."""
+  model, variables = reference
+  path = tmp_path_factory.mktemp("workdir")
+  ckpt = Checkpointer(str(path / "checkpoints"), async_save=False)
+  for step, raw, ema, top1 in ((10, 1, 2, 0.9), (20, 3, 4, 0.5)):
+    state = {"step": np.int32(step), **_scaled(variables, raw), "ema": _scaled(variables, ema),
+             "opt_state": {"mu": _scaled(variables, 0)["params"]}}
+    assert ckpt.save(step, state, {"model": model.config_dict()}, {"top1": top1})
+  ckpt.close()
+  return path
+
+
+def _assert_exported(path, expected):
+  """The .pth at `path` holds the state dict `expected` (num_batches_tracked aside)."""
+  got = torch.load(path, weights_only=True)["model"]
+  assert set(got) == set(expected)
+  assert all(torch.equal(got[k], v) for k, v in expected.items()
+             if not k.endswith("num_batches_tracked"))
+
+
+def test_cli_exports_a_training_workdir(workdir, reference, fixture_sd, tmp_path, capsys):
+  res = _run_cli("--to-torch", workdir, tmp_path / "latest.pth")   # latest step, raw weights
+  assert res.returncode == 0 and "Traceback" not in res.stderr, res.stderr[-3000:]
+  assert "training workdir, step 20, raw weights" in res.stdout
+  _assert_exported(tmp_path / "latest.pth", flax_to_torch(_scaled(reference[1], 3)))
+  assert convert_torch_weights.main(["--to-torch", str(workdir), str(tmp_path / "best.pth"),
+                                     "--which", "best"]) == 0
+  _assert_exported(tmp_path / "best.pth", fixture_sd)          # step 10's: the fixture's
+  assert convert_torch_weights.main(["--to-torch", str(workdir / "checkpoints" / "10"),
+                                     str(tmp_path / "ema.pth"), "--ema"]) == 0
+  assert "step 10, EMA weights" in capsys.readouterr().out
+  _assert_exported(tmp_path / "ema.pth", flax_to_torch(_scaled(reference[1], 2)))
+  assert "available steps: 10, 20" in _main_error(capsys, "--to-torch", workdir,
+                                                  tmp_path / "x.pth", "--step", "15")
+  assert "either --step=N or --which=best" in _main_error(
+      capsys, "--to-torch", workdir, tmp_path / "x.pth", "--step", "10", "--which", "best")
+  assert sorted(os.listdir(tmp_path)) == ["best.pth", "ema.pth", "latest.pth"]

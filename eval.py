@@ -13,26 +13,70 @@ else configs/default.py, the embedded digits) and --config.data.* overrides it, 
 CHECKPOINT_DIR/eval_<split>[_step<N>][_ema].json, ./eval.json when CHECKPOINT_DIR is
 read-only, ./eval_<split>.json for a .pth file).
 Multi-process runs (one process per host) start JAX's distributed runtime as train.py does.
+
+Every error is one line `eval.py: error: ...` on stderr with exit code 1. Flags, data config
+values, --output and the checkpoint's location are checked before the checkpoint is loaded;
+the checkpoint against --config and the dataset (splits, classes) before any compile. When --output cannot be
+written after the evaluation, the results go to the default location instead (or are
+printed as JSON when that fails too) and the exit code is 1. Ctrl-C exits with 130.
 """
 import json
 import os
 import re
+import signal
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 _REPO = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, _REPO)  # `import configs`
+PROG = "eval.py"
 
 from absl import flags  # noqa: E402
 from absl import logging  # noqa: E402
+import ml_collections  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from strip_mlp.errors import UserError  # noqa: E402
+
 DEFAULT_CONFIG = os.path.join(_REPO, "configs", "default.py")
+DEFAULT_CACHE = os.path.join(os.environ.get("XDG_CACHE_HOME") or "~/.cache", "strip_mlp",
+                             "jax_compilation_cache")
 _HELP = ("-h", "--help", "--helpshort", "--helpfull")
 
 
-class UsageError(ValueError):
-  pass
+_STDERR_FD = os.dup(2)  # stderr even while TensorFlow's import notices are redirected
+
+
+def _on_sigint(signum, frame):
+  del signum, frame
+  sys.stdout.flush()
+  os.write(_STDERR_FD, f"{PROG}: interrupted; nothing was written\n".encode())
+  os._exit(130)  # pylint: disable=protected-access  (eval.py has nothing to save)
+
+
+def _import_tensorflow_quietly():
+  """TensorFlow's C++ start-up notices (oneDNN, CPU features) bypass TF_CPP_MIN_LOG_LEVEL
+  and go straight to fd 2 while it is imported: they are dropped (replayed if the import
+  fails). The configs and the input pipeline import TensorFlow."""
+  import tempfile  # pylint: disable=g-import-not-at-top
+  sys.stderr.flush()
+  saved = os.dup(2)
+  with tempfile.TemporaryFile() as captured:
+    os.dup2(captured.fileno(), 2)
+    try:
+      import tensorflow  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+    except Exception:
+      os.dup2(saved, 2)
+      captured.seek(0)
+      sys.stderr.write(captured.read().decode(errors="replace"))
+      raise
+    finally:
+      os.dup2(saved, 2)
+      os.close(saved)
+
+
+class UsageError(UserError, ValueError):
+  """Bad or missing flags."""
 
 
 def _define_flags(argv, fv: flags.FlagValues):
@@ -53,6 +97,9 @@ def _define_flags(argv, fv: flags.FlagValues):
                       flag_values=fv)
   flags.DEFINE_integer("num_processes", None, "Number of processes.", flag_values=fv)
   flags.DEFINE_integer("process_id", None, "Index of this process.", flag_values=fv)
+  flags.DEFINE_string("compilation_cache_dir", None, "Persistent JAX compilation cache ('' "
+                      "turns it off). Default: $JAX_COMPILATION_CACHE_DIR, else "
+                      f"{DEFAULT_CACHE} (shared with train.py).", flag_values=fv)
   # --config: an explicit file, else the config saved in a training workdir, else default.py.
   explicit = any(a == "--config" or a.startswith("--config=") for a in argv[1:])
   saved = None if explicit else _workdir_config(_prescan(argv, "checkpoint"))
@@ -110,6 +157,7 @@ def _workdir_config(path):
 
 def parse_flags(argv) -> tuple[flags.FlagValues, bool]:
   """(flag values, whether --config was given). Raises UsageError (one line)."""
+  from strip_mlp import plan  # pylint: disable=g-import-not-at-top
   argv = [a.replace("--no-ema", "--noema") if a.split("=")[0] == "--no-ema" else a
           for a in argv]
   fv = flags.FlagValues()
@@ -117,15 +165,20 @@ def parse_flags(argv) -> tuple[flags.FlagValues, bool]:
     explicit = _define_flags(argv, fv)   # config overrides are applied here already
     rest = fv(argv)
   except flags.Error as e:
-    raise UsageError(str(e)) from None
+    raise UsageError(plan.describe_flag_error(e)) from None
   except (AttributeError, KeyError) as e:
     bad = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
     hint = re.search(r'Did you mean "(\w+)"', str(e))
     raise UsageError(f"unknown config key in {' '.join(bad)}"
                      + (f" (did you mean {hint.group(1)!r}?)" if hint else "")
                      + "; the keys are listed in configs/common.py") from None
+  except Exception as e:  # pylint: disable=broad-except  (a config file's own code)
+    raise UsageError(plan.describe_config_load_error(_prescan(argv, "config"), e)) from None
+  if not isinstance(fv["config"].value, ml_collections.ConfigDict):
+    raise UsageError(plan.describe_config_load_error(
+        _prescan(argv, "config"), getattr(fv["config"].value, "_error", None)))
   if len(rest) > 1:
-    raise UsageError(f"unexpected arguments: {rest[1:]}")
+    raise UsageError(f"unexpected arguments: {' '.join(rest[1:])} (flags are --name=value)")
   if not fv.checkpoint:
     raise UsageError("--checkpoint=DIR is required")
   return fv, explicit
@@ -147,54 +200,111 @@ def _default_output(ckpt, split: str) -> str:
   return os.path.join(root, name + ".json")
 
 
-def _write_json(path: str, result: dict, fallback: str | None) -> str:
+def _write_json(path: str, result: dict) -> None:
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = f"{path}.tmp-{os.getpid()}"
   try:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "w") as f:
       json.dump(result, f, indent=2)
     os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+def _check_output(output: str):
+  """--output must name a file in a directory that takes files: checked before loading."""
+  from strip_mlp import plan  # pylint: disable=g-import-not-at-top
+  path = os.path.abspath(output)
+  if os.path.isdir(path):
+    raise UsageError(f"--output={output} is a directory; give a file name, e.g. "
+                     f"{os.path.join(output, 'eval.json')}")
+  plan.check_writable_dir(os.path.dirname(path), "the --output directory")
+
+
+def write_results(result: dict, output: str | None, default: str) -> str:
+  """Writes the JSON to --output, else `default`, else ./eval.json; returns the path.
+
+  The results are never lost: when --output cannot be written the next place is used and
+  an EvalError says where they went (exit code 1: what was asked for did not happen);
+  when no place can be written they are printed as JSON and the EvalError says so.
+  """
+  from strip_mlp.evaluate import EvalError  # pylint: disable=g-import-not-at-top
+  targets = [p for p in (output, default, os.path.abspath("eval.json")) if p]
+  targets = list(dict.fromkeys(targets))
+  failed = []
+  for path in targets:
+    try:
+      _write_json(path, result)
+    except OSError as e:
+      failed.append(f"{path} ({e.strerror or e})")
+      continue
+    print(f"wrote {path}", flush=True)
+    if output and path != output:
+      raise EvalError(f"cannot write --output {failed[0]}; the results were written to "
+                      f"{path} instead")
+    if failed:
+      print(f"note: cannot write {failed[0]}; wrote {path} instead", flush=True)
     return path
-  except OSError as e:
-    if fallback is None:
-      raise
-    print(f"note: cannot write {path} ({e.strerror}); writing {fallback}", flush=True)
-    return _write_json(fallback, result, None)
+  print(json.dumps(result, indent=2), flush=True)
+  raise EvalError(f"cannot write the results to {' nor '.join(failed)}; they are printed "
+                  "above as JSON")
+
+
+def _summary(metrics: dict, ckpt, config, batch_size: int, platform: str) -> dict:
+  keys = ("top1", "top5", "loss", "count", "images_per_sec", "num_examples", "dataset",
+          "split")
+  return {**{k: metrics[k] for k in keys},
+          "checkpoint": ckpt.path, "kind": ckpt.kind, "step": ckpt.step, "ema": ckpt.ema,
+          "dtype": str(ckpt.model.config_dict()["dtype"]), "model": ckpt.model.config_dict(),
+          "image_size": int(config.data.image_size), "batch_size": batch_size,
+          "num_batches": metrics["num_batches"], "num_devices": metrics["num_devices"],
+          "num_processes": metrics["num_processes"], "platform": platform,
+          "seconds": metrics["seconds"], "compile_seconds": metrics["compile_seconds"]}
+
+
+def _start(fv):
+  """Everything cheap, before the checkpoint is loaded: the data config, --output, the
+  checkpoint's location, the processes, the compilation cache."""
+  from strip_mlp import evaluate as ev  # pylint: disable=g-import-not-at-top
+  from strip_mlp import plan, sharding  # pylint: disable=g-import-not-at-top
+  plan.validate_data_config(fv.config.data)
+  if fv.output:
+    _check_output(fv.output)
+  ev.locate_checkpoint(fv.checkpoint)
+  sharding.maybe_initialize_distributed(fv.coordinator_address, fv.num_processes,
+                                        fv.process_id)
+  cache = fv.compilation_cache_dir
+  if cache is None:
+    cache = os.environ.get("JAX_COMPILATION_CACHE_DIR") or DEFAULT_CACHE
+  sharding.enable_compilation_cache(cache)
 
 
 def run(fv, explicit_config: bool) -> dict:
   """Evaluates as the flags say; returns the result dict (also written as JSON)."""
-  from strip_mlp import sharding  # pylint: disable=g-import-not-at-top
-  sharding.maybe_initialize_distributed(fv.coordinator_address, fv.num_processes,
-                                        fv.process_id)
+  _start(fv)
   import jax  # pylint: disable=g-import-not-at-top
   from strip_mlp import evaluate as ev  # pylint: disable=g-import-not-at-top
+  from strip_mlp import plan, sharding  # pylint: disable=g-import-not-at-top
   config = fv.config
-  mesh = sharding.create_mesh()
-  ckpt = ev.load_for_eval(fv.checkpoint, step=fv.step, which=fv.which, ema=fv.ema,
-                          dtype=fv.dtype, mesh=mesh)
-  if explicit_config:
-    ev.check_config_model(ckpt.model, config, "--config")
   n_dev = jax.device_count()
   batch_size = fv.batch_size
   if batch_size is None:
     batch_size = int(config.get("eval_batch_size") or config.get("batch_size") or 256)
     batch_size = -(-batch_size // n_dev) * n_dev
+  ev.check_batch_size(batch_size, n_dev, jax.process_count())
+  mesh = sharding.create_mesh()
+  ckpt = ev.load_for_eval(fv.checkpoint, step=fv.step, which=fv.which, ema=fv.ema,
+                          dtype=fv.dtype, mesh=mesh)
+  if explicit_config:
+    ev.check_config_model(ckpt.model, config, "--config")
+  # The dataset (splits, class count) before anything is compiled.
+  ev.check_model_fits_data(ckpt.model, config.data, plan.read_dataset_info(config.data))
   main_process = jax.process_index() == 0
   if main_process:
     print(f"evaluating {ckpt.describe()}", flush=True)
   metrics = ev.evaluate(ckpt.model, ckpt.variables, config.data, batch_size, mesh)
-  result = {
-      "top1": metrics["top1"], "top5": metrics["top5"], "loss": metrics["loss"],
-      "count": metrics["count"], "images_per_sec": metrics["images_per_sec"],
-      "num_examples": metrics["num_examples"], "dataset": metrics["dataset"],
-      "split": metrics["split"], "checkpoint": ckpt.path, "kind": ckpt.kind,
-      "step": ckpt.step, "ema": ckpt.ema, "dtype": str(ckpt.model.config_dict()["dtype"]),
-      "model": ckpt.model.config_dict(), "image_size": int(config.data.image_size),
-      "batch_size": batch_size, "num_batches": metrics["num_batches"],
-      "num_devices": metrics["num_devices"], "num_processes": metrics["num_processes"],
-      "platform": jax.devices()[0].platform, "seconds": metrics["seconds"],
-      "compile_seconds": metrics["compile_seconds"]}
+  result = _summary(metrics, ckpt, config, batch_size, jax.devices()[0].platform)
   if main_process:
     print(f"{metrics['dataset']}:{metrics['split']}  top-1 {100 * metrics['top1']:.2f}%  "
           f"top-5 {100 * metrics['top5']:.2f}%  loss {metrics['loss']:.4f}  "
@@ -202,17 +312,17 @@ def run(fv, explicit_config: bool) -> dict:
           f"{metrics['images_per_sec']:.1f} images/s on {metrics['num_devices']} "
           f"{result['platform']} device(s), {metrics['num_processes']} process(es), batch "
           f"{batch_size}", flush=True)
-    if fv.output:
-      path = _write_json(fv.output, result, None)
-    else:
-      path = _write_json(_default_output(ckpt, metrics["split"]), result,
-                         os.path.abspath("eval.json"))
-    print(f"wrote {path}", flush=True)
-    result["output"] = path
+    result["output"] = write_results(result, fv.output,
+                                     _default_output(ckpt, metrics["split"]))
   return result
 
 
+def _one_line(text) -> str:
+  return " ".join(str(text).split())
+
+
 def main(argv=None) -> int:
+  """Returns the exit code: 0, or 1 after printing one line `eval.py: error: ...`."""
   argv = list(sys.argv if argv is None else argv)
   if any(a in _HELP for a in argv[1:]):
     fv = flags.FlagValues()
@@ -221,16 +331,29 @@ def main(argv=None) -> int:
     print(fv.get_help())
     return 0
   logging.set_verbosity(logging.WARNING)  # orbax/absl INFO chatter
-  from strip_mlp.data_sources import DatasetNotFoundError  # pylint: disable=g-import-not-at-top
-  from strip_mlp.evaluate import EvalError  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top  (the configs import it)
   try:
     fv, explicit = parse_flags(argv)
     run(fv, explicit)
-  except (UsageError, EvalError, DatasetNotFoundError) as e:
-    print(f"eval.py: error: {e}", file=sys.stderr, flush=True)
-    return 2 if isinstance(e, UsageError) else 1
-  return 0
+  except UserError as e:
+    message = _one_line(e)
+  except OSError as e:  # a full disk, permissions, a file that vanished: not a bug of ours
+    message = _one_line(f"{e.strerror or e}{f' {e.filename}' if e.filename else ''} "
+                        f"({type(e).__name__})")
+  except tf.errors.OpError as e:  # tf.data: an unreadable or corrupt file of the dataset
+    message = _one_line(f"reading the data failed: {e.message}")
+  except RuntimeError as e:  # jax.errors.JaxRuntimeError from XLA
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    message = _one_line(f"out of device memory ({str(e).strip().splitlines()[0][:300]}); "
+                        "lower --batch_size or use --dtype=bfloat16")
+  else:
+    return 0
+  print(f"{PROG}: error: {message}", file=sys.stderr, flush=True)
+  return 1
 
 
 if __name__ == "__main__":
+  signal.signal(signal.SIGINT, _on_sigint)
+  _import_tensorflow_quietly()
   sys.exit(main())

@@ -28,7 +28,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.img_size = config_dict.placeholder(int)     # None: data.image_size
   c.model.drop_path_rate = 0.1         # released trainer: 0.1 in every block
   c.model.dtype = "float32"            # compute dtype: float32 | bfloat16 (params stay f32)
+  # Formulation of the ops (same parameters, same function; strip_mlp.ops): 'auto' picks
+  # the fastest per backend. depthwise: auto | xla | shift; patchify: auto | xla | einsum.
   c.model.depthwise_impl = "auto"
+  c.model.patchify_impl = "auto"
 
   # Input pipeline keys (strip_mlp.input_pipeline.default_data_config): source, name,
   # data_dir, image_size, augmentation, mixup/cutmix and label smoothing.

@@ -1,5 +1,7 @@
-"""Offline demo: a small Strip-MLP on the embedded digits (no download), a few minutes on
-2 CPU cores. The recipe is the published one, scaled down: AdamW with the weight-decay mask,
+"""Offline demo: a small Strip-MLP on the embedded digits (no download), ~99% test top-1.
+Measured on 2 busy CPU cores: 5-5.5 min the first time (init + XLA compile 3-4.5 min of
+it), 1.4 min when run again (the compilation cache; see the README's Training section).
+The recipe is the published one, scaled down: AdamW with the weight-decay mask,
 warmup + cosine, clipping, label smoothing; lighter augmentation for 32 px digits.
 
     python train.py --workdir /tmp/strip_mlp_demo          # this config is the default
@@ -15,7 +17,7 @@ def get_config():
   c.model.drop_path_rate = 0.0
 
   c.data.source = "embedded"
-  c.data.name = "digits"               # 1,437 train / 360 test, 10 classes, 32x32
+  c.data.name = "digits"               # 1,438 train / 359 test, 10 classes, 32x32
   c.data.image_size = 32
   c.data.hflip_prob = 0.0              # digits are not mirror-symmetric
   c.data.randaugment = ""

@@ -1,24 +1,38 @@
 """Validates a training config and derives the run's plan (steps, lr, intervals).
 
-`validate_config` checks what is known without reading data or compiling; `make_plan`
-resolves epochs to steps and the lr scaling rule once the dataset's sizes are known.
-Both raise `ConfigError` with one line that says what to change.
+`validate_config` checks what is known without reading data or compiling (with
+`validate_data_config` for the `data` keys, which eval.py uses on its own);
+`read_dataset_info` opens the dataset and turns what is wrong with it into one line;
+`make_plan` resolves epochs to steps, the lr scaling rule and the class count once the
+dataset's sizes are known; `check_writable_dir` proves that an output directory takes
+files. All raise `UserError` subclasses (mostly `ConfigError`) with one line that says
+what to change; `describe_flag_error` / `describe_config_load_error` make one line of what
+absl and config_flags report for a bad flag or config file. This module does not import
+TensorFlow when it is imported.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
 import os
+import re
+import tempfile
+import traceback
 
 import jax
 import ml_collections
 
-from strip_mlp import optim
+from strip_mlp import ops, optim
 from strip_mlp.errors import UserError
-from strip_mlp.model import VARIANTS
+from strip_mlp.model import VARIANTS, validate_architecture
+
 
 class ConfigError(UserError, ValueError):
   """A config key has a value that cannot work; the message says which and what to do."""
+
+
+class NotWritableError(UserError, OSError):
+  """An output directory (workdir, --output) cannot be created or written."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,63 +59,130 @@ class Plan:
 
 _SCHEDULES = ("cosine", "constant")
 _DTYPES = ("float32", "bfloat16", "float16")
+_IMAGE_DTYPES = ("float32", "bfloat16")
+_ERASING_MODES = ("pixel", "rand", "const")
+_INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "area", "lanczos3", "lanczos5",
+                   "gaussian", "mitchellcubic")   # tf.image.resize methods
+
+
+def _raise_first(errs: list[str]) -> None:
+  if errs:
+    raise ConfigError(errs[0] + (f" (and {len(errs) - 1} more problem(s): "
+                                 + " | ".join(errs[1:]) + ")" if len(errs) > 1 else ""))
 
 
 def validate_config(config: ml_collections.ConfigDict, num_devices: int | None = None,
-                    num_processes: int | None = None) -> None:
+                    num_processes: int | None = None, *, check_devices: bool = True) -> None:
   """Raises ConfigError with one clear line when a value cannot work.
 
   Checks only what is known without reading data or compiling (unknown keys are refused
-  earlier, by the locked ConfigDict / config_flags).
+  earlier, by the locked ConfigDict / config_flags). num_devices/num_processes default to
+  JAX's counts (which starts the backend); check_devices=False leaves out what depends on
+  them, for a first pass before jax.distributed is initialised.
   """
-  n_dev = jax.device_count() if num_devices is None else num_devices
-  n_proc = jax.process_count() if num_processes is None else num_processes
-  c = config
+  if check_devices:
+    n_dev = jax.device_count() if num_devices is None else num_devices
+    n_proc = jax.process_count() if num_processes is None else num_processes
+  else:
+    n_dev = n_proc = None
+  errs = _model_errors(config) + _training_errors(config, n_dev, n_proc)
+  errs += _data_errors(config.data)
+  if config.init_from:
+    if not os.path.exists(config.init_from):
+      errs.append(f"init_from={config.init_from!r} does not exist; give a converted "
+                  "checkpoint directory or a .pth file")
+  _raise_first(errs)
+
+
+def validate_data_config(data: ml_collections.ConfigDict) -> None:
+  """ConfigError for `data.*` values that cannot work (also used by eval.py)."""
+  _raise_first(_data_errors(data))
+
+
+def _errors():
   errs = []
 
   def need(ok, msg):
     if not ok:
       errs.append(msg)
+  return errs, need
 
+
+def _model_errors(c) -> list[str]:
+  errs, need = _errors()
   m = c.model
   need(m.variant in VARIANTS or (not m.variant and m.embed_dim and m.layers),
        f"model.variant={m.variant!r} must be one of {sorted(VARIANTS)} (or '' with "
        "model.embed_dim and model.layers set)")
   if m.layers is not None:
-    need(len(m.layers) == 4 and all(int(n) >= 0 for n in m.layers),
+    need(len(m.layers) == 4 and all(isinstance(n, int) and n >= 0 for n in m.layers),
          f"model.layers={tuple(m.layers)} must be 4 block counts, e.g. '(2,2,6,2)'")
+  need(m.embed_dim is None or m.embed_dim > 0,
+       f"model.embed_dim={m.embed_dim} must be positive, e.g. 80 (or None: the variant's)")
   need(0.0 <= m.drop_path_rate < 1.0, f"model.drop_path_rate={m.drop_path_rate} must be in [0, 1)")
   need(m.dtype in _DTYPES, f"model.dtype={m.dtype!r} must be one of {_DTYPES}")
+  for kind in ("depthwise", "patchify"):
+    impl = m.get(f"{kind}_impl", "auto")
+    choices = ("auto",) + ops._CHOICES[kind]  # pylint: disable=protected-access
+    need(impl in choices, f"model.{kind}_impl={impl!r} must be one of {choices}")
   img = m.img_size or c.data.image_size
-  need(img and img % 32 == 0, f"image size {img} (model.img_size / data.image_size) must be a "
-       "positive multiple of 32")
+  need(img and img > 0 and img % 32 == 0, f"image size {img} (model.img_size / "
+       "data.image_size) must be a positive multiple of 32")
   need(m.img_size is None or m.img_size == c.data.image_size,
        f"model.img_size={m.img_size} differs from data.image_size={c.data.image_size}; set "
        "data.image_size (the model follows it)")
   need(m.num_classes is None or m.num_classes > 0,
        f"model.num_classes={m.num_classes} must be positive (or None: from the dataset)")
+  if not errs:  # the sizes the model will have: can the strip layers split them?
+    arch = dict(VARIANTS.get(m.variant, {}))
+    arch.update({k: m[k] for k in ("embed_dim", "layers") if m[k]})
+    try:
+      validate_architecture(int(arch["embed_dim"]), tuple(arch["layers"]), int(img),
+                            int(m.num_classes or 1))
+    except ValueError as e:
+      errs.append(f"model.{e}")
+  return errs
 
-  need(c.batch_size > 0 and c.batch_size % n_dev == 0,
-       f"batch_size={c.batch_size} must be a positive multiple of the device count ({n_dev})")
-  need(c.batch_size % n_proc == 0,
-       f"batch_size={c.batch_size} must be a multiple of the process count ({n_proc})")
-  need(c.grad_accum_steps >= 1 and c.batch_size % (c.grad_accum_steps * n_dev) == 0,
-       f"grad_accum_steps={c.grad_accum_steps} must be >= 1 and split batch_size="
-       f"{c.batch_size} into micro-batches that are multiples of the device count ({n_dev})")
+
+def _training_errors(c, n_dev: int | None, n_proc: int | None) -> list[str]:
+  """The training keys; with n_dev/n_proc None, only what does not depend on them."""
+  errs, need = _errors()
+  need(c.batch_size > 0, f"batch_size={c.batch_size} must be positive")
+  need(c.grad_accum_steps >= 1 and c.batch_size % c.grad_accum_steps == 0,
+       f"grad_accum_steps={c.grad_accum_steps} must be >= 1 and divide batch_size="
+       f"{c.batch_size}")
   eb = c.eval_batch_size or c.batch_size
-  need(eb > 0 and eb % n_dev == 0,
-       f"eval_batch_size={eb} must be a positive multiple of the device count ({n_dev})")
-  need(c.mesh.fsdp >= 1 and n_dev % c.mesh.fsdp == 0,
-       f"mesh.fsdp={c.mesh.fsdp} must be >= 1 and divide the device count ({n_dev})")
+  need(eb > 0, f"eval_batch_size={eb} must be positive")
+  need(c.mesh.fsdp >= 1, f"mesh.fsdp={c.mesh.fsdp} must be >= 1")
+  if n_dev is not None and not errs:
+    need(c.batch_size % n_dev == 0,
+         f"batch_size={c.batch_size} must be a positive multiple of the device count ({n_dev})")
+    need(c.batch_size % n_proc == 0,
+         f"batch_size={c.batch_size} must be a multiple of the process count ({n_proc})")
+    if c.grad_accum_steps > 1 and c.batch_size % n_dev == 0:
+      need(c.batch_size % (c.grad_accum_steps * n_dev) == 0,
+           f"grad_accum_steps={c.grad_accum_steps} must split batch_size={c.batch_size} into "
+           f"micro-batches that are multiples of the device count ({n_dev})")
+    need(eb % n_dev == 0,
+         f"eval_batch_size={eb} must be a positive multiple of the device count ({n_dev})")
+    need(n_dev % c.mesh.fsdp == 0,
+         f"mesh.fsdp={c.mesh.fsdp} must be >= 1 and divide the device count ({n_dev})")
 
-  need((c.num_steps or 0) > 0 or c.num_epochs > 0,
-       "set a positive training length: num_epochs or num_steps")
-  need(c.warmup_epochs >= 0 and (c.warmup_steps is None or c.warmup_steps >= 0),
-       "warmup_epochs/warmup_steps must be >= 0")
+  if c.num_steps is not None:
+    need(c.num_steps > 0, f"num_steps={c.num_steps} must be positive (or None: num_epochs "
+         "sets the length)")
+  else:
+    need(c.num_epochs > 0, f"num_epochs={c.num_epochs} must be positive (or set num_steps)")
+  need(c.warmup_epochs >= 0, f"warmup_epochs={c.warmup_epochs} must be >= 0")
+  need(c.warmup_steps is None or c.warmup_steps >= 0,
+       f"warmup_steps={c.warmup_steps} must be >= 0 (or None: warmup_epochs)")
   for key in ("eval_every", "checkpoint_every"):
     steps, epochs = c[f"{key}_steps"], c[f"{key}_epochs"]
-    need((steps or 0) > 0 or epochs > 0,
-         f"set {key}_steps or {key}_epochs to a positive value (training end always counts)")
+    if steps is not None:
+      need(steps > 0, f"{key}_steps={steps} must be positive (or None: {key}_epochs)")
+    else:
+      need(epochs > 0, f"{key}_epochs={epochs} must be positive (or set {key}_steps); the "
+           "end of training is always evaluated and saved")
   need(c.log_every_steps >= 1, f"log_every_steps={c.log_every_steps} must be >= 1")
   need(c.keep_checkpoints >= 1, f"keep_checkpoints={c.keep_checkpoints} must be >= 1")
 
@@ -111,27 +192,120 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
   need(o.eps > 0, f"optimizer.eps={o.eps} must be positive")
   need(o.weight_decay >= 0, f"optimizer.weight_decay={o.weight_decay} must be >= 0")
   need(c.grad_clip_norm >= 0, f"grad_clip_norm={c.grad_clip_norm} must be >= 0 (0: off)")
-  need(c.lr.base > 0 and c.lr.warmup >= 0 and c.lr.min >= 0,
-       f"lr.base/warmup/min must be positive/non-negative, got {c.lr.base}/{c.lr.warmup}/{c.lr.min}")
+  need(c.lr.base > 0, f"lr.base={c.lr.base} must be positive")
+  need(c.lr.warmup >= 0 and c.lr.min >= 0,
+       f"lr.warmup/lr.min must be >= 0, got {c.lr.warmup}/{c.lr.min}")
   need(c.lr.schedule in _SCHEDULES, f"lr.schedule={c.lr.schedule!r} must be one of {_SCHEDULES}")
   try:
     optim.lr_scale_factor(c.lr.scaling, 1)
   except ValueError as e:
     errs.append(str(e))
   need(0 <= c.ema_decay < 1, f"ema_decay={c.ema_decay} must be in [0, 1) (0: no EMA)")
+  return errs
 
-  d = c.data
-  need(0 <= d.label_smoothing < 1, f"data.label_smoothing={d.label_smoothing} must be in [0, 1)")
-  need(d.mixup_alpha >= 0 and d.cutmix_alpha >= 0, "data.mixup_alpha/cutmix_alpha must be >= 0")
+
+def _data_errors(d) -> list[str]:
+  """The data keys; imports the input pipeline (TensorFlow) only when called."""
+  from strip_mlp import digits, input_pipeline, transforms  # pylint: disable=g-import-not-at-top
+  errs, need = _errors()
+  need(d.source in input_pipeline.SOURCES,
+       f"data.source={d.source!r} must be one of {input_pipeline.SOURCES}")
+  if d.source == "embedded":
+    need(d.name in digits.EMBEDDED_BUILDERS,
+         f"data.name={d.name!r} is not an embedded dataset ({', '.join(digits.EMBEDDED_BUILDERS)});"
+         " for a TFDS dataset set --config.data.source=tfds")
   need(d.source != "folder" or d.folder_root,
        "data.source='folder' needs --config.data.folder_root=/path/with/train/and/val")
-  if c.init_from:
-    need(os.path.exists(c.init_from),
-         f"init_from={c.init_from!r} does not exist; give a converted checkpoint directory "
-         "or a .pth file")
-  if errs:
-    raise ConfigError(errs[0] + (f" (and {len(errs) - 1} more problem(s): "
-                                 + " | ".join(errs[1:]) + ")" if len(errs) > 1 else ""))
+  need(d.image_size > 0, f"data.image_size={d.image_size} must be positive")
+  need(d.image_dtype in _IMAGE_DTYPES,
+       f"data.image_dtype={d.image_dtype!r} must be one of {_IMAGE_DTYPES}")
+  need(d.interpolation in _INTERPOLATIONS,
+       f"data.interpolation={d.interpolation!r} must be one of {_INTERPOLATIONS}")
+  need(d.random_erasing_mode in _ERASING_MODES,
+       f"data.random_erasing_mode={d.random_erasing_mode!r} must be one of {_ERASING_MODES}")
+  for key in ("hflip_prob", "random_erasing_prob", "mixup_prob", "mixup_switch_prob"):
+    need(0 <= d[key] <= 1, f"data.{key}={d[key]} must be in [0, 1]")
+  need(0 <= d.label_smoothing < 1, f"data.label_smoothing={d.label_smoothing} must be in [0, 1)")
+  need(d.mixup_alpha >= 0 and d.cutmix_alpha >= 0, "data.mixup_alpha/cutmix_alpha must be >= 0")
+  need(d.eval_resize_ratio > 0, f"data.eval_resize_ratio={d.eval_resize_ratio} must be positive")
+  for key in ("rrc_scale", "rrc_ratio"):
+    lo_hi = tuple(d[key])
+    need(len(lo_hi) == 2 and 0 < lo_hi[0] <= lo_hi[1],
+         f"data.{key}={lo_hi} must be (low, high) with 0 < low <= high")
+  need(len(d.mean) == 3 and len(d.std) == 3 and all(s > 0 for s in d.std),
+       f"data.mean/std must be 3 values each (RGB), std positive; got {d.mean}/{d.std}")
+  if d.randaugment:
+    try:
+      transforms.parse_rand_augment(d.randaugment)
+    except (ValueError, TypeError) as e:
+      errs.append(f"data.randaugment={d.randaugment!r}: {e} ('' disables it)")
+  return errs
+
+
+def read_dataset_info(data: ml_collections.ConfigDict):
+  """`input_pipeline.get_dataset_info(data)`, with ConfigError (one line) for a dataset
+  that cannot be opened: unknown TFDS name or split, folder layout, unreadable data_dir.
+
+  The source is cached by the input pipeline, so training opens it only once.
+  """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from strip_mlp import input_pipeline  # pylint: disable=g-import-not-at-top
+  try:
+    return input_pipeline.get_dataset_info(data)
+  except UserError:
+    raise
+  except (ValueError, KeyError, OSError, tf.errors.OpError) as e:
+    what = getattr(e, "message", None) or str(e)
+    what = " ".join(what.split()) or type(e).__name__
+    raise ConfigError(f"cannot open the dataset (data.source={data.source!r}, data.name="
+                      f"{data.name!r}): {what}") from None
+
+
+def check_writable_dir(path: str, what: str) -> None:
+  """Creates directory `path` if needed and writes (and removes) a file in it.
+
+  A real write, because permission bits say nothing for root or on read-only mounts.
+  Remote paths (gs://..., s3://...) are left to their file system. Raises
+  NotWritableError with one line.
+  """
+  if "://" in path:
+    return
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise NotWritableError(f"{what} {path} exists and is not a directory; give a directory")
+  try:
+    os.makedirs(path, exist_ok=True)
+    fd, probe = tempfile.mkstemp(prefix=".write_test_", dir=path)
+    os.close(fd)
+    os.remove(probe)
+  except OSError as e:
+    raise NotWritableError(f"cannot write to {what} {path} ({e.strerror or e}); give a "
+                           "writable directory") from None
+
+
+def describe_flag_error(error: Exception) -> str:
+  """One line for an absl flag error. config_flags puts the whole traceback of a config
+  file that raised (e.g. configs/cifar10.py:huge) into the message: its last line says it."""
+  text = str(error)
+  if "Traceback (most recent call last)" not in text:
+    return " ".join(text.split())
+  head = text.split(": Error whilst parsing config file")[0].split("\n")[0]
+  last = [line.strip() for line in text.splitlines() if line.strip()][-1]
+  return f"{head}: {re.sub(r'^[A-Za-z_.]*(Error|Exception): ', '', last)}"
+
+
+def describe_config_load_error(path: str, error: BaseException | None) -> str:
+  """One line for a --config file that cannot be loaded: missing (config_flags keeps the
+  IOError until the config is used) or raising something else while it runs."""
+  if isinstance(error, OSError) or error is None:
+    lines = [line.strip() for line in str(error or "").splitlines() if line.strip()]
+    why = lines[-1] if lines else "it cannot be read"
+    return f"--config={path}: cannot load the config file ({why})"
+  where = ""
+  frames = traceback.extract_tb(error.__traceback__) if error.__traceback__ else []
+  if frames:
+    where = f" (at {frames[-1].filename}:{frames[-1].lineno})"
+  what = " ".join(str(error).split())
+  return f"--config={path}: the config file raised {type(error).__name__}: {what}{where}"
 
 
 def _interval(steps: int | None, epochs: float, steps_per_epoch: float) -> int:
@@ -147,12 +321,24 @@ def make_plan(config, info) -> Plan:
   if steps_per_epoch < 1:
     raise ConfigError(f"batch_size={c.batch_size} is larger than the training split "
                       f"({info.num_train} examples); lower it")
+  if c.num_steps is not None and c.num_steps <= 0:
+    raise ConfigError(f"num_steps={c.num_steps} must be positive (or None: num_epochs sets "
+                      "the length)")
   total = int(c.num_steps) if c.num_steps else int(math.ceil(c.num_epochs * steps_per_epoch))
+  if total <= 0:
+    raise ConfigError(f"num_epochs={c.num_epochs} gives {total} steps; it must be positive")
   warmup = (int(c.warmup_steps) if c.warmup_steps is not None
             else int(round(c.warmup_epochs * steps_per_epoch)))
   if warmup >= total:
     raise ConfigError(f"warmup ({warmup} steps) must be shorter than training ({total} steps); "
-                      "lower warmup_epochs/warmup_steps")
+                      "lower warmup_epochs/warmup_steps or train longer")
+  n = c.model.num_classes
+  if n is not None and n < info.num_classes:
+    name = getattr(info, "name", "the dataset")
+    raise ConfigError(
+        f"model.num_classes={n} is smaller than the {info.num_classes} classes of {name}: "
+        f"labels {n}..{info.num_classes - 1} would have no logit (NaN loss); leave "
+        f"model.num_classes unset (None: the dataset's count) or set it >= {info.num_classes}")
   factor = optim.lr_scale_factor(c.lr.scaling, c.batch_size)
   return Plan(
       num_classes=int(c.model.num_classes or info.num_classes),

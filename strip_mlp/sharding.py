@@ -17,6 +17,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from strip_mlp.errors import UserError
+
 try:  # jax >= 0.5: say that the axes are sharded automatically (jax.make_mesh's default
   from jax.sharding import AxisType  # became Explicit); older jax has only automatic axes.
 except ImportError:  # pragma: no cover
@@ -25,6 +27,42 @@ except ImportError:  # pragma: no cover
 DATA_AXES = ("data", "fsdp")
 # Leaves smaller than this stay replicated under FSDP (sharding them costs more than it saves).
 FSDP_MIN_SIZE = 2 ** 12
+
+
+class DistributedSetupError(UserError, RuntimeError):
+  """The multi-process flags/environment cannot start JAX's distributed runtime."""
+
+
+def _check_process_flags(coordinator_address, num_processes, process_id, cluster: bool):
+  """DistributedSetupError (one line) for flag combinations jax.distributed cannot use."""
+  flags = " ".join(f"--{k}={v}" for k, v in (("coordinator_address", coordinator_address),
+                                             ("num_processes", num_processes),
+                                             ("process_id", process_id)) if v is not None)
+  if num_processes is not None and num_processes < 1:
+    raise DistributedSetupError(f"--num_processes={num_processes} must be >= 1")
+  if cluster:
+    return  # SLURM / Open MPI / TPU pods / a launcher provide what is missing
+  if process_id is not None and num_processes is None and coordinator_address is None:
+    raise DistributedSetupError(f"{flags}: --process_id needs --num_processes and "
+                                "--coordinator_address")
+  if coordinator_address is None and (num_processes or 1) > 1:
+    raise DistributedSetupError(
+        f"{flags}: a multi-process run needs --coordinator_address=HOST:PORT (process 0's "
+        "host and a free port, the same for every process) with --num_processes and "
+        "--process_id, unless SLURM, Open MPI or a TPU pod sets them")
+  if coordinator_address is not None:
+    host, _, port = coordinator_address.rpartition(":")
+    if not host or not port.isdigit():
+      raise DistributedSetupError(f"--coordinator_address={coordinator_address} must be "
+                                  "HOST:PORT, e.g. 10.0.0.1:1234")
+    if num_processes is None or process_id is None:
+      raise DistributedSetupError(f"{flags}: give --num_processes=N and --process_id=i (in "
+                                  "[0, N)) with --coordinator_address (or JAX_NUM_PROCESSES "
+                                  "and JAX_PROCESS_ID with JAX_COORDINATOR_ADDRESS)")
+  if process_id is not None and num_processes is not None and not (
+      0 <= process_id < num_processes):
+    raise DistributedSetupError(f"--process_id={process_id} must be in [0, {num_processes}) "
+                                f"(--num_processes={num_processes})")
 
 
 def maybe_initialize_distributed(coordinator_address: str | None = None,
@@ -36,13 +74,15 @@ def maybe_initialize_distributed(coordinator_address: str | None = None,
   Cloud TPU pods, or JAX_COORDINATOR_ADDRESS set by a launcher) and JAX reads it. A single
   plain process does nothing. A launcher may also set JAX_COORDINATOR_ADDRESS,
   JAX_NUM_PROCESSES and JAX_PROCESS_ID. Must run before anything touches a JAX device.
+  Raises DistributedSetupError (one line) for incomplete flags or a failed start.
   """
   env = os.environ
-  explicit = coordinator_address is not None or (num_processes or 1) > 1
-  detected = (int(env.get("SLURM_NTASKS", "1") or 1) > 1
-              or int(env.get("OMPI_COMM_WORLD_SIZE", "1") or 1) > 1
-              or "," in env.get("TPU_WORKER_HOSTNAMES", "")
-              or bool(env.get("JAX_COORDINATOR_ADDRESS")))
+  explicit = (coordinator_address is not None or (num_processes or 1) > 1
+              or process_id is not None)
+  cluster = (int(env.get("SLURM_NTASKS", "1") or 1) > 1
+             or int(env.get("OMPI_COMM_WORLD_SIZE", "1") or 1) > 1
+             or "," in env.get("TPU_WORKER_HOSTNAMES", ""))
+  detected = cluster or bool(env.get("JAX_COORDINATOR_ADDRESS"))
   if not (explicit or detected):
     return False
   kwargs = {}
@@ -51,11 +91,41 @@ def maybe_initialize_distributed(coordinator_address: str | None = None,
     num_processes = num_processes or int(env.get("JAX_NUM_PROCESSES", "0")) or None
     if process_id is None and env.get("JAX_PROCESS_ID"):
       process_id = int(env["JAX_PROCESS_ID"])
+  _check_process_flags(coordinator_address, num_processes, process_id, cluster)
+  if num_processes == 1 and coordinator_address is None and not cluster:
+    return False  # --num_processes=1 --process_id=0: one plain process
   if coordinator_address is not None:
     kwargs.update(coordinator_address=coordinator_address, num_processes=num_processes,
                   process_id=process_id)
-  jax.distributed.initialize(**kwargs)
+  try:
+    jax.distributed.initialize(**kwargs)
+  except (RuntimeError, ValueError) as e:
+    first = next((line.strip() for line in str(e).splitlines() if line.strip()),
+                 type(e).__name__)
+    raise DistributedSetupError(f"jax.distributed.initialize failed: {first}; check the "
+                                "coordinator address and that every process was started")
   return True
+
+
+def enable_compilation_cache(directory: str | None) -> str | None:
+  """Turns on JAX's persistent compilation cache in `directory` (None or '': off).
+
+  A rerun (resuming, eval.py after train.py) then reads the compiled XLA programs instead
+  of compiling them again. Returns the directory, or None when it is off or cannot be
+  created (the run goes on without the cache).
+  """
+  if not directory:
+    return None
+  directory = os.path.expanduser(directory)
+  if "://" not in directory:
+    try:
+      os.makedirs(directory, exist_ok=True)
+    except OSError:
+      return None
+    if not os.access(directory, os.W_OK):
+      return None
+  jax.config.update("jax_compilation_cache_dir", directory)
+  return directory
 
 
 def barrier(name: str, timeout_s: int = 1800):

@@ -9,6 +9,7 @@ input pipeline; batch sizes (48, 56) do not divide it, so the last batch is padd
 import importlib.util
 import json
 import os
+import re
 import shutil
 import sys
 
@@ -208,6 +209,34 @@ def test_eval_cli_on_converted_checkpoint(converted_dir, data_cfg, tmp_path, cap
   direct = ev.evaluate(ckpt.model, ckpt.variables, data_cfg, 8, mesh_of(8))
   assert (result["top1"], result["top5"]) == (direct["top1"], direct["top5"])
   assert result["loss"] == pytest.approx(direct["loss"], rel=1e-6)
+
+
+def test_eval_cli_keeps_results_when_output_cannot_be_written(converted_dir, tmp_path, capsys,
+                                                              monkeypatch):
+  """--output fails only after the evaluation (here: its up-front check is skipped and its
+  directory is a file): the results go to the default place, one error line says where,
+  exit code 1. When nothing can be written they are printed as JSON instead."""
+  ckpt = tmp_path / "ckpt"
+  shutil.copytree(converted_dir, ckpt)
+  (tmp_path / "file").write_text("")
+  monkeypatch.setattr(eval_cli, "_check_output", lambda output: None)
+  monkeypatch.chdir(tmp_path)
+  bad = str(tmp_path / "file" / "out.json")
+  assert eval_cli.main(["eval.py", "--checkpoint", str(ckpt), "--batch_size", "8",
+                        "--output", bad]) == 1
+  captured = capsys.readouterr()
+  fallback = ckpt / "eval_test.json"
+  assert re.fullmatch(rf"eval\.py: error: cannot write --output {re.escape(bad)} \(.+\); "
+                      rf"the results were written to {re.escape(str(fallback))} instead",
+                      captured.err.strip()), captured.err
+  assert json.loads(fallback.read_text())["count"] == SPLIT_SIZE
+  # nowhere to write (the last resort, ./eval.json, is in /proc too): printed as JSON
+  monkeypatch.chdir("/proc/self")
+  result = {"top1": 0.5, "count": SPLIT_SIZE}
+  with pytest.raises(ev.EvalError, match=r"cannot write the results to .* nor .*/proc/.*"
+                                         r"eval.json .*printed above as JSON"):
+    eval_cli.write_results(result, bad, str(tmp_path / "file" / "default.json"))
+  assert json.loads(capsys.readouterr().out) == result
 
 
 # ------------------------------------------------------------------ training workdirs

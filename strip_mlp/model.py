@@ -207,6 +207,19 @@ class TokenMixing(nn.Module):
                          name="smlp_block")(x, train)
 
 
+def spatial_l2_norm(x: jax.Array) -> jax.Array:
+  """sqrt(sum over (H, W) of x^2) in float32 (or wider), (N, H, W, C) -> (N, 1, 1, C).
+
+  Its gradient is x / norm, which is 0/0 where a channel's map is exactly 0 (a dead
+  channel, a 1x1 map with one zero, bfloat16 underflow). There it is 0, as torch.norm's,
+  so such a zero never turns the gradients NaN; the values are those of the plain sqrt.
+  """
+  sq = jnp.sum(jnp.square(x.astype(jnp.promote_types(x.dtype, jnp.float32))), axis=(1, 2),
+               keepdims=True)
+  nonzero = sq > 0
+  return jnp.where(nonzero, jnp.sqrt(jnp.where(nonzero, sq, 1.0)), 0.0)
+
+
 class GRN(nn.Module):
   """Global response normalisation over (H, W). (N, H, W, C) -> same."""
   dtype: Any = jnp.float32
@@ -216,8 +229,7 @@ class GRN(nn.Module):
     c = x.shape[-1]
     gamma = self.param("gamma", nn.initializers.zeros, (1, 1, 1, c)).astype(self.dtype)
     beta = self.param("beta", nn.initializers.zeros, (1, 1, 1, c)).astype(self.dtype)
-    x32 = x.astype(jnp.float32)
-    g = jnp.sqrt(jnp.sum(jnp.square(x32), axis=(1, 2), keepdims=True))
+    g = spatial_l2_norm(x)
     norm = (g / (jnp.mean(g, axis=-1, keepdims=True) + 1e-6)).astype(x.dtype)
     return gamma * (x * norm) + beta + x
 
@@ -302,10 +314,7 @@ class StripMLP(nn.Module):
   def __call__(self, x, train: bool = False):
     r = self.img_size
     if x.ndim != 4 or tuple(x.shape[1:]) != (r, r, 3):
-      raise ValueError(
-          f"StripMLP was built for images of shape (N, {r}, {r}, 3) (NHWC) but got "
-          f"{tuple(x.shape)}; resize the input or build the model with img_size="
-          f"{x.shape[1] if x.ndim == 4 else '...'}")
+      raise ValueError(_input_shape_message(tuple(x.shape), r))
     dtype = jnp.dtype(self.dtype)
     e = self.embed_dim
     patch = lambda feat, p, name, groups=1: PatchConv(feat, p, groups, self.patchify_impl,
@@ -334,6 +343,18 @@ class StripMLP(nn.Module):
     self.sow("intermediates", "pooled", pooled)
     logits = dense(self.num_classes, 8 * e, dtype=dtype, name="head")(pooled)
     return logits.astype(jnp.float32)
+
+
+def _input_shape_message(shape: tuple, size: int) -> str:
+  """What is wrong with an input of `shape` for a model of `size` px, and what to do."""
+  want = f"StripMLP was built for images of shape (N, {size}, {size}, 3) (NHWC) but got {shape}"
+  if len(shape) != 4:
+    return f"{want}; give a batch of NHWC images (add a batch axis for a single image)"
+  if shape[1] in (1, 3) and shape[3] not in (1, 3):
+    return f"{want}, which looks like NCHW: transpose it with x.transpose(0, 2, 3, 1)"
+  if shape[3] != 3:
+    return f"{want}; give RGB images with 3 channels last"
+  return f"{want}; resize the input or build the model with img_size={shape[1]}"
 
 
 def validate_architecture(embed_dim, layers, img_size, num_classes):

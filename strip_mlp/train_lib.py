@@ -42,7 +42,7 @@ METRICS_FILE = "metrics.jsonl"
 
 
 class TrainingDivergedError(UserError, FloatingPointError):
-  """The training loss became NaN/inf; nothing after the last good checkpoint was saved."""
+  """The loss, gradients or parameters became NaN/inf; nothing non-finite was saved."""
 
 
 # ============================================================================ state
@@ -64,7 +64,8 @@ class TrainState:
 def build_model(config, num_classes: int, image_size: int) -> StripMLP:
   m = config.model
   kw = dict(num_classes=num_classes, img_size=image_size, drop_path_rate=m.drop_path_rate,
-            dtype=m.dtype, depthwise_impl=m.depthwise_impl)
+            dtype=m.dtype, depthwise_impl=m.depthwise_impl,
+            patchify_impl=m.get("patchify_impl", "auto"))
   if m.embed_dim:
     kw["embed_dim"] = int(m.embed_dim)
   if m.layers:
@@ -176,10 +177,45 @@ def make_train_step(model: StripMLP, tx: optax.GradientTransformation,
       ema = optim.ema_update(ema, {"params": params, "batch_stats": batch_stats}, ema_decay)
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                               opt_state=opt_state, ema=ema)
-    metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step)}
+    metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step),
+               "params_finite": all_finite(params)}
     return new_state, metrics
 
   return train_step
+
+
+def all_finite(tree) -> jax.Array:
+  """float32 1.0 when every leaf of `tree` is finite, else 0.0 (one pass over the leaves)."""
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)]
+  return jnp.all(jnp.stack(leaves)).astype(jnp.float32)
+
+
+def first_nonfinite(step_metrics: list[dict], first_step: int):
+  """(step, [what is not finite], that step's metrics) of the first step of `step_metrics`
+  (host values, step `first_step` onwards) with a non-finite loss, gradient norm or
+  parameter; None when all are finite."""
+  for i, m in enumerate(step_metrics):
+    bad = [name for name, ok in (("loss", np.isfinite(m["loss"])),
+                                 ("gradients", np.isfinite(m["grad_norm"])),
+                                 ("parameters", m["params_finite"] > 0)) if not ok]
+    if bad:
+      return first_step + i, bad, m
+  return None
+
+
+def divergence_message(step: int, bad: list[str], metrics: dict, last_good: str | None) -> str:
+  """One line: what became non-finite at `step`, the likely cause, and where to resume."""
+  if "loss" in bad:
+    cause = (f"the loss is {metrics['loss']}: training diverged (lower lr.base or raise the "
+             "warmup) or the data holds non-finite values")
+  else:
+    cause = (f"the loss was still finite ({metrics['loss']:.4g}), so this is a numerical "
+             "fault in the backward pass or the update, not a learning-rate problem; please "
+             "report it with the workdir's config.json")
+  resume = (f"the last checkpoint, {last_good}, is finite and a rerun resumes from it"
+            if last_good else "no checkpoint was saved, so a rerun starts from scratch")
+  return (f"at step {step} the {' and '.join(bad)} became non-finite; {cause}. Stopped "
+          f"without saving ({resume}).")
 
 
 def jit_train_step(model: StripMLP, tx: optax.GradientTransformation,
@@ -221,14 +257,21 @@ def log(msg: str):
 
 
 class MetricWriter:
-  """metrics.jsonl (one JSON object per line) and optional TensorBoard, process 0 only."""
+  """metrics.jsonl (one JSON object per line) and optional TensorBoard, process 0 only.
 
-  def __init__(self, workdir: str, tensorboard: bool = False):
+  Rows of steps after `start_step` (written by an earlier run after the checkpoint that
+  this run resumes from) are dropped when the file is opened, so every step appears once
+  and the file plots as one run.
+  """
+
+  def __init__(self, workdir: str, tensorboard: bool = False, start_step: int = 0):
     self.enabled = is_main_process()
     self._tb = None
     if not self.enabled:
       return
-    self._file = open(os.path.join(workdir, METRICS_FILE), "a")
+    path = os.path.join(workdir, METRICS_FILE)
+    _truncate_metrics(path, start_step)
+    self._file = open(path, "a")
     if tensorboard:
       import tensorflow as tf  # pylint: disable=g-import-not-at-top
       self._tb = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
@@ -256,6 +299,23 @@ class MetricWriter:
       self._file.close()
       if self._tb is not None:
         self._tb.close()
+
+
+def _truncate_metrics(path: str, last_step: int):
+  """Drops the rows of `path` (metrics.jsonl) whose step is after `last_step`."""
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    lines = f.readlines()
+  keep = [line for line in lines if line.strip() and json.loads(line)["step"] <= last_step]
+  if len(keep) == len(lines):
+    return
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    f.writelines(keep)
+  os.replace(tmp, path)
+  log(f"metrics: dropped {len(lines) - len(keep)} row(s) after step {last_step} from {path} "
+      "(logged after the checkpoint this run resumes from)")
 
 
 class PreemptionWatcher:
@@ -462,7 +522,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                            state_shardings)
   eval_fn = jax.jit(make_eval_step(model), out_shardings=repl)
 
-  writer = MetricWriter(workdir, tensorboard=config.tensorboard)
+  writer = MetricWriter(workdir, tensorboard=config.tensorboard, start_step=start_step)
   watcher = PreemptionWatcher()
   result = {"plan": plan.to_dict(), "preempted": False, "stopped": False}
   end_step = plan.total_steps if stop_at_step is None else min(plan.total_steps, stop_at_step)
@@ -522,17 +582,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       if not pending:
         return
       vals = jax.device_get(pending)
-      losses = np.array([v["loss"] for v in vals])
-      bad = ~np.isfinite(losses)
-      if bad.any():
-        first = step - len(vals) + 1 + int(np.argmax(bad))
+      fault = first_nonfinite(vals, step - len(vals) + 1)
+      if fault:
         ckpt.wait()
-        where = (f"the last good checkpoint is {ckpt.directory}/{last_saved}"
-                 if last_saved is not None else "no checkpoint was saved")
-        raise TrainingDivergedError(
-            f"training loss is {losses[bad][0]} at step {first}; stopped without saving "
-            f"({where}). Lower lr.base, raise warmup or check the data, then rerun "
-            "(it resumes from that checkpoint).")
+        raise TrainingDivergedError(divergence_message(
+            *fault, f"{ckpt.directory}/{last_saved}" if last_saved is not None else None))
+      for v in vals:
+        v.pop("params_finite")
       dt = time.time() - t_log
       step_time = dt / max(steps_since_log, 1)
       step_times.append(step_time)

@@ -348,6 +348,12 @@ class PreemptionWatcher:
       signal.signal(s, h)
 
 
+def announce_saved(ckpt: checkpointing.Checkpointer, steps: list[int]):
+  """Logs the checkpoints that orbax has committed (async saves finish after `save`)."""
+  for step in steps:
+    log(f"saved checkpoint {ckpt.directory}/{step}")
+
+
 def _fmt_duration(seconds: float) -> str:
   return str(datetime.timedelta(seconds=int(max(0.0, seconds))))
 
@@ -535,7 +541,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     meta = dict(meta_base, epoch=float(step / plan.steps_per_epoch), best_top1=float(best_top1))
     if ckpt.save(step, state, meta, metrics):
       last_saved = step
-      log(f"saved checkpoint {ckpt.directory}/{step}")
+      log(f"saving checkpoint {ckpt.directory}/{step}")
 
   def run_eval(step) -> dict:
     t0 = time.time()
@@ -584,7 +590,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       vals = jax.device_get(pending)
       fault = first_nonfinite(vals, step - len(vals) + 1)
       if fault:
-        ckpt.wait()
+        announce_saved(ckpt, ckpt.wait())
         raise TrainingDivergedError(divergence_message(
             *fault, f"{ckpt.directory}/{last_saved}" if last_saved is not None else None))
       for v in vals:
@@ -605,6 +611,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
           f"{mean['images_per_sec']:.1f} img/s | {step_time:.3f} s/step | "
           f"ETA {_fmt_duration(eta)}")
       pending, t_log, steps_since_log = [], time.time(), 0
+      announce_saved(ckpt, ckpt.newly_committed())
 
     step = start_step
     while step < end_step:
@@ -636,12 +643,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       if is_eval or is_ckpt:
         t_log = time.time()  # eval/save time is not train-step time
       if stopped:
-        ckpt.wait()
+        announce_saved(ckpt, ckpt.wait())
         log(f"{'preempted' if preempted else 'stopped'} at step {step}: checkpoint saved; "
             "rerun the same command to resume")
         result.update(preempted=preempted, stopped=True)
         break
-    ckpt.wait()
+    announce_saved(ckpt, ckpt.wait())
     result.update(step=step, train_loss=last_loss, best_top1=best_top1,
                   train_time_s=time.time() - t_start, state=state)
     if not result["stopped"]:

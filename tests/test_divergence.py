@@ -79,10 +79,14 @@ def test_nan_gradients_behind_a_finite_loss_stop_without_saving(tmp_path, monkey
   config = utils.small_config(**{**utils.MINI, "mesh.fsdp": 1, "data.mixup_alpha": 0.0,
                                  "data.cutmix_alpha": 0.0, "checkpoint_every_steps": 1})
   mesh = sharding.create_mesh(1, jax.devices()[:1])
+  out = io.StringIO()
   with pytest.raises(train_lib.TrainingDivergedError) as e:
-    with contextlib.redirect_stdout(io.StringIO()):
+    with contextlib.redirect_stdout(out):
       train_lib.train_and_evaluate(config, str(tmp_path), mesh=mesh,
                                    train_iterator_fn=_iterator_with_bad_batch_at(3))
+  log = out.getvalue()
+  saving, saved = (log.index(f"{w} checkpoint {tmp_path}/checkpoints/2") for w in ("saving", "saved"))
+  assert saving < saved and "checkpoints/3" not in log, log
   msg = str(e.value)
   assert "at step 3 the gradients and parameters became non-finite" in msg, msg
   assert "numerical fault" in msg and f"{tmp_path}/checkpoints/2, is finite" in msg, msg

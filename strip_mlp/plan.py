@@ -257,8 +257,9 @@ def read_dataset_info(data: ml_collections.ConfigDict):
   except (ValueError, KeyError, OSError, tf.errors.OpError) as e:
     what = getattr(e, "message", None) or str(e)
     what = " ".join(what.split()) or type(e).__name__
-    raise ConfigError(f"cannot open the dataset (data.source={data.source!r}, data.name="
-                      f"{data.name!r}): {what}") from None
+    where = (f"data.folder_root={data.folder_root!r}" if data.source == "folder"
+             else f"data.source={data.source!r}, data.name={data.name!r}")
+    raise ConfigError(f"cannot open the dataset ({where}): {what}") from None
 
 
 def check_writable_dir(path: str, what: str) -> None:
@@ -274,12 +275,16 @@ def check_writable_dir(path: str, what: str) -> None:
     raise NotWritableError(f"{what} {path} exists and is not a directory; give a directory")
   try:
     os.makedirs(path, exist_ok=True)
+  except OSError as e:
+    raise NotWritableError(f"cannot create {what} {path} ({e.strerror or e}); give a "
+                           "writable directory") from None
+  try:
     fd, probe = tempfile.mkstemp(prefix=".write_test_", dir=path)
     os.close(fd)
     os.remove(probe)
   except OSError as e:
-    raise NotWritableError(f"cannot write to {what} {path} ({e.strerror or e}); give a "
-                           "writable directory") from None
+    raise NotWritableError(f"{what} {path} is not writable (writing a file there failed: "
+                           f"{e.strerror or e}); give a writable directory") from None
 
 
 def describe_flag_error(error: Exception) -> str:

@@ -54,14 +54,15 @@ CASES = [
     ("train.py", ["--coordinator_address=nohost", "--num_processes=2", "--process_id=0"],
      "must be HOST:PORT"),
     ("train.py", ["--workdir={tmp}/file"], "exists and is not a directory"),
-    ("train.py", ["--workdir={tmp}/file/run"], "cannot write to --workdir {tmp}/file/run"),
+    ("train.py", ["--workdir={tmp}/file/run"], "cannot create --workdir {tmp}/file/run"),
     # Read-only workdirs that even root cannot write: procfs (fresh, and existing).
-    ("train.py", ["--workdir=/proc/self/run"], "cannot write to --workdir /proc/self/run"),
-    ("train.py", ["--workdir=/proc/self"], "cannot write to --workdir /proc/self"),
+    ("train.py", ["--workdir=/proc/self/run"], "cannot create --workdir /proc/self/run"),
+    ("train.py", ["--workdir=/proc/self"], "--workdir /proc/self is not writable"),
     ("eval.py", ["--config.data.eval_split=bogus"], "bad split 'bogus'"),
     ("eval.py", ["--config.data.randaugment=bogus"], "data.randaugment='bogus'"),
     ("eval.py", ["--output={tmp}/file/eval.json"], "{tmp}/file exists and is not a directory"),
-    ("eval.py", ["--output=/proc/self/eval.json"], "cannot write to the --output directory"),
+    ("eval.py", ["--output=/proc/self/eval.json"],
+     "the --output directory /proc/self is not writable"),
     ("eval.py", ["--output={tmp}"], "is a directory; give a file name"),
     ("eval.py", ["--num_processes=2", "--process_id=0"], "needs --coordinator_address"),
     ("eval.py", ["--config=configs/nonexistent.py"], "cannot load the config file"),
@@ -155,7 +156,7 @@ def test_workdir_made_read_only_is_one_line(setup, tmp_path):
     os.chmod(workdir, 0o755)
   lines = [line for line in proc.stderr.splitlines() if line.strip()]
   assert proc.returncode == 1 and len(lines) == 1, proc.stderr[-3000:]
-  assert f"cannot write to --workdir {workdir}" in lines[0]
+  assert f"--workdir {workdir} is not writable" in lines[0]
 
 
 def test_ctrl_c_is_one_line_and_exit_130(setup, tmp_path):

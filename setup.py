@@ -21,6 +21,7 @@ setup(
         "data": [
             "tensorflow-cpu>=2.16",
             "tensorflow-datasets>=4.9.6",
+            "importlib_resources",  # TFDS imports it to prepare datasets, without declaring it
             "scikit-learn>=1.3",
         ],
         # Reading released PyTorch .pth files.
@@ -30,8 +31,10 @@ setup(
             "chex>=0.1.87",
             "tensorflow-cpu>=2.16",
             "tensorflow-datasets>=4.9.6",
+            "importlib_resources",
             "scikit-learn>=1.3",
             "torch>=2.4",
+            "Pillow>=13",  # reference of tests/test_pil_parity.py (Pillow 13's resize pass order)
         ],
     },
 )

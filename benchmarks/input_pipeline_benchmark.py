@@ -2,12 +2,20 @@
 
     python benchmarks/input_pipeline_benchmark.py                      # ~1-2 min on 2 cores
     python benchmarks/input_pipeline_benchmark.py --num-images 2000 --seconds 60 --batch-size 128
+    python benchmarks/input_pipeline_benchmark.py --preprocessing default,exact,idct,tf  # compare
 
 Writes an ImageNet-style folder of JPEGs (shorter side --source-size, longer side up to 1.33x,
 smooth random content so the files are photo-sized) into a temp dir, then times the train
 pipeline (fused decode+random-resized-crop, flip, RandAugment m9-mstd0.5-inc1, random
 erasing, normalise) and the eval pipeline (decode, resize shorter side to int(R*256/224)
 bicubic, center crop, normalise), and prints a markdown table.
+
+--preprocessing picks how JPEGs decode and images resize (each row runs once per choice):
+  default: the pipeline's defaults: accurate IDCT; PIL-exact bicubic in eval, tf.image.resize
+           bicubic in training,
+  exact:   accurate IDCT + PIL-exact bicubic in training too (data.train_pil_resize=True),
+  idct:    accurate IDCT + tf.image.resize bicubic everywhere (isolates the IDCT cost),
+  tf:      TF's default (fast) IDCT + tf.image.resize bicubic (the pipeline before PIL parity).
 """
 from __future__ import annotations
 
@@ -42,11 +50,16 @@ def write_jpeg_folder(root: str, num_images: int, source_size: int, num_classes:
   return float(np.mean(sizes)) / 1024
 
 
-def time_iterator(iterator, batch_size: int, seconds: float, warmup: int) -> tuple[float, int]:
-  """(images/s, batches timed) after `warmup` batches."""
+def time_iterator(iterator, batch_size: int, seconds: float,
+                  warmup: int) -> tuple[float, float, int]:
+  """(images/s, CPU ms per image of this process, batches timed) after `warmup` batches.
+
+  CPU time (all threads) per image is the cost measure that other processes' load on the
+  machine disturbs least; images/s is what this machine delivered.
+  """
   for _ in range(warmup):
     next(iterator)
-  n, start = 0, time.perf_counter()
+  n, start, cpu_start = 0, time.perf_counter(), time.process_time()
   while time.perf_counter() - start < seconds:
     try:
       next(iterator)
@@ -54,7 +67,16 @@ def time_iterator(iterator, batch_size: int, seconds: float, warmup: int) -> tup
       break
     n += 1
   elapsed = time.perf_counter() - start
-  return n * batch_size / elapsed, n
+  cpu_ms = 1000 * (time.process_time() - cpu_start) / max(1, n * batch_size)
+  return n * batch_size / elapsed, cpu_ms, n
+
+
+PREPROCESSING = {
+    'default': {},
+    'exact': dict(train_pil_resize=True),
+    'idct': dict(jpeg_dct_method='INTEGER_ACCURATE', interpolation='tf_bicubic'),
+    'tf': dict(jpeg_dct_method='', interpolation='tf_bicubic'),
+}
 
 
 def main(argv=None):
@@ -68,8 +90,14 @@ def main(argv=None):
   parser.add_argument('--num-classes', type=int, default=10)
   parser.add_argument('--rows', default='train,train_no_randaugment,eval',
                       help='comma list of train, train_no_randaugment, train_crop_flip, eval')
+  parser.add_argument('--preprocessing', default='default',
+                      help=f'comma list of {", ".join(PREPROCESSING)} (see the module docstring)')
   parser.add_argument('--root', default=None, help='reuse/keep this folder instead of a temp dir')
   args = parser.parse_args(argv)
+  choices = args.preprocessing.split(',')
+  for choice in choices:
+    if choice not in PREPROCESSING:
+      parser.error(f'--preprocessing {choice!r}: use a comma list of {", ".join(PREPROCESSING)}')
 
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
   from strip_mlp import input_pipeline as ip
@@ -93,33 +121,36 @@ def main(argv=None):
   }
   rows = []
   for row in args.rows.split(','):
-    cfg = ip.default_data_config()
-    cfg.update(dict(source='folder', folder_root=root, image_size=args.image_size,
-                    shuffle_buffer=args.num_images, **variants[row]))
-    if row == 'eval':   # one pipeline, repeated: time the transforms, not pipeline set-up
-      n_batches = ip.num_eval_batches(cfg, args.batch_size, process_count=1)
-      ds = ip.create_eval_dataset(cfg, args.batch_size, n_batches).repeat()
-      iterator = ds.as_numpy_iterator()
-    else:
-      iterator = ip.create_train_iterator(cfg, args.batch_size, None, seed=0)
-    ips, n = time_iterator(iterator, args.batch_size, args.seconds, args.warmup)
-    rows.append((row, ips, n))
-    print(f'{row}: {ips:.0f} images/s over {n} batches', flush=True)
+    for choice in choices:
+      cfg = ip.default_data_config()
+      cfg.update(dict(source='folder', folder_root=root, image_size=args.image_size,
+                      shuffle_buffer=args.num_images, **variants[row], **PREPROCESSING[choice]))
+      if row == 'eval':   # one pipeline, repeated: time the transforms, not pipeline set-up
+        n_batches = ip.num_eval_batches(cfg, args.batch_size, process_count=1)
+        ds = ip.create_eval_dataset(cfg, args.batch_size, n_batches).repeat()
+        iterator = ds.as_numpy_iterator()
+      else:
+        iterator = ip.create_train_iterator(cfg, args.batch_size, None, seed=0)
+      ips, cpu_ms, n = time_iterator(iterator, args.batch_size, args.seconds, args.warmup)
+      rows.append((row, choice, ips, cpu_ms))
+      print(f'{row} ({choice}): {ips:.0f} images/s, {cpu_ms:.1f} CPU ms/image over {n} batches',
+            flush=True)
 
   print()
   print(f'Input pipeline alone, folder source, {args.source_size}-px JPEGs -> R={args.image_size}, '
         f'batch {args.batch_size}, {os.cpu_count()} CPU cores ({platform.processor() or platform.machine()})')
   print()
-  print('| pipeline | transforms | images/s | ms/batch |')
-  print('|---|---|---:|---:|')
+  print('| pipeline | preprocessing | transforms | images/s | ms/batch | CPU ms/image |')
+  print('|---|---|---|---:|---:|---:|')
   described = {
       'train': 'decode+RRC (fused), flip, RandAugment m9-mstd0.5-inc1, erasing 0.25, normalise',
       'train_no_randaugment': 'decode+RRC (fused), flip, erasing 0.25, normalise',
       'train_crop_flip': 'decode+RRC (fused), flip, normalise',
       'eval': f'decode, resize {int(args.image_size * 256 / 224)} bicubic, center crop, normalise',
   }
-  for row, ips, _ in rows:
-    print(f'| {row} | {described[row]} | {ips:.0f} | {1000 * args.batch_size / ips:.0f} |')
+  for row, choice, ips, cpu_ms in rows:
+    print(f'| {row} | {choice} | {described[row]} | {ips:.0f} | '
+          f'{1000 * args.batch_size / ips:.0f} | {cpu_ms:.1f} |')
   if tmp is not None:
     tmp.cleanup()
 

@@ -79,7 +79,11 @@ def default_data_config() -> ml_collections.ConfigDict:
   c.deterministic = True                # tf.data deterministic order
   c.image_dtype = 'float32'             # 'float32' | 'bfloat16' (halves host->device bytes)
   # --- train augmentation (timm create_transform as in the official trainer)
-  c.interpolation = 'bicubic'           # 'bicubic' | 'bilinear' | 'area' | 'nearest' ...
+  c.interpolation = 'bicubic'           # 'bicubic' | 'bilinear': PIL's exactly (eval); 'tf_bicubic',
+                                        # 'area', ...: tf.image.resize
+  c.train_pil_resize = False            # PIL-exact resizing in training too (+~1.8 ms CPU/image);
+                                        # False: tf.image.resize there (antialiased, ~0.1 level off)
+  c.jpeg_dct_method = 'INTEGER_ACCURATE'  # PIL's IDCT; '' = TF's default (fast, ~1 level off)
   c.random_resized_crop = True
   c.rrc_scale = (0.08, 1.0)
   c.rrc_ratio = (3 / 4, 4 / 3)
@@ -167,7 +171,8 @@ def transform_config(cfg) -> transforms.TransformConfig:
       randaugment=cfg.randaugment or None, random_erasing_prob=float(cfg.random_erasing_prob),
       random_erasing_mode=cfg.random_erasing_mode,
       random_erasing_count=int(cfg.random_erasing_count), eval_crop=bool(cfg.eval_crop),
-      eval_resize_ratio=float(cfg.eval_resize_ratio), mean=tuple(cfg.mean), std=tuple(cfg.std))
+      eval_resize_ratio=float(cfg.eval_resize_ratio), mean=tuple(cfg.mean), std=tuple(cfg.std),
+      jpeg_dct_method=cfg.jpeg_dct_method, train_pil_resize=bool(cfg.train_pil_resize))
 
 
 # ----------------------------------------------------------------------------- tf.data

@@ -319,9 +319,11 @@ def _truncate_metrics(path: str, last_step: int):
 
 
 class PreemptionWatcher:
-  """Turns SIGTERM into a flag the loop polls; all processes agree before acting."""
+  """Turns SIGTERM and Ctrl-C (SIGINT) into a flag the loop polls (save, then stop); all
+  processes agree before acting. A second signal goes to the previous handler (Ctrl-C
+  twice: KeyboardInterrupt at once)."""
 
-  def __init__(self, signals=(signal.SIGTERM,)):
+  def __init__(self, signals=(signal.SIGTERM, signal.SIGINT)):
     self._flag = False
     self._old = {}
     if threading.current_thread() is threading.main_thread():
@@ -329,7 +331,10 @@ class PreemptionWatcher:
         self._old[s] = signal.signal(s, self._handler)
 
   def _handler(self, signum, frame):
-    del frame
+    previous = self._old.get(signum)
+    if self._flag and callable(previous):
+      previous(signum, frame)
+      return
     self._flag = True
     print(f"process {jax.process_index()}: received signal {signum}; saving a checkpoint "
           "and stopping at the end of this step", flush=True)

@@ -70,6 +70,30 @@ def test_default_config_trains_end_to_end(straight_run):
   assert os.path.isdir(workdir / "checkpoints" / str(utils.TOTAL_STEPS))
 
 
+def _assert_all_finite(workdir):
+  rows = utils.read_metrics(workdir)
+  assert len(rows) == utils.TOTAL_STEPS
+  assert all(np.isfinite(r["loss"]) and np.isfinite(r["grad_norm"]) for r in rows)
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_default_config_trains_to_the_end_for_other_seeds(seed, tmp_path):
+  """Each seed draws other inits, batches and roundings; every loss and gradient norm must
+  stay finite (the GRN gradient at exact zeros made the demo fail on some machines)."""
+  result, _ = run(utils.small_config(seed=seed), tmp_path, mesh=one_device_mesh())
+  assert result["step"] == utils.TOTAL_STEPS and result["eval"]["top1"] > 0.6
+  _assert_all_finite(tmp_path)
+
+
+def test_bfloat16_trains_as_well_as_float32(straight_run, tmp_path):
+  """bfloat16 compute reaches float32's top-1 within 1 point after the same steps."""
+  _, f32, _ = straight_run
+  bf16, _ = run(utils.small_config(**{"model.dtype": "bfloat16"}), tmp_path,
+                mesh=one_device_mesh())
+  _assert_all_finite(tmp_path)
+  assert bf16["eval"]["top1"] >= f32["eval"]["top1"] - 0.01, (bf16["eval"], f32["eval"])
+
+
 def test_resume_is_equivalent_to_a_straight_run(straight_run, tmp_path):
   _, straight, _ = straight_run
   half = utils.TOTAL_STEPS // 2
@@ -124,7 +148,8 @@ def test_eight_devices_match_one_device():
   assert not np.allclose(state1.params["head"]["kernel"], initial.params["head"]["kernel"])
 
 
-def test_sigterm_saves_and_resume_continues(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_or_ctrl_c_saves_and_resume_continues(tmp_path, sig):
   args = utils.config_args(**{k: str(v).replace(" ", "") for k, v in MINI.items()})
   cmd = [sys.executable, os.path.join(utils.REPO, "train.py"), "--workdir", str(tmp_path)]
   env = {**os.environ, **utils.CACHE_ENV, "PYTHONUNBUFFERED": "1"}
@@ -135,7 +160,7 @@ def test_sigterm_saves_and_resume_continues(tmp_path):
     for line in proc.stdout:
       lines.append(line)
       if line.startswith("step ") and line.split()[1].startswith("3/"):
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(sig)
         break
       assert time.time() < deadline, "".join(lines[-20:])
     out, _ = proc.communicate(timeout=120)

@@ -4,11 +4,18 @@ A source answers `num_classes`, `num_examples(split)` and `read(split, process_i
 process_count, drop_remainder)`, a tf.data.Dataset of this process's disjoint part of the
 split with elements {'image': encoded bytes (scalar tf.string) or uint8 (H, W, 3),
 'label': int32 ()}, in a fixed order. Shuffling and transforms happen downstream.
+
+`python -m strip_mlp.data_sources cifar10 --data_dir=/data/tfds` prepares a TFDS dataset
+(`tfds build` needs apache-beam on top).
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
-from typing import Protocol
+from typing import Callable, Iterator, Protocol
+
+import numpy as np
 
 import tensorflow as tf
 import tensorflow_datasets as tfds
@@ -22,6 +29,15 @@ EVAL_SPLIT_CANDIDATES = ('validation', 'val', 'test')
 
 class DatasetNotFoundError(UserError, FileNotFoundError):
   """A dataset is missing or not prepared; the message says what to download and where."""
+
+
+class EmptyClassFolderError(UserError, ValueError):
+  """A class folder of an image-folder dataset holds no image (torchvision's ImageFolder
+  refuses those too); the message names the folder."""
+
+
+class UndecodableImageError(UserError, ValueError):
+  """Image files of a folder dataset that TF cannot decode; the message names the first."""
 
 
 class Source(Protocol):
@@ -42,6 +58,12 @@ def default_tfds_dir() -> str:
 
 # ----------------------------------------------------------------------------- TFDS
 
+def _prepare_command(base: str, data_dir: str, manual_dir: str | None = None) -> str:
+  manual = f' --manual_dir={manual_dir}' if manual_dir else ''
+  return (f'`python -m strip_mlp.data_sources {base} --data_dir={data_dir}{manual}` (or '
+          f'`tfds build {base} --data_dir={data_dir}{manual}`, which also needs apache-beam)')
+
+
 def _not_prepared_message(name: str, data_dir: str, manual_dir: str | None,
                           builder: tfds.core.DatasetBuilder) -> str:
   manual_dir = manual_dir or os.path.join(data_dir, 'downloads', 'manual')
@@ -50,16 +72,36 @@ def _not_prepared_message(name: str, data_dir: str, manual_dir: str | None,
     return (f"TFDS dataset 'imagenet2012' is not prepared in data_dir={data_dir}. Download "
             f"ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar (https://image-net.org/"
             f"download-images, registration needed) into manual_dir={manual_dir}, then run "
-            f"`tfds build imagenet2012 --data_dir={data_dir} --manual_dir={manual_dir}` "
+            f"{_prepare_command(base, data_dir, manual_dir)} "
             f"(or set data.prepare=True and data.manual_dir).")
   if getattr(builder, 'MANUAL_DOWNLOAD_INSTRUCTIONS', None):
     how = ' '.join(builder.MANUAL_DOWNLOAD_INSTRUCTIONS.split())
     return (f"TFDS dataset {name!r} is not prepared in data_dir={data_dir}. It needs a manual "
-            f"download into manual_dir={manual_dir}: {how} Then run `tfds build {base} "
-            f"--data_dir={data_dir} --manual_dir={manual_dir}` (or set data.prepare=True).")
-  return (f"TFDS dataset {name!r} is not prepared in data_dir={data_dir}. Run `tfds build {base} "
-          f"--data_dir={data_dir}` on a machine with internet access and copy "
+            f"download into manual_dir={manual_dir}: {how} Then run "
+            f"{_prepare_command(base, data_dir, manual_dir)} (or set data.prepare=True).")
+  return (f"TFDS dataset {name!r} is not prepared in data_dir={data_dir}. Run "
+          f"{_prepare_command(base, data_dir)} on a machine with internet access and copy "
           f"{os.path.join(data_dir, base)} here, or set data.prepare=True to download it now.")
+
+
+@contextlib.contextmanager
+def _held_variant_warnings():
+  """Holds TFDS's "Variant folder ... has no dataset_info.json" warnings (an unprepared
+  dataset's expected state); yields the held records for the caller to drop or re-emit."""
+  held = []
+
+  def hold(record: logging.LogRecord) -> bool:
+    if str(record.msg).startswith('Variant folder %s has no'):
+      held.append(record)
+      return False
+    return True
+
+  logger = logging.getLogger('absl')
+  logger.addFilter(hold)
+  try:
+    yield held
+  finally:
+    logger.removeFilter(hold)
 
 
 class TfdsSource:
@@ -83,16 +125,30 @@ class TfdsSource:
   def from_name(cls, name: str, data_dir: str | None = None, manual_dir: str | None = None,
                 prepare: bool = False, **kw) -> 'TfdsSource':
     data_dir = os.path.expanduser(data_dir) if data_dir else default_tfds_dir()
-    try:
-      builder = tfds.builder(name, data_dir=data_dir)
-    except tfds.core.registered.DatasetNotFoundError as e:
-      raise ValueError(f'unknown TFDS dataset {name!r}: see `tfds.list_builders()`, or use '
-                       f"data.source='folder' for an image folder.") from e
-    if not builder.is_prepared():
-      if not prepare:
-        raise DatasetNotFoundError(_not_prepared_message(name, data_dir, manual_dir, builder))
-      builder.download_and_prepare(
-          download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+    with _held_variant_warnings() as held:
+      try:
+        builder = tfds.builder(name, data_dir=data_dir)
+      except tfds.core.registered.DatasetNotFoundError as e:
+        raise ValueError(f'unknown TFDS dataset {name!r}: see `tfds.list_builders()`, or use '
+                         f"data.source='folder' for an image folder.") from e
+      prepared = builder.is_prepared()
+    if prepared:   # not the expected state of an unprepared dataset: show them
+      for record in held:
+        logging.getLogger('absl').handle(record)
+    elif not prepare:
+      raise DatasetNotFoundError(_not_prepared_message(name, data_dir, manual_dir, builder))
+    else:
+      try:
+        builder.download_and_prepare(
+            download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+      except OSError as e:   # includes requests' ConnectionError
+        why = ' '.join(f'{type(e).__name__}: {e}'.split())[:300]
+        base = name.split(':')[0].split('/')[0]
+        raise DatasetNotFoundError(
+            f'preparing TFDS dataset {name!r} in data_dir={data_dir} failed ({why}); on a '
+            f'machine without internet access, prepare it elsewhere with '
+            f'{_prepare_command(base, data_dir)} and copy {os.path.join(data_dir, base)} '
+            f'here') from e
     return cls(builder, **kw)
 
   def _split_info(self, split: str):
@@ -187,6 +243,10 @@ class FolderSource:
         if cls not in self.class_to_index:
           raise ValueError(f'class folder {cls!r} in {split_dir} is not a class of the train split')
         found = _list_images(os.path.join(split_dir, cls))
+        if not found:   # torchvision's ImageFolder raises too
+          raise EmptyClassFolderError(
+              f'class folder {os.path.join(split_dir, cls)} has no image files '
+              f'({", ".join(IMAGE_EXTENSIONS)}): add images or remove the folder')
         paths += found
         labels += [self.class_to_index[cls]] * len(found)
       if not paths:
@@ -197,14 +257,17 @@ class FolderSource:
   def num_examples(self, split: str) -> int:
     return len(self.files(split)[0])
 
-  def read(self, split, process_index, process_count, drop_remainder):
-    paths, labels = self.files(split)
+  def _local(self, split, process_index, process_count, drop_remainder) -> list[int]:
+    """Indices into files(split) that process `process_index` reads, in order."""
+    n = len(self.files(split)[0])
     if not 0 <= process_index < process_count:
       raise ValueError(f'process_index {process_index} not in [0, {process_count})')
-    n = len(paths)
     local = list(range(process_index, n, process_count))  # strided: every class on every host
-    if drop_remainder:
-      local = local[:n // process_count]
+    return local[:n // process_count] if drop_remainder else local
+
+  def read(self, split, process_index, process_count, drop_remainder):
+    paths, labels = self.files(split)
+    local = self._local(split, process_index, process_count, drop_remainder)
     ds = tf.data.Dataset.from_tensor_slices({
         'path': tf.constant([paths[i] for i in local], tf.string),
         'label': tf.constant([labels[i] for i in local], tf.int32)})
@@ -212,3 +275,95 @@ class FolderSource:
         lambda ex: {'image': tf.io.read_file(ex['path']), 'label': ex['label']}),
                   num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
+  def undecodable_error(self, split, process_index, process_count, drop_remainder,
+                        decode: Callable[[tf.Tensor], tf.Tensor]) -> UndecodableImageError | None:
+    """The error naming the first file this process reads from `split` that `decode` (bytes ->
+    image) fails on, with their count; None if all decode. Decodes them all, in parallel."""
+    paths = [self.files(split)[0][i]
+             for i in self._local(split, process_index, process_count, drop_remainder)]
+    ds = tf.data.Dataset.from_tensor_slices(tf.constant(paths, tf.string)).enumerate()
+    ds = ds.map(tf.autograph.experimental.do_not_convert(
+        lambda i, path: (i, tf.reduce_max(decode(tf.io.read_file(path))))),
+                num_parallel_calls=tf.data.AUTOTUNE).ignore_errors()
+    ok = {int(i) for i, _ in ds.as_numpy_iterator()}
+    bad = [p for i, p in enumerate(paths) if i not in ok]
+    if not bad:
+      return None
+    return UndecodableImageError(
+        f'{len(bad)} of {len(paths)} image files of split {split!r} in {self.root} cannot be '
+        f'decoded (first: {bad[0]}): replace or remove them, or set '
+        f'data.skip_undecodable=True to skip them')
+
+
+# ----------------------------------------------------------------------------- decode failures
+
+def _log_skipped(count: int, logged: int, split: str) -> int:
+  if count > logged:
+    logging.getLogger('absl').warning(
+        'data.skip_undecodable: skipped %d example(s) of split %r so far (images that failed to '
+        'decode; counted once per epoch)', count, split)
+  return max(count, logged)
+
+
+def checked_batches(ds: tf.data.Dataset, source: Source, split: str, process_index: int,
+                    process_count: int, drop_remainder: bool,
+                    decode: Callable[[tf.Tensor], tf.Tensor], skip: bool,
+                    first_position: int = 0,
+                    expected: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+  """ds's numpy batches (ds reads `split` of `source` as `read(...)` does).
+
+  A decode failure of a folder source becomes an UndecodableImageError naming the file (found
+  by decoding this process's files with `decode`). With `skip` (ds drops failed examples and
+  adds 'position': each example's index in this process's stream from first_position, -1 for
+  padding), the count of skipped examples (gaps in 'position', which is removed from the
+  batches; `expected` real examples in all, if known) is logged whenever it grows.
+  """
+  iterator, seen, end, logged = ds.as_numpy_iterator(), 0, first_position, 0
+  while True:
+    try:
+      batch = next(iterator)
+    except StopIteration:
+      break
+    except (tf.errors.InvalidArgumentError, tf.errors.DataLossError) as e:
+      if not isinstance(source, FolderSource):
+        raise
+      logging.getLogger('absl').warning(
+          'An image of split %r failed to decode: decoding them all to name it.', split)
+      named = source.undecodable_error(split, process_index, process_count, drop_remainder,
+                                       decode)
+      if named is None:
+        raise
+      raise named from e
+    if 'position' in batch:
+      positions = batch.pop('position')
+      seen += int(np.sum(positions >= 0))
+      end = max(end, int(positions.max()) + 1)
+      logged = _log_skipped(end - first_position - seen, logged, split)
+    yield batch
+  if skip and expected is not None:
+    _log_skipped(expected - seen, logged, split)
+
+
+def main(argv=None) -> None:
+  """`python -m strip_mlp.data_sources NAME --data_dir=D [--manual_dir=M]`: prepares a TFDS
+  dataset (tfds build without apache-beam)."""
+  import argparse
+  parser = argparse.ArgumentParser(
+      prog='python -m strip_mlp.data_sources',
+      description='Downloads and prepares a TFDS dataset (as `tfds build`, without apache-beam).')
+  parser.add_argument('name', help="TFDS name, e.g. 'cifar10' or 'imagenet2012'")
+  parser.add_argument('--data_dir', default=None, help='default: $TFDS_DATA_DIR or '
+                      '~/tensorflow_datasets')
+  parser.add_argument('--manual_dir', default=None, help='manual downloads (default: '
+                      'DATA_DIR/downloads/manual)')
+  args = parser.parse_args(argv)
+  try:
+    src = TfdsSource.from_name(args.name, args.data_dir, args.manual_dir, prepare=True)
+  except UserError as e:
+    parser.exit(1, f'{parser.prog}: error: {e}\n')
+  print(f'{src.name}: prepared in {src.builder.data_dir} '
+        f'({", ".join(f"{k}: {v.num_examples}" for k, v in src.builder.info.splits.items())})')
+
+
+if __name__ == '__main__':
+  main()

@@ -70,6 +70,8 @@ def default_data_config() -> ml_collections.ConfigDict:
   c.label_key = 'label'
   c.image_size = 32                     # R; the recipe uses 224
   c.num_classes = config_dict.placeholder(int)  # None: from the dataset
+  c.skip_undecodable = False            # False: an image that fails to decode stops the run with
+                                        # its path; True: skip such images, counted in the log
   # --- throughput
   c.shuffle_buffer = 16_384             # examples (encoded) per process; capped at the split size
   c.cache = False                       # cache the (encoded) local split in memory
@@ -172,7 +174,8 @@ def transform_config(cfg) -> transforms.TransformConfig:
       random_erasing_mode=cfg.random_erasing_mode,
       random_erasing_count=int(cfg.random_erasing_count), eval_crop=bool(cfg.eval_crop),
       eval_resize_ratio=float(cfg.eval_resize_ratio), mean=tuple(cfg.mean), std=tuple(cfg.std),
-      jpeg_dct_method=cfg.jpeg_dct_method, train_pil_resize=bool(cfg.train_pil_resize))
+      jpeg_dct_method=cfg.get('jpeg_dct_method', transforms.JPEG_DCT_METHOD),
+      train_pil_resize=bool(cfg.get('train_pil_resize', False)))
 
 
 # ----------------------------------------------------------------------------- tf.data
@@ -211,9 +214,20 @@ def _autotune(n: int) -> int:
   return tf.data.AUTOTUNE if n is None or n < 0 else int(n)
 
 
+def _decoder(cfg):
+  """Encoded bytes -> uint8 image, decoded as the transforms do (to find undecodable files)."""
+  dct_method = cfg.get('jpeg_dct_method', transforms.JPEG_DCT_METHOD)
+  return lambda data: transforms.decode_full(data, dct_method)
+
+
 def create_train_dataset(cfg, local_batch: int, seed: int, start_step: int = 0, *,
                          process_index: int = 0, process_count: int = 1) -> tf.data.Dataset:
-  """Infinite tf.data.Dataset of this process's batches {'image': (b, R, R, 3), 'label': (b,)}."""
+  """Infinite tf.data.Dataset of this process's batches {'image': (b, R, R, 3), 'label': (b,)}.
+
+  With cfg.skip_undecodable, examples whose transform fails are dropped and batches carry
+  'position' int64 (b,) too, each example's index in this process's stream (epoch * n_local +
+  index in the epoch), from which the iterators count the skipped ones.
+  """
   # File order of large TFDS datasets: a fixed per-(seed, process) shuffle, reshuffled per epoch.
   src = get_source(cfg, shuffle_files_seed=int(seed) * 1_000_003 + process_index)
   split = cfg.train_split
@@ -233,19 +247,25 @@ def create_train_dataset(cfg, local_batch: int, seed: int, start_step: int = 0, 
                                                dtype=tf.int64)
     ds = base.shuffle(buffer, seed=shuffle_seed, reshuffle_each_iteration=False).enumerate()
     return ds.map(tf.autograph.experimental.do_not_convert(
-        lambda i, ex: (tf.random.experimental.stateless_fold_in(epoch_seed, i), ex)))
+        lambda i, ex: (tf.random.experimental.stateless_fold_in(epoch_seed, i), ex,
+                       e * n_local + i)))
 
   start_epoch, offset = divmod(int(start_step) * local_batch, n_local)
   ds = tf.data.Dataset.range(start_epoch, 2**62).flat_map(epoch).skip(offset)
   tc = transform_config(cfg)
   dtype = _tf_dtype(cfg)
 
+  skip = bool(cfg.get('skip_undecodable', False))
+
   @tf.autograph.experimental.do_not_convert   # plain graph code: skip autograph (faster trace)
-  def augment(example_seed, ex):
+  def augment(example_seed, ex, position):
     image = transforms.train_transform(ex['image'], example_seed, tc)
-    return {'image': tf.cast(image, dtype), 'label': tf.cast(ex['label'], tf.int32)}
+    out = {'image': tf.cast(image, dtype), 'label': tf.cast(ex['label'], tf.int32)}
+    return dict(out, position=position) if skip else out
 
   ds = ds.map(augment, num_parallel_calls=_autotune(cfg.num_parallel_calls))
+  if skip:
+    ds = ds.ignore_errors()
   ds = ds.batch(local_batch, drop_remainder=True)
   return ds.prefetch(_autotune(cfg.prefetch)).with_options(_options(cfg))
 
@@ -262,7 +282,12 @@ def num_eval_batches(cfg, global_batch_size: int, *, process_count: int | None =
 def create_eval_dataset(cfg, local_batch: int, num_batches: int, *, process_index: int = 0,
                         process_count: int = 1) -> tf.data.Dataset:
   """Finite tf.data.Dataset of exactly `num_batches` batches {'image', 'label', 'mask'}:
-  this process's part of the eval split once, then zero images with mask 0."""
+  this process's part of the eval split once, then zero images with mask 0.
+
+  With cfg.skip_undecodable, examples whose transform fails are dropped (more padding follows)
+  and batches carry 'position' int64 (b,) too: the example's index in this process's part,
+  -1 for padding.
+  """
   src = get_source(cfg)
   split = _eval_split(cfg, src)
   ds = src.read(split, process_index, process_count, drop_remainder=False)
@@ -272,16 +297,22 @@ def create_eval_dataset(cfg, local_batch: int, num_batches: int, *, process_inde
   dtype = _tf_dtype(cfg)
   size = int(cfg.image_size)
 
-  @tf.autograph.experimental.do_not_convert
-  def prepare(ex):
-    image = transforms.eval_transform(ex['image'], tc)
-    return {'image': tf.cast(image, dtype), 'label': tf.cast(ex['label'], tf.int32),
-            'mask': tf.constant(1.0, tf.float32)}
+  skip = bool(cfg.get('skip_undecodable', False))
 
-  ds = ds.map(prepare, num_parallel_calls=_autotune(cfg.num_parallel_calls))
-  pad = tf.data.Dataset.from_tensors({'image': tf.zeros([size, size, 3], dtype),
-                                      'label': tf.constant(0, tf.int32),
-                                      'mask': tf.constant(0.0, tf.float32)}).repeat()
+  @tf.autograph.experimental.do_not_convert
+  def prepare(position, ex):
+    image = transforms.eval_transform(ex['image'], tc)
+    out = {'image': tf.cast(image, dtype), 'label': tf.cast(ex['label'], tf.int32),
+           'mask': tf.constant(1.0, tf.float32)}
+    return dict(out, position=position) if skip else out
+
+  ds = ds.enumerate().map(prepare, num_parallel_calls=_autotune(cfg.num_parallel_calls))
+  padding = {'image': tf.zeros([size, size, 3], dtype), 'label': tf.constant(0, tf.int32),
+             'mask': tf.constant(0.0, tf.float32)}
+  if skip:
+    ds = ds.ignore_errors()
+    padding['position'] = tf.constant(-1, tf.int64)
+  pad = tf.data.Dataset.from_tensors(padding).repeat()
   ds = ds.concatenate(pad).take(num_batches * local_batch)
   ds = ds.batch(local_batch, drop_remainder=True)
   return ds.prefetch(_autotune(cfg.prefetch)).with_options(_options(cfg))
@@ -329,7 +360,10 @@ def create_train_iterator(cfg, global_batch_size: int, sharding, seed: int, star
   pi, pc = _process(process_index, process_count)
   local = local_batch_size(global_batch_size, pc)
   ds = create_train_dataset(cfg, local, seed, start_step, process_index=pi, process_count=pc)
-  return _device_iterator(ds.as_numpy_iterator(), sharding, cfg.device_prefetch)
+  batches = data_sources.checked_batches(
+      ds, get_source(cfg), cfg.train_split, pi, pc, drop_remainder=True, decode=_decoder(cfg),
+      skip=bool(cfg.get('skip_undecodable', False)), first_position=int(start_step) * local)
+  return _device_iterator(batches, sharding, cfg.device_prefetch)
 
 
 def create_eval_iterator(cfg, global_batch_size: int, sharding, *, process_index: int | None = None,
@@ -340,4 +374,10 @@ def create_eval_iterator(cfg, global_batch_size: int, sharding, *, process_index
   local = local_batch_size(global_batch_size, pc)
   n_batches = num_eval_batches(cfg, global_batch_size, process_count=pc)
   ds = create_eval_dataset(cfg, local, n_batches, process_index=pi, process_count=pc)
-  return _device_iterator(ds.as_numpy_iterator(), sharding, cfg.device_prefetch)
+  src = get_source(cfg)
+  split = _eval_split(cfg, src)
+  real = int(src.read(split, pi, pc, drop_remainder=False).cardinality())   # -2: unknown
+  batches = data_sources.checked_batches(
+      ds, src, split, pi, pc, drop_remainder=False, decode=_decoder(cfg),
+      skip=bool(cfg.get('skip_undecodable', False)), expected=real if real >= 0 else None)
+  return _device_iterator(batches, sharding, cfg.device_prefetch)

@@ -140,7 +140,7 @@ def _stats(diffs):
 
 @pytest.mark.parametrize('size', [64, 224, 32])
 def test_eval_preprocessing_equals_torchvision_on_pil(files, size):
-  chosen = files if size == 64 else files[::2]
+  chosen = files if size == 64 else files[:2] + files[2::3]   # every kind, fewer sizes
   after, before = {}, {}
   for kind, path in chosen:
     data = tf.io.read_file(path)

@@ -121,8 +121,7 @@ def decode_full(image_or_bytes: tf.Tensor, dct_method: str = JPEG_DCT_METHOD) ->
 # ----------------------------------------------------------------------------- geometry
 
 def _tf_resize(image: tf.Tensor, size_hw, method: str) -> tf.Tensor:
-  """tf.image.resize, rounded to uint8: antialiased when shrinking along either axis, plain
-  interpolation when only enlarging (both agree to < 0.2 levels; plain is ~4x faster)."""
+  """tf.image.resize -> uint8: antialiased when shrinking either axis, else plain (4x faster)."""
   image_f = tf.cast(image, tf.float32)
   size_hw = tf.cast(size_hw, tf.int32)
   shrink = tf.reduce_any(size_hw < tf.shape(image)[:2])
@@ -229,15 +228,6 @@ def _center_crop_offsets(height, width, size: int):
   return top, left
 
 
-def center_crop(image: tf.Tensor, size: int) -> tf.Tensor:
-  """torchvision CenterCrop (offsets as _center_crop_offsets) -> (size, size, C)."""
-  shape = tf.shape(image)
-  top, left = _center_crop_offsets(shape[0], shape[1], size)
-  out = image[top:top + size, left:left + size]
-  out.set_shape([size, size, 3])
-  return out
-
-
 def eval_resize_and_center_crop(image: tf.Tensor, size: int, resize_ratio: float = 256 / 224,
                                 method: str = 'bicubic') -> tf.Tensor:
   """Resize shorter side to int(size * resize_ratio), then center crop size -> uint8.
@@ -328,6 +318,11 @@ class TransformConfig:
   std: tuple = IMAGENET_STD
   jpeg_dct_method: str = JPEG_DCT_METHOD
   train_pil_resize: bool = False
+
+  def __post_init__(self):
+    if self.jpeg_dct_method not in ('INTEGER_ACCURATE', 'INTEGER_FAST', ''):
+      raise ValueError(f"data.jpeg_dct_method={self.jpeg_dct_method!r}: use 'INTEGER_ACCURATE' "
+                       "(PIL's), 'INTEGER_FAST' or '' (TF's default)")
 
   @property
   def train_interpolation(self) -> str:

@@ -318,7 +318,7 @@ def test_embedded_digits_are_learnable(digits_dir):
 
 # ----------------------------------------------------------------------------- errors
 
-def test_missing_or_bad_dataset_messages(tmp_path, folder):
+def test_missing_or_bad_dataset_messages(tmp_path, folder, caplog):
   empty = str(tmp_path / 'empty')
   with pytest.raises(data_sources.DatasetNotFoundError) as e:
     ip.get_dataset_info(make_cfg(source='tfds', name='imagenet2012', data_dir=empty))
@@ -330,8 +330,16 @@ def test_missing_or_bad_dataset_messages(tmp_path, folder):
   with pytest.raises(data_sources.DatasetNotFoundError, match=f'manual_dir={manual}'):
     ip.get_dataset_info(make_cfg(source='tfds', name='imagenet2012', data_dir=empty,
                                  manual_dir=manual))
-  with pytest.raises(data_sources.DatasetNotFoundError, match='tfds build cifar10'):
+  with pytest.raises(data_sources.DatasetNotFoundError, match='tfds build cifar10') as e:
     ip.get_dataset_info(make_cfg(source='tfds', name='cifar10', data_dir=empty))
+  assert f'python -m strip_mlp.data_sources cifar10 --data_dir={empty}' in str(e.value)
+  assert 'Variant folder' not in caplog.text   # TFDS's warning about the unprepared dataset
+  pets = tmp_path / 'pets'                      # an empty class folder: an error, as in torchvision
+  tf.io.write_file(str(pets / 'train/cat/a.png'), tf.io.encode_png(np.zeros((4, 4, 3), np.uint8)))
+  tf.io.write_file(str(pets / 'train/dog/notes.txt'), 'not an image')
+  with pytest.raises(data_sources.EmptyClassFolderError,
+                     match=str(pets / 'train' / 'dog') + ' has no image files'):
+    ip.get_dataset_info(make_cfg(source='folder', folder_root=str(pets), eval_split='train'))
   with pytest.raises(ValueError, match='unknown TFDS dataset'):
     ip.get_dataset_info(make_cfg(source='tfds', name='no_such_dataset_xyz', data_dir=empty))
   with pytest.raises(data_sources.DatasetNotFoundError, match=r'root/train/<class>'):
@@ -343,6 +351,30 @@ def test_missing_or_bad_dataset_messages(tmp_path, folder):
   with pytest.raises(ValueError, match='multiple of the process count'):
     ip.create_train_iterator(folder_cfg(folder[0]), 6, None, seed=0, process_index=0,
                              process_count=4)
+
+
+def test_undecodable_image_is_named_or_skipped(tmp_path, caplog):
+  root = str(tmp_path)
+  write_image_folder(root)                 # train ids 0-14 (ant 0-4), val ids 15-23 (ant 15-17)
+  bad = {s: f'{root}/{s}/ant/img_{i:04d}.JPEG' for s, i in (('train', 4), ('val', 16))}
+  for path in bad.values():
+    os.truncate(path, os.path.getsize(path) // 2)       # real truncated JPEGs
+  cfg = folder_cfg(root, **NO_AUG)
+  with pytest.raises(data_sources.UndecodableImageError) as e:
+    next(ip.create_train_iterator(cfg, 15, None, seed=0))
+  msg = str(e.value)
+  assert isinstance(e.value, data_sources.UserError) and '\n' not in msg and bad['train'] in msg
+  assert "1 of 15 image files of split 'train'" in msg and 'data.skip_undecodable=True' in msg
+  with pytest.raises(data_sources.UndecodableImageError, match=bad['val']):
+    list(ip.create_eval_iterator(cfg, 3, None))
+  cfg.skip_undecodable = True              # one epoch = the 14 good images; eval sees 8
+  batch = next(ip.create_train_iterator(cfg, 14, None, seed=0))
+  ids = image_ids(batch['image'], cfg.mean, cfg.std)
+  assert set(batch) == {'image', 'label'} and sorted(ids) == [i for i in range(15) if i != 4]
+  batches = list(ip.create_eval_iterator(cfg, 3, None))
+  ids = np.concatenate([image_ids(b['image'], cfg.mean, cfg.std)[b['mask'] > 0] for b in batches])
+  assert sorted(ids) == [15] + list(range(17, 24)) and len(batches) == 3
+  assert all(f"skipped 1 example(s) of split '{s}'" in caplog.text for s in ('train', 'val'))
 
 
 # ----------------------------------------------------------------------------- global arrays
@@ -365,73 +397,3 @@ def test_batches_are_global_arrays_sharded_over_data_axis(tiny_tfds_dir):
       assert len(value.addressable_shards) == len(devices)
       assert value.addressable_shards[0].data.shape[0] == 8 // len(devices)
   assert float(jax.numpy.sum(evals[-1]['mask'])) == 13 - 8
-
-
-# ----------------------------------------------------------------------------- bad folders
-
-def write_folder_with_truncated_jpegs(root) -> dict[str, str]:
-  """root/{train,val}/{a,b}/*.jpg, 3 images per train class and 2 per val class, ids as colours;
-  one JPEG per split cut in half. Returns {split: path of the truncated file}."""
-  bad, next_id = {}, 0
-  for split, count in (('train', 3), ('val', 2)):
-    for cls in ('a', 'b'):
-      os.makedirs(os.path.join(root, split, cls))
-      for k in range(count):
-        image = np.broadcast_to(np.array(id_to_rgb(next_id), np.uint8), (36, 44, 3))
-        data = tf.io.encode_jpeg(image, quality=95).numpy()
-        path = os.path.join(root, split, cls, f'{next_id:03d}.jpg')
-        if cls == ('b' if split == 'train' else 'a') and k == 1:
-          data, bad[split] = data[:len(data) // 2], path
-        with open(path, 'wb') as f:
-          f.write(data)
-        next_id += 1
-  return bad
-
-
-def test_undecodable_image_is_named_or_skipped(tmp_path, caplog):
-  from strip_mlp.errors import UserError
-  bad = write_folder_with_truncated_jpegs(str(tmp_path))
-  cfg = make_cfg(source='folder', folder_root=str(tmp_path), image_size=32, **NO_AUG)
-  with pytest.raises(data_sources.UndecodableImageError) as e:
-    it = ip.create_train_iterator(cfg, 3, None, seed=0)
-    for _ in range(3):
-      next(it)
-  assert isinstance(e.value, UserError) and '\n' not in str(e.value)
-  assert f'1 of 6 image files of split {"train"!r}' in str(e.value) and bad['train'] in str(e.value)
-  assert 'data.skip_undecodable=True' in str(e.value)
-  with pytest.raises(data_sources.UndecodableImageError, match=bad['val']):
-    list(ip.create_eval_iterator(cfg, 2, None))
-  # Skipping: the 5 good train images make up each epoch; eval sees the 3 good val images.
-  cfg.skip_undecodable = True
-  caplog.set_level('WARNING')
-  it = ip.create_train_iterator(cfg, 5, None, seed=0)
-  for _ in range(2):
-    batch = next(it)
-    assert sorted(image_ids(batch['image'], cfg.mean, cfg.std).tolist()) == [0, 1, 2, 3, 5]
-    assert set(batch) == {'image', 'label'}
-  assert 'skipped 1 example(s) of split' in caplog.text
-  batches = list(ip.create_eval_iterator(cfg, 2, None))
-  assert len(batches) == 2 and sum(b['mask'].sum() for b in batches) == 3
-  ids = np.concatenate([image_ids(b['image'], cfg.mean, cfg.std)[b['mask'] > 0] for b in batches])
-  assert sorted(ids.tolist()) == [6, 8, 9]
-  assert "skipped 1 example(s) of split 'val'" in caplog.text
-
-
-def test_empty_class_folder_is_an_error(tmp_path):
-  for cls in ('cat', 'dog'):
-    os.makedirs(tmp_path / 'train' / cls)
-  tf.io.write_file(str(tmp_path / 'train' / 'cat' / 'a.png'),
-                   tf.io.encode_png(np.zeros((4, 4, 3), np.uint8)))
-  (tmp_path / 'train' / 'dog' / 'notes.txt').write_text('not an image')
-  with pytest.raises(data_sources.EmptyClassFolderError,
-                     match=str(tmp_path / 'train' / 'dog') + ' has no image files'):
-    ip.get_dataset_info(make_cfg(source='folder', folder_root=str(tmp_path), eval_split='train'))
-
-
-def test_unprepared_tfds_dataset_without_variant_folder_warning(tmp_path, caplog):
-  caplog.set_level('INFO')
-  data_dir = str(tmp_path / 'tfds')
-  with pytest.raises(data_sources.DatasetNotFoundError,
-                     match='python -m strip_mlp.data_sources cifar10'):
-    ip.get_dataset_info(make_cfg(source='tfds', name='cifar10', data_dir=data_dir))
-  assert 'Variant folder' not in caplog.text

@@ -81,10 +81,10 @@ def default_data_config() -> ml_collections.ConfigDict:
   c.deterministic = True                # tf.data deterministic order
   c.image_dtype = 'float32'             # 'float32' | 'bfloat16' (halves host->device bytes)
   # --- train augmentation (timm create_transform as in the official trainer)
-  c.interpolation = 'bicubic'           # 'bicubic' | 'bilinear': PIL's exactly (eval); 'tf_bicubic',
-                                        # 'area', ...: tf.image.resize
-  c.train_pil_resize = False            # PIL-exact resizing in training too (+~1.8 ms CPU/image);
-                                        # False: tf.image.resize there (antialiased, ~0.1 level off)
+  c.interpolation = 'bicubic'           # 'bicubic' | 'bilinear': PIL's exactly (in eval);
+                                        # 'tf_bicubic', 'area', ...: tf.image.resize
+  c.train_pil_resize = False            # PIL-exact resizing in training too (~2 ms CPU/image
+                                        # more); False: tf.image.resize there (~0.1 level off)
   c.jpeg_dct_method = 'INTEGER_ACCURATE'  # PIL's IDCT; '' = TF's default (fast, ~1 level off)
   c.random_resized_crop = True
   c.rrc_scale = (0.08, 1.0)

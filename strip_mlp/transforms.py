@@ -14,7 +14,7 @@ integer IDCT (PIL's default; TF's default is the fast one), and 'bicubic'/'bilin
 is PIL's Image.resize bit for bit (strip_mlp.pil_resize), so the eval input equals
 torchvision's exactly (tests/test_pil_parity.py). Training resizes with tf.image.resize
 (antialiased bicubic, ~0.1 level from PIL's) unless train_pil_resize: the exact resize costs
-~1.8 ms more CPU per image there. RandAugment's geometric ops sample bilinearly.
+~2 ms more CPU per image there. RandAugment's geometric ops sample bilinearly.
 """
 from __future__ import annotations
 
@@ -326,7 +326,7 @@ class TransformConfig:
 
   @property
   def train_interpolation(self) -> str:
-    """Training resizes with tf.image.resize unless train_pil_resize: PIL-exact costs ~1.8 ms
+    """Training resizes with tf.image.resize unless train_pil_resize: PIL-exact costs ~2 ms
     more CPU per image (+35% for the full recipe) and augmentation swamps its ~0.1 level."""
     if self.train_pil_resize or self.interpolation not in pil_resize.FILTERS:
       return self.interpolation

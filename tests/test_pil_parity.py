@@ -173,7 +173,8 @@ def test_eval_pipeline_batches_equal_torchvision(files, tmp_path):
       os.symlink(path, tmp_path / split / 'c' / f'{i:03d}{os.path.splitext(path)[1]}')
   cfg = ip.default_data_config()
   cfg.update(source='folder', folder_root=str(tmp_path), image_size=64)
-  images = np.concatenate([b['image'][b['mask'] > 0] for b in ip.create_eval_iterator(cfg, 8, None)])
+  batches = ip.create_eval_iterator(cfg, 8, None)
+  images = np.concatenate([b['image'][b['mask'] > 0] for b in batches])
   refs = np.stack([to_tensor_normalize(torchvision_eval(p, 64)) for _, p in chosen])
   np.testing.assert_allclose(images, refs, rtol=0, atol=1e-6)
 
@@ -202,6 +203,7 @@ def test_pil_resize_matches_pillow_on_random_sizes(method):
     top, left = int(rng.integers(0, oh)), int(rng.integers(0, ow))
     ch, cw = int(rng.integers(1, oh - top + 1)), int(rng.integers(1, ow - left + 1))
     out = fn(image, [oh, ow], [top, left, ch, cw]).numpy()
-    np.testing.assert_array_equal(out, ref[top:top + ch, left:left + cw], err_msg=str((h, w, oh, ow)))
+    np.testing.assert_array_equal(out, ref[top:top + ch, left:left + cw],
+                                  err_msg=str((h, w, oh, ow)))
     two_pass = np.asarray(pil.resize((ow, h), resample).resize((ow, oh), resample))
     np.testing.assert_array_equal(old(image, [oh, ow]).numpy(), two_pass)

@@ -61,8 +61,10 @@ _SCHEDULES = ("cosine", "constant")
 _DTYPES = ("float32", "bfloat16", "float16")
 _IMAGE_DTYPES = ("float32", "bfloat16")
 _ERASING_MODES = ("pixel", "rand", "const")
-_INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "area", "lanczos3", "lanczos5",
-                   "gaussian", "mitchellcubic")   # tf.image.resize methods
+_TF_RESIZE = ("bilinear", "bicubic", "nearest", "area", "lanczos3", "lanczos5", "gaussian",
+              "mitchellcubic")   # tf.image.resize methods; bilinear/bicubic: PIL's exactly
+_INTERPOLATIONS = _TF_RESIZE + tuple(f"tf_{m}" for m in ("bilinear", "bicubic"))
+_DCT_METHODS = ("INTEGER_ACCURATE", "INTEGER_FAST", "")   # '' = TF's default (fast)
 
 
 def _raise_first(errs: list[str]) -> None:
@@ -221,6 +223,8 @@ def _data_errors(d) -> list[str]:
        f"data.image_dtype={d.image_dtype!r} must be one of {_IMAGE_DTYPES}")
   need(d.interpolation in _INTERPOLATIONS,
        f"data.interpolation={d.interpolation!r} must be one of {_INTERPOLATIONS}")
+  need(d.get("jpeg_dct_method", "") in _DCT_METHODS,
+       f"data.jpeg_dct_method={d.get('jpeg_dct_method')!r} must be one of {_DCT_METHODS}")
   need(d.random_erasing_mode in _ERASING_MODES,
        f"data.random_erasing_mode={d.random_erasing_mode!r} must be one of {_ERASING_MODES}")
   for key in ("hflip_prob", "random_erasing_prob", "mixup_prob", "mixup_switch_prob"):

@@ -144,8 +144,13 @@ def test_wrong_image_size_gives_clear_error():
   model, variables = tiny_variables()
   with pytest.raises(ValueError, match=r"built for images of shape \(N, 32, 32, 3\)"):
     model.apply(variables, jnp.zeros((1, 64, 64, 3)))
-  with pytest.raises(ValueError, match="NHWC"):
+  with pytest.raises(ValueError, match=r"looks like NCHW: transpose it") as e:
     model.apply(variables, jnp.zeros((1, 3, 32, 32)))
+  assert "img_size=3" not in str(e.value)
+  with pytest.raises(ValueError, match="add a batch axis"):
+    model.apply(variables, jnp.zeros((32, 32, 3)))
+  with pytest.raises(ValueError, match="3 channels last"):
+    model.apply(variables, jnp.zeros((1, 32, 32, 4)))
 
 
 @pytest.mark.parametrize("kwargs,match", [

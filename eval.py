@@ -36,11 +36,10 @@ from absl import logging  # noqa: E402
 import ml_collections  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from strip_mlp import cli  # noqa: E402
 from strip_mlp.errors import UserError  # noqa: E402
 
 DEFAULT_CONFIG = os.path.join(_REPO, "configs", "default.py")
-DEFAULT_CACHE = os.path.join(os.environ.get("XDG_CACHE_HOME") or "~/.cache", "strip_mlp",
-                             "jax_compilation_cache")
 _HELP = ("-h", "--help", "--helpshort", "--helpfull")
 
 
@@ -52,27 +51,6 @@ def _on_sigint(signum, frame):
   sys.stdout.flush()
   os.write(_STDERR_FD, f"{PROG}: interrupted; nothing was written\n".encode())
   os._exit(130)  # pylint: disable=protected-access  (eval.py has nothing to save)
-
-
-def _import_tensorflow_quietly():
-  """TensorFlow's C++ start-up notices (oneDNN, CPU features) bypass TF_CPP_MIN_LOG_LEVEL
-  and go straight to fd 2 while it is imported: they are dropped (replayed if the import
-  fails). The configs and the input pipeline import TensorFlow."""
-  import tempfile  # pylint: disable=g-import-not-at-top
-  sys.stderr.flush()
-  saved = os.dup(2)
-  with tempfile.TemporaryFile() as captured:
-    os.dup2(captured.fileno(), 2)
-    try:
-      import tensorflow  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
-    except Exception:
-      os.dup2(saved, 2)
-      captured.seek(0)
-      sys.stderr.write(captured.read().decode(errors="replace"))
-      raise
-    finally:
-      os.dup2(saved, 2)
-      os.close(saved)
 
 
 class UsageError(UserError, ValueError):
@@ -99,7 +77,7 @@ def _define_flags(argv, fv: flags.FlagValues):
   flags.DEFINE_integer("process_id", None, "Index of this process.", flag_values=fv)
   flags.DEFINE_string("compilation_cache_dir", None, "Persistent JAX compilation cache ('' "
                       "turns it off). Default: $JAX_COMPILATION_CACHE_DIR, else "
-                      f"{DEFAULT_CACHE} (shared with train.py).", flag_values=fv)
+                      f"{cli.DEFAULT_COMPILATION_CACHE} (shared with train.py).", flag_values=fv)
   # --config: an explicit file, else the config saved in a training workdir, else default.py.
   explicit = any(a == "--config" or a.startswith("--config=") for a in argv[1:])
   saved = None if explicit else _workdir_config(_prescan(argv, "checkpoint"))
@@ -274,10 +252,7 @@ def _start(fv):
   ev.locate_checkpoint(fv.checkpoint)
   sharding.maybe_initialize_distributed(fv.coordinator_address, fv.num_processes,
                                         fv.process_id)
-  cache = fv.compilation_cache_dir
-  if cache is None:
-    cache = os.environ.get("JAX_COMPILATION_CACHE_DIR") or DEFAULT_CACHE
-  sharding.enable_compilation_cache(cache)
+  sharding.enable_compilation_cache(cli.compilation_cache_dir(fv.compilation_cache_dir))
 
 
 def run(fv, explicit_config: bool) -> dict:
@@ -355,5 +330,5 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
   signal.signal(signal.SIGINT, _on_sigint)
-  _import_tensorflow_quietly()
+  cli.import_tensorflow_quietly()
   sys.exit(main())

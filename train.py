@@ -40,29 +40,9 @@ def _interrupted_while_loading(signum, frame):
 
 signal.signal(signal.SIGINT, _interrupted_while_loading)  # main() installs its own
 
+from strip_mlp import cli  # noqa: E402
 
-def _import_tensorflow_quietly():
-  """TensorFlow's C++ start-up notices (oneDNN, CPU features) bypass TF_CPP_MIN_LOG_LEVEL
-  and go straight to fd 2 while it is imported: they are dropped (replayed if the import
-  fails). The config files import TensorFlow through the input pipeline."""
-  import tempfile  # pylint: disable=g-import-not-at-top
-  sys.stderr.flush()
-  saved = os.dup(2)
-  with tempfile.TemporaryFile() as captured:
-    os.dup2(captured.fileno(), 2)
-    try:
-      import tensorflow  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
-    except Exception:
-      os.dup2(saved, 2)
-      captured.seek(0)
-      sys.stderr.write(captured.read().decode(errors="replace"))
-      raise
-    finally:
-      os.dup2(saved, 2)
-      os.close(saved)
-
-
-_import_tensorflow_quietly()
+cli.import_tensorflow_quietly()
 
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
@@ -72,8 +52,6 @@ from ml_collections import config_flags  # noqa: E402
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs",
                                "default.py")
-_DEFAULT_CACHE = os.path.join(os.environ.get("XDG_CACHE_HOME") or "~/.cache",
-                              "strip_mlp", "jax_compilation_cache")
 
 
 def _fail(message: str):
@@ -105,7 +83,7 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processe
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Index of this process.")
 _CACHE_DIR = flags.DEFINE_string(
     "compilation_cache_dir", None, "Persistent JAX compilation cache ('' turns it off). "
-    f"Default: $JAX_COMPILATION_CACHE_DIR, else {_DEFAULT_CACHE}.")
+    f"Default: $JAX_COMPILATION_CACHE_DIR, else {cli.DEFAULT_COMPILATION_CACHE}.")
 
 
 def _parse_flags(argv):
@@ -192,10 +170,7 @@ def _run(config, workdir: str) -> int:
   plan.validate_config(config, check_devices=False)
   sharding.maybe_initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
                                         _PROCESS_ID.value)
-  cache = _CACHE_DIR.value
-  if cache is None:
-    cache = os.environ.get("JAX_COMPILATION_CACHE_DIR") or _DEFAULT_CACHE
-  sharding.enable_compilation_cache(cache)
+  sharding.enable_compilation_cache(cli.compilation_cache_dir(_CACHE_DIR.value))
   _check(config, workdir)
   from strip_mlp import train_lib  # pylint: disable=g-import-not-at-top
   result = train_lib.train_and_evaluate(config, workdir)

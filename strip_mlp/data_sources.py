@@ -85,7 +85,7 @@ def _not_prepared_message(name: str, data_dir: str, manual_dir: str | None,
 
 
 @contextlib.contextmanager
-def _held_variant_warnings():
+def held_variant_warnings():
   """Holds TFDS's "Variant folder ... has no dataset_info.json" warnings (an unprepared
   dataset's expected state); yields the held records for the caller to drop or re-emit."""
   held = []
@@ -125,7 +125,7 @@ class TfdsSource:
   def from_name(cls, name: str, data_dir: str | None = None, manual_dir: str | None = None,
                 prepare: bool = False, **kw) -> 'TfdsSource':
     data_dir = os.path.expanduser(data_dir) if data_dir else default_tfds_dir()
-    with _held_variant_warnings() as held:
+    with held_variant_warnings() as held:
       try:
         builder = tfds.builder(name, data_dir=data_dir)
       except tfds.core.registered.DatasetNotFoundError as e:

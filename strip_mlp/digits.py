@@ -15,6 +15,8 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from etils import epath
 
+from strip_mlp.data_sources import held_variant_warnings
+
 IMAGE_SIZE = 32
 SPLIT_SEED = 0
 TEST_FRACTION = 0.2
@@ -74,8 +76,9 @@ def load_builder(name: str = 'digits', data_dir: str | None = None) -> tfds.core
   if name not in EMBEDDED_BUILDERS:
     raise ValueError(f'unknown embedded dataset {name!r}; available: {sorted(EMBEDDED_BUILDERS)}')
   data_dir = os.path.expanduser(data_dir or os.environ.get('TFDS_DATA_DIR', '~/tensorflow_datasets'))
-  builder = EMBEDDED_BUILDERS[name](data_dir=data_dir)
-  if not builder.is_prepared():
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-        compute_stats=tfds.download.ComputeStatsMode.SKIP))
+  with held_variant_warnings():  # "no dataset_info.json" before the first preparation
+    builder = EMBEDDED_BUILDERS[name](data_dir=data_dir)
+    if not builder.is_prepared():
+      builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+          compute_stats=tfds.download.ComputeStatsMode.SKIP))
   return builder

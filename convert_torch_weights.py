@@ -44,7 +44,7 @@ def _check_new_file(dst: str) -> None:
 
 
 def _to_flax(args) -> str:
-  from strip_mlp.checkpoint import save_checkpoint  # pylint: disable=g-import-not-at-top
+  from strip_mlp.model_checkpoint import save_checkpoint  # pylint: disable=g-import-not-at-top
   from strip_mlp.convert import torch_to_flax  # pylint: disable=g-import-not-at-top
   if args.step is not None or args.which is not None or args.ema is not None:
     raise UsageError("--step, --which and --ema select a training checkpoint: they apply to "
@@ -62,7 +62,7 @@ def _to_flax(args) -> str:
 
 def _to_torch(args) -> str:
   import jax  # pylint: disable=g-import-not-at-top
-  from strip_mlp import evaluate, sharding  # pylint: disable=g-import-not-at-top
+  from strip_mlp import model_checkpoint, sharding  # pylint: disable=g-import-not-at-top
   from strip_mlp.convert import flax_to_torch  # pylint: disable=g-import-not-at-top
   dst = os.path.abspath(args.dst)
   _check_new_file(dst)
@@ -71,8 +71,8 @@ def _to_torch(args) -> str:
                        "this script) or a train.py workdir; to convert a .pth file to a "
                        "checkpoint directory, drop --to-torch")
   mesh = sharding.create_mesh(1, jax.local_devices()[:1])
-  ckpt = evaluate.load_for_eval(args.src, step=args.step, which=args.which,
-                                ema=args.ema, mesh=mesh)
+  ckpt = model_checkpoint.load_weights(args.src, step=args.step, which=args.which,
+                                      ema=args.ema, mesh=mesh)
   state_dict = flax_to_torch(ckpt.variables)
   write_new_file(dst, lambda f: _torch_save({"model": state_dict}, f))
   return f"wrote PyTorch state dict {dst} from {ckpt.describe()}"
@@ -108,7 +108,7 @@ def write_new_file(dst: str, write) -> None:
     if os.path.exists(tmp):
       os.remove(tmp)
     if isinstance(e, (OSError, RuntimeError)) and not isinstance(e, UserError):
-      from strip_mlp.checkpoint import storage_error_reason  # pylint: disable=g-import-not-at-top
+      from strip_mlp.storage_errors import storage_error_reason  # pylint: disable=g-import-not-at-top
       raise ConvertError(f"cannot write {dst}: {storage_error_reason(e)[1]}; nothing was "
                          "written: free up space or choose another output location") from e
     raise

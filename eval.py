@@ -22,27 +22,22 @@ printed as JSON when that fails too) and the exit code is 1. Ctrl-C exits with 1
 """
 import json
 import os
-import re
 import signal
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-_REPO = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, _REPO)  # `import configs`
 PROG = "eval.py"
 
+from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
-from absl import logging  # noqa: E402
 import ml_collections  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from strip_mlp import cli  # noqa: E402
-from strip_mlp.errors import UserError  # noqa: E402
+from strip_mlp.errors import EvalError  # noqa: E402
 
-DEFAULT_CONFIG = os.path.join(_REPO, "configs", "default.py")
-_HELP = ("-h", "--help", "--helpshort", "--helpfull")
-
-
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs",
+                              "default.py")
 _STDERR_FD = os.dup(2)  # stderr even while TensorFlow's import notices are redirected
 
 
@@ -53,11 +48,8 @@ def _on_sigint(signum, frame):
   os._exit(130)  # pylint: disable=protected-access  (eval.py has nothing to save)
 
 
-class UsageError(UserError, ValueError):
-  """Bad or missing flags."""
-
-
-def _define_flags(argv, fv: flags.FlagValues):
+def define_flags(fv: flags.FlagValues, argv: list[str]) -> None:
+  """eval.py's flags on `fv`; config_flags applies the --config.* overrides of `argv`."""
   flags.DEFINE_string("checkpoint", None, "Training workdir, converted checkpoint directory "
                       "or PyTorch .pth file.", flag_values=fv)
   flags.DEFINE_integer("step", None, "Training workdirs: evaluate this step.", flag_values=fv)
@@ -71,51 +63,43 @@ def _define_flags(argv, fv: flags.FlagValues):
   flags.DEFINE_string("output", None, "JSON file for the results.", flag_values=fv)
   flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Compute dtype (default: the "
                     "checkpoint's); parameters stay float32.", flag_values=fv)
-  flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process).",
-                      flag_values=fv)
-  flags.DEFINE_integer("num_processes", None, "Number of processes.", flag_values=fv)
-  flags.DEFINE_integer("process_id", None, "Index of this process.", flag_values=fv)
-  flags.DEFINE_string("compilation_cache_dir", None, "Persistent JAX compilation cache ('' "
-                      "turns it off). Default: $JAX_COMPILATION_CACHE_DIR, else "
-                      f"{cli.DEFAULT_COMPILATION_CACHE} (shared with train.py).", flag_values=fv)
-  # --config: an explicit file, else the config saved in a training workdir, else default.py.
-  explicit = any(a == "--config" or a.startswith("--config=") for a in argv[1:])
-  saved = None if explicit else _workdir_config(_prescan(argv, "checkpoint"))
-  if saved is not None:
-    config_flags.DEFINE_config_dict("config", saved, "Config (from the training workdir).",
-                                    flag_values=fv, sys_argv=argv)
-  else:
-    config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "Config file "
-                                    "(configs/<name>.py[:arg]) for the data.",
-                                    flag_values=fv, sys_argv=argv)
-  return explicit
-
-
-def _prescan(argv, name):
-  for i, a in enumerate(argv[1:], 1):
-    if a.startswith(f"--{name}="):
-      return a.split("=", 1)[1]
-    if a == f"--{name}" and i + 1 < len(argv):
-      return argv[i + 1]
-  return None
-
-
-def _workdir_config(path):
-  """The resolved config saved by train.py in the workdir of `path`, on top of
-  configs/common.base_config() (so that overrides keep their types), or None."""
-  if not path:
-    return None
+  cli.define_process_flags(fv)
   try:
-    from strip_mlp.evaluate import (  # pylint: disable=g-import-not-at-top
-        WORKDIR_CONFIG, locate_checkpoint)
-    kind, root, _ = locate_checkpoint(path)
+    config_flags.DEFINE_config_file(
+        "config", DEFAULT_CONFIG, "Config file (configs/<name>.py[:arg]) for the data; "
+        "default: the config saved in a training workdir, else configs/default.py.",
+        flag_values=fv, sys_argv=argv)
+  except (AttributeError, KeyError) as e:
+    raise cli.UsageError(cli.unknown_key_message(e, argv)) from None
+
+
+def _normalize(argv: list[str]) -> list[str]:
+  """--no-ema, as the docs spell it, is absl's --noema."""
+  return [a.replace("--no-ema", "--noema") if a.split("=")[0] == "--no-ema" else a
+          for a in argv]
+
+
+def _config(fv: flags.FlagValues) -> tuple[ml_collections.ConfigDict, bool]:
+  """(config, whether --config was given). Without --config, a training workdir's saved
+  config (on top of configs/common.base_config(), so overrides keep their types) with the
+  --config.* overrides applied again; else configs/default.py."""
+  if fv["config"].present:
+    return fv.config, True
+  saved = _workdir_config(fv.checkpoint)
+  return (fv.config, False) if saved is None else (cli.apply_overrides(saved, fv), False)
+
+
+def _workdir_config(path: str) -> ml_collections.ConfigDict | None:
+  from configs import common  # pylint: disable=g-import-not-at-top
+  from strip_mlp import model_checkpoint, train_checkpoint  # pylint: disable=g-import-not-at-top
+  try:
+    kind, root, _ = model_checkpoint.locate_checkpoint(path)
     if kind != "workdir":
       return None
-    with open(os.path.join(os.path.dirname(root), WORKDIR_CONFIG)) as f:
+    with open(os.path.join(os.path.dirname(root), train_checkpoint.CONFIG_FILE)) as f:
       resolved = json.load(f)["config"]
   except (ValueError, OSError, KeyError):
-    return None  # main() reports what is wrong with the checkpoint
-  from configs import common  # pylint: disable=g-import-not-at-top
+    return None  # run() reports what is wrong with the checkpoint
   config = common.base_config()
 
   def merge(node, values):
@@ -131,35 +115,6 @@ def _workdir_config(path):
           pass  # keep the default rather than fail on a type change
   merge(config, resolved)
   return config
-
-
-def parse_flags(argv) -> tuple[flags.FlagValues, bool]:
-  """(flag values, whether --config was given). Raises UsageError (one line)."""
-  from strip_mlp import plan  # pylint: disable=g-import-not-at-top
-  argv = [a.replace("--no-ema", "--noema") if a.split("=")[0] == "--no-ema" else a
-          for a in argv]
-  fv = flags.FlagValues()
-  try:
-    explicit = _define_flags(argv, fv)   # config overrides are applied here already
-    rest = fv(argv)
-  except flags.Error as e:
-    raise UsageError(plan.describe_flag_error(e)) from None
-  except (AttributeError, KeyError) as e:
-    bad = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
-    hint = re.search(r'Did you mean "(\w+)"', str(e))
-    raise UsageError(f"unknown config key in {' '.join(bad)}"
-                     + (f" (did you mean {hint.group(1)!r}?)" if hint else "")
-                     + "; the keys are listed in configs/common.py") from None
-  except Exception as e:  # pylint: disable=broad-except  (a config file's own code)
-    raise UsageError(plan.describe_config_load_error(_prescan(argv, "config"), e)) from None
-  if not isinstance(fv["config"].value, ml_collections.ConfigDict):
-    raise UsageError(plan.describe_config_load_error(
-        _prescan(argv, "config"), getattr(fv["config"].value, "_error", None)))
-  if len(rest) > 1:
-    raise UsageError(f"unexpected arguments: {' '.join(rest[1:])} (flags are --name=value)")
-  if not fv.checkpoint:
-    raise UsageError("--checkpoint=DIR is required")
-  return fv, explicit
 
 
 def _default_output(ckpt, split: str) -> str:
@@ -192,12 +147,11 @@ def _write_json(path: str, result: dict) -> None:
 
 def _check_output(output: str):
   """--output must name a file in a directory that takes files: checked before loading."""
-  from strip_mlp import plan  # pylint: disable=g-import-not-at-top
   path = os.path.abspath(output)
   if os.path.isdir(path):
-    raise UsageError(f"--output={output} is a directory; give a file name, e.g. "
-                     f"{os.path.join(output, 'eval.json')}")
-  plan.check_writable_dir(os.path.dirname(path), "the --output directory")
+    raise cli.UsageError(f"--output={output} is a directory; give a file name, e.g. "
+                         f"{os.path.join(output, 'eval.json')}")
+  cli.check_writable_dir(os.path.dirname(path), "the --output directory")
 
 
 def write_results(result: dict, output: str | None, default: str) -> str:
@@ -207,7 +161,6 @@ def write_results(result: dict, output: str | None, default: str) -> str:
   an EvalError says where they went (exit code 1: what was asked for did not happen);
   when no place can be written they are printed as JSON and the EvalError says so.
   """
-  from strip_mlp.evaluate import EvalError  # pylint: disable=g-import-not-at-top
   targets = [p for p in (output, default, os.path.abspath("eval.json")) if p]
   targets = list(dict.fromkeys(targets))
   failed = []
@@ -241,44 +194,38 @@ def _summary(metrics: dict, ckpt, config, batch_size: int, platform: str) -> dic
           "seconds": metrics["seconds"], "compile_seconds": metrics["compile_seconds"]}
 
 
-def _start(fv):
-  """Everything cheap, before the checkpoint is loaded: the data config, --output, the
-  checkpoint's location, the processes, the compilation cache."""
-  from strip_mlp import evaluate as ev  # pylint: disable=g-import-not-at-top
-  from strip_mlp import plan, sharding  # pylint: disable=g-import-not-at-top
-  plan.validate_data_config(fv.config.data)
+def run(fv: flags.FlagValues) -> dict:
+  """Evaluates as the flags say; returns the result dict (also written as JSON).
+
+  Everything cheap comes first (the data config, --output, the checkpoint's location, the
+  batch size), then the checkpoint against --config and the dataset, then the compile.
+  """
+  if not fv.checkpoint:
+    raise cli.UsageError("--checkpoint=DIR is required")
+  import jax  # pylint: disable=g-import-not-at-top
+  from strip_mlp import evaluate, model_checkpoint, plan, sharding  # pylint: disable=g-import-not-at-top
+  config, explicit_config = _config(fv)
+  plan.validate_data_config(config.data)
   if fv.output:
     _check_output(fv.output)
-  ev.locate_checkpoint(fv.checkpoint)
-  sharding.maybe_initialize_distributed(fv.coordinator_address, fv.num_processes,
-                                        fv.process_id)
-  sharding.enable_compilation_cache(cli.compilation_cache_dir(fv.compilation_cache_dir))
-
-
-def run(fv, explicit_config: bool) -> dict:
-  """Evaluates as the flags say; returns the result dict (also written as JSON)."""
-  _start(fv)
-  import jax  # pylint: disable=g-import-not-at-top
-  from strip_mlp import evaluate as ev  # pylint: disable=g-import-not-at-top
-  from strip_mlp import plan, sharding  # pylint: disable=g-import-not-at-top
-  config = fv.config
+  model_checkpoint.locate_checkpoint(fv.checkpoint)
+  cli.start_processes(fv)
   n_dev = jax.device_count()
   batch_size = fv.batch_size
   if batch_size is None:
     batch_size = int(config.get("eval_batch_size") or config.get("batch_size") or 256)
     batch_size = -(-batch_size // n_dev) * n_dev
-  ev.check_batch_size(batch_size, n_dev, jax.process_count())
+  evaluate.check_batch_size(batch_size, n_dev, jax.process_count())
   mesh = sharding.create_mesh()
-  ckpt = ev.load_for_eval(fv.checkpoint, step=fv.step, which=fv.which, ema=fv.ema,
-                          dtype=fv.dtype, mesh=mesh)
+  ckpt = model_checkpoint.load_weights(fv.checkpoint, step=fv.step, which=fv.which,
+                                       ema=fv.ema, dtype=fv.dtype, mesh=mesh)
   if explicit_config:
-    ev.check_config_model(ckpt.model, config, "--config")
-  # The dataset (splits, class count) before anything is compiled.
-  ev.check_model_fits_data(ckpt.model, config.data, plan.read_dataset_info(config.data))
+    evaluate.check_config_model(ckpt.model, config, "--config")
+  evaluate.check_model_fits_data(ckpt.model, config.data, plan.read_dataset_info(config.data))
   main_process = jax.process_index() == 0
   if main_process:
     print(f"evaluating {ckpt.describe()}", flush=True)
-  metrics = ev.evaluate(ckpt.model, ckpt.variables, config.data, batch_size, mesh)
+  metrics = evaluate.evaluate(ckpt.model, ckpt.variables, config.data, batch_size, mesh)
   result = _summary(metrics, ckpt, config, batch_size, jax.devices()[0].platform)
   if main_process:
     print(f"{metrics['dataset']}:{metrics['split']}  top-1 {100 * metrics['top1']:.2f}%  "
@@ -292,43 +239,47 @@ def run(fv, explicit_config: bool) -> dict:
   return result
 
 
-def _one_line(text) -> str:
-  return " ".join(str(text).split())
+def _guarded_run(fv: flags.FlagValues) -> int:
+  cli.quiet_logging(fv)
+  return cli.guarded(PROG, run, fv, out_of_memory_fix="lower --batch_size or use "
+                     "--dtype=bfloat16")
 
 
-def main(argv=None) -> int:
-  """Returns the exit code: 0, or 1 after printing one line `eval.py: error: ...`."""
-  argv = list(sys.argv if argv is None else argv)
-  if any(a in _HELP for a in argv[1:]):
-    fv = flags.FlagValues()
-    _define_flags([argv[0]], fv)
-    print(__doc__)
-    print(fv.get_help())
-    return 0
-  logging.set_verbosity(logging.WARNING)  # orbax/absl INFO chatter
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top  (the configs import it)
+def main(argv) -> int:
+  """absl's main: the flags are parsed into flags.FLAGS already."""
+  del argv  # checked by _parse_flags
+  return _guarded_run(flags.FLAGS)
+
+
+def run_argv(argv: list[str]) -> int:
+  """The whole program on a private flag set (re-entrant: tests, notebooks); returns the
+  exit code, 0 or 1 after printing one line `eval.py: error: ...`."""
+  argv = _normalize(list(argv))
+  fv = flags.FlagValues()
   try:
-    fv, explicit = parse_flags(argv)
-    run(fv, explicit)
-  except UserError as e:
-    message = _one_line(e)
-  except OSError as e:  # a full disk, permissions, a file that vanished: not a bug of ours
-    message = _one_line(f"{e.strerror or e}{f' {e.filename}' if e.filename else ''} "
-                        f"({type(e).__name__})")
-  except tf.errors.OpError as e:  # tf.data: an unreadable or corrupt file of the dataset
-    message = _one_line(f"reading the data failed: {e.message}")
-  except RuntimeError as e:  # jax.errors.JaxRuntimeError from XLA
-    if "RESOURCE_EXHAUSTED" not in str(e):
-      raise
-    message = _one_line(f"out of device memory ({str(e).strip().splitlines()[0][:300]}); "
-                        "lower --batch_size or use --dtype=bfloat16")
-  else:
-    return 0
-  print(f"{PROG}: error: {message}", file=sys.stderr, flush=True)
-  return 1
+    define_flags(fv, argv)
+    cli.parse_flags(argv, fv)
+  except cli.UsageError as e:
+    print(f"{PROG}: error: {cli.one_line(e)}", file=sys.stderr, flush=True)
+    return 1
+  return _guarded_run(fv)
+
+
+def _parse_flags(argv):
+  try:
+    return cli.parse_flags(argv)
+  except cli.UsageError as e:
+    print(f"{PROG}: error: {cli.one_line(e)}", file=sys.stderr, flush=True)
+    sys.exit(1)
 
 
 if __name__ == "__main__":
   signal.signal(signal.SIGINT, _on_sigint)
   cli.import_tensorflow_quietly()
-  sys.exit(main())
+  _argv = _normalize(sys.argv)
+  try:
+    define_flags(flags.FLAGS, _argv)
+  except cli.UsageError as _e:
+    print(f"{PROG}: error: {cli.one_line(_e)}", file=sys.stderr, flush=True)
+    sys.exit(1)
+  app.run(main, argv=_argv, flags_parser=_parse_flags)

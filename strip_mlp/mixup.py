@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import optax
 
 
 def smooth_one_hot(labels: jax.Array, num_classes: int, smoothing: float = 0.0) -> jax.Array:
   """int (B,) -> float32 (B, num_classes): 1 - s + s/K on the label, s/K elsewhere."""
-  off = smoothing / num_classes
-  return jax.nn.one_hot(labels, num_classes, dtype=jnp.float32) * (1.0 - smoothing) + off
+  return optax.smooth_labels(jax.nn.one_hot(labels, num_classes, dtype=jnp.float32), smoothing)
 
 
 def cutmix_box(rng: jax.Array, height: int, width: int, lam: jax.Array):

@@ -23,6 +23,8 @@ VARIANTS = {
     "small": dict(embed_dim=96, layers=(2, 2, 18, 2)),       # Strip-MLP-S
     "base": dict(embed_dim=112, layers=(2, 2, 18, 2)),       # Strip-MLP-B
 }
+# The constructor keywords that fix the shapes of the parameters.
+ARCHITECTURE_KEYS = ("embed_dim", "layers", "img_size", "num_classes")
 
 BN_MOMENTUM = 0.9   # PyTorch momentum 0.1
 BN_EPS = 1e-5

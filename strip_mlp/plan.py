@@ -4,35 +4,22 @@
 `validate_data_config` for the `data` keys, which eval.py uses on its own);
 `read_dataset_info` opens the dataset and turns what is wrong with it into one line;
 `make_plan` resolves epochs to steps, the lr scaling rule and the class count once the
-dataset's sizes are known; `check_writable_dir` proves that an output directory takes
-files. All raise `UserError` subclasses (mostly `ConfigError`) with one line that says
-what to change; `describe_flag_error` / `describe_config_load_error` make one line of what
-absl and config_flags report for a bad flag or config file. This module does not import
-TensorFlow when it is imported.
+dataset's sizes are known. All raise `UserError` subclasses (mostly `ConfigError`) with
+one line that says what to change. This module does not import TensorFlow when it is
+imported.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
 import os
-import re
-import tempfile
-import traceback
 
 import jax
 import ml_collections
 
 from strip_mlp import ops, optim
-from strip_mlp.errors import UserError
+from strip_mlp.errors import ConfigError, UserError
 from strip_mlp.model import VARIANTS, validate_architecture
-
-
-class ConfigError(UserError, ValueError):
-  """A config key has a value that cannot work; the message says which and what to do."""
-
-
-class NotWritableError(UserError, OSError):
-  """An output directory (workdir, --output) cannot be created or written."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -264,57 +251,6 @@ def read_dataset_info(data: ml_collections.ConfigDict):
     where = (f"data.folder_root={data.folder_root!r}" if data.source == "folder"
              else f"data.source={data.source!r}, data.name={data.name!r}")
     raise ConfigError(f"cannot open the dataset ({where}): {what}") from None
-
-
-def check_writable_dir(path: str, what: str) -> None:
-  """Creates directory `path` if needed and writes (and removes) a file in it.
-
-  A real write, because permission bits say nothing for root or on read-only mounts.
-  Remote paths (gs://..., s3://...) are left to their file system. Raises
-  NotWritableError with one line.
-  """
-  if "://" in path:
-    return
-  if os.path.exists(path) and not os.path.isdir(path):
-    raise NotWritableError(f"{what} {path} exists and is not a directory; give a directory")
-  try:
-    os.makedirs(path, exist_ok=True)
-  except OSError as e:
-    raise NotWritableError(f"cannot create {what} {path} ({e.strerror or e}); give a "
-                           "writable directory") from None
-  try:
-    fd, probe = tempfile.mkstemp(prefix=".write_test_", dir=path)
-    os.close(fd)
-    os.remove(probe)
-  except OSError as e:
-    raise NotWritableError(f"{what} {path} is not writable (writing a file there failed: "
-                           f"{e.strerror or e}); give a writable directory") from None
-
-
-def describe_flag_error(error: Exception) -> str:
-  """One line for an absl flag error. config_flags puts the whole traceback of a config
-  file that raised (e.g. configs/cifar10.py:huge) into the message: its last line says it."""
-  text = str(error)
-  if "Traceback (most recent call last)" not in text:
-    return " ".join(text.split())
-  head = text.split(": Error whilst parsing config file")[0].split("\n")[0]
-  last = [line.strip() for line in text.splitlines() if line.strip()][-1]
-  return f"{head}: {re.sub(r'^[A-Za-z_.]*(Error|Exception): ', '', last)}"
-
-
-def describe_config_load_error(path: str, error: BaseException | None) -> str:
-  """One line for a --config file that cannot be loaded: missing (config_flags keeps the
-  IOError until the config is used) or raising something else while it runs."""
-  if isinstance(error, OSError) or error is None:
-    lines = [line.strip() for line in str(error or "").splitlines() if line.strip()]
-    why = lines[-1] if lines else "it cannot be read"
-    return f"--config={path}: cannot load the config file ({why})"
-  where = ""
-  frames = traceback.extract_tb(error.__traceback__) if error.__traceback__ else []
-  if frames:
-    where = f" (at {frames[-1].filename}:{frames[-1].lineno})"
-  what = " ".join(str(error).split())
-  return f"--config={path}: the config file raised {type(error).__name__}: {what}{where}"
 
 
 def _interval(steps: int | None, epochs: float, steps_per_epoch: float) -> int:

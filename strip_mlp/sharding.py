@@ -17,7 +17,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from strip_mlp.errors import UserError
+from strip_mlp.errors import DistributedSetupError
 
 try:  # jax >= 0.5: say that the axes are sharded automatically (jax.make_mesh's default
   from jax.sharding import AxisType  # became Explicit); older jax has only automatic axes.
@@ -27,10 +27,6 @@ except ImportError:  # pragma: no cover
 DATA_AXES = ("data", "fsdp")
 # Leaves smaller than this stay replicated under FSDP (sharding them costs more than it saves).
 FSDP_MIN_SIZE = 2 ** 12
-
-
-class DistributedSetupError(UserError, RuntimeError):
-  """The multi-process flags/environment cannot start JAX's distributed runtime."""
 
 
 def _check_process_flags(coordinator_address, num_processes, process_id, cluster: bool):
@@ -128,22 +124,12 @@ def enable_compilation_cache(directory: str | None) -> str | None:
   return directory
 
 
-def barrier(name: str, timeout_s: int = 1800):
-  """Waits until every process gets here (no-op with one process).
-
-  Uses the coordination service's barrier, whose timeout is ours, rather than a device
-  collective: hosts can reach the first step minutes apart (one compiles, another hits the
-  compilation cache), longer than CPU (gloo) collectives wait for their peers.
-  """
+def barrier(name: str):
+  """Waits until every process gets here (no-op with one process)."""
   if jax.process_count() == 1:
     return
-  from jax._src import distributed  # pylint: disable=g-import-not-at-top
-  client = distributed.global_state.client
-  if client is not None and hasattr(client, "wait_at_barrier"):
-    client.wait_at_barrier(name, timeout_in_ms=int(timeout_s * 1000))
-  else:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    multihost_utils.sync_global_devices(name)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  multihost_utils.sync_global_devices(name)
 
 
 def create_mesh(fsdp: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:

@@ -15,15 +15,7 @@ import zipfile
 
 import numpy as np
 
-from strip_mlp.errors import UserError
-
-
-class CheckpointFormatError(UserError, ValueError):
-  """A file that is not a usable Strip-MLP checkpoint; the message says what to do."""
-
-
-class TorchNotInstalledError(UserError, ImportError):
-  """Reading .pth files needs PyTorch, which is not installed."""
+from strip_mlp.errors import CheckpointFormatError, TorchNotInstalledError
 
 
 class _InertConfigNode:

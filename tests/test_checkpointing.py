@@ -24,9 +24,11 @@ from orbax.checkpoint._src.serialization import serialization
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import train_test_utils  # noqa: E402
 
-from strip_mlp import checkpoint, checkpointing, sharding, train_lib  # noqa: E402
-from strip_mlp.checkpointing import (  # noqa: E402
-    CheckpointMismatchError, Checkpointer, CheckpointSaveError)
+from strip_mlp import model_checkpoint, sharding, storage_errors  # noqa: E402
+from strip_mlp.build import build  # noqa: E402
+from strip_mlp.errors import CheckpointMismatchError, CheckpointSaveError  # noqa: E402
+from strip_mlp.steps import TrainState  # noqa: E402
+from strip_mlp.train_checkpoint import Checkpointer  # noqa: E402
 from strip_mlp.errors import UserError  # noqa: E402
 
 train_test_utils.quiet_logs()
@@ -37,9 +39,9 @@ def _state(mesh, scale=1.0):
   params = {"dense": {"kernel": scale * jnp.arange(64 * 128, dtype=jnp.float32).reshape(64, 128),
                       "bias": scale * jnp.ones(128)}}
   tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3))
-  state = train_lib.TrainState(step=jnp.array(7, jnp.int32), params=params,
-                               batch_stats={"bn": {"mean": jnp.zeros(4)}},
-                               opt_state=tx.init(params), ema={})
+  state = TrainState(step=jnp.array(7, jnp.int32), params=params,
+                     batch_stats={"bn": {"mean": jnp.zeros(4)}},
+                     opt_state=tx.init(params), ema={})
   shardings = sharding.tree_shardings(state, mesh)
   return jax.device_put(state, shardings), shardings
 
@@ -85,7 +87,7 @@ _CRASH_SCRIPT = textwrap.dedent("""
     import os, sys
     import numpy as np, jax.numpy as jnp
     sys.path.insert(0, {repo!r})
-    from strip_mlp.checkpointing import Checkpointer
+    from strip_mlp.train_checkpoint import Checkpointer
     ckpt = Checkpointer(sys.argv[1])
     big = {{"w": jnp.asarray(np.random.RandomState(0).randn(4096, 4096).astype(np.float32))}}
     ckpt.save(1, {{"w": jnp.ones(3)}}, {{}})
@@ -136,25 +138,24 @@ def test_merge_pretrained_reinitialises_only_the_head():
   pre = {"params": {"head": {"kernel": np.ones((8, 100)), "bias": np.ones(100)},
                     "stem": {"kernel": np.full((3, 8), 2.0)}},
          "batch_stats": {"norm": {"mean": np.full(8, 3.0)}}}
-  merged, reinit = checkpointing.merge_pretrained(target, pre)
+  merged, reinit = model_checkpoint.merge_pretrained(target, pre)
   assert sorted(reinit) == ["params/head/bias", "params/head/kernel"]
   np.testing.assert_array_equal(merged["params"]["stem"]["kernel"], 2.0)
   np.testing.assert_array_equal(merged["batch_stats"]["norm"]["mean"], 3.0)
   np.testing.assert_array_equal(merged["params"]["head"]["kernel"], 0.0)
   pre["params"]["stem"]["kernel"] = np.ones((3, 9))
   with pytest.raises(CheckpointMismatchError, match="stem/kernel.*only the number of classes"):
-    checkpointing.merge_pretrained(target, pre)
+    model_checkpoint.merge_pretrained(target, pre)
 
 
 def test_pretrained_of_another_architecture_is_refused(fixtures_dir):
   config = train_test_utils.small_config(init_from=str(fixtures_dir /
                                                        "smlp_e40_i32_l1121_c10.pth"))
-  model = train_lib.build_model(config, 10, 32)            # embed_dim 16: does not fit
   mesh = sharding.create_mesh(1, jax.devices()[:1])
-  tx = train_lib.build_optimizer(config, optax.constant_schedule(1e-3))
-  target, _ = train_lib.create_train_state(config, model, tx, mesh, jax.random.key(0))
+  target = build(config, train_test_utils.dataset_info(10), mesh).abstract_state  # 16 wide
+  target = {"params": target.params, "batch_stats": target.batch_stats}
   with pytest.raises(CheckpointMismatchError, match="use the variant, embed_dim, layers"):
-    train_lib.load_pretrained_variables(config.init_from, target)
+    model_checkpoint.pretrained_onto(config.init_from, target)
 
 
 # ----------------------------------------------------------------------------- save failures
@@ -309,8 +310,8 @@ def test_expected_orbax_warnings_are_not_logged(tmp_path, absl_records):
 def test_closed_event_loop_errors_are_silenced_and_others_kept(monkeypatch):
   seen = []
   monkeypatch.setattr(sys, "unraisablehook", seen.append)
-  checkpoint.quiet_closed_event_loop_errors()
-  checkpoint.quiet_closed_event_loop_errors()             # once
+  storage_errors.quiet_closed_event_loop_errors()
+  storage_errors.quiet_closed_event_loop_errors()             # once
   loop = asyncio.new_event_loop()
   loop.close()
   with pytest.raises(RuntimeError) as closed:
@@ -326,7 +327,8 @@ _DISK_FULL_SCRIPT = textwrap.dedent("""
     import resource, signal, sys
     import numpy as np, jax.numpy as jnp
     sys.path.insert(0, {repo!r})
-    from strip_mlp.checkpointing import Checkpointer, CheckpointSaveError
+    from strip_mlp.train_checkpoint import Checkpointer
+    from strip_mlp.errors import CheckpointSaveError
     ckpt = Checkpointer(sys.argv[1])
     ckpt.save(1, {{"w": jnp.ones(3)}}, {{}})
     ckpt.wait()

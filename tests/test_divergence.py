@@ -14,7 +14,10 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import train_test_utils as utils  # noqa: E402
 
-from strip_mlp import sharding, train_lib  # noqa: E402
+from strip_mlp import sharding, train_helpers, train_lib  # noqa: E402
+from strip_mlp import steps as steps_lib  # noqa: E402
+from strip_mlp.errors import TrainingDivergedError  # noqa: E402
+from strip_mlp.metric_writer import MetricWriter  # noqa: E402
 
 utils.enable_compilation_cache()
 utils.quiet_logs()
@@ -29,17 +32,17 @@ def _metrics(loss=1.0, grad_norm=1.0, params_finite=1.0):
 
 def test_first_nonfinite_names_what_broke_first():
   vals = [_metrics(), _metrics(grad_norm=np.nan, params_finite=0.0), _metrics(np.nan)]
-  step, bad, m = train_lib.first_nonfinite(vals, first_step=11)
+  step, bad, m = train_helpers.first_nonfinite(vals, first_step=11)
   assert (step, bad) == (12, ["gradients", "parameters"]) and m is vals[1]
-  assert train_lib.first_nonfinite([_metrics(), _metrics()], 1) is None
-  assert train_lib.first_nonfinite([_metrics(np.inf)], 5)[:2] == (5, ["loss"])
+  assert train_helpers.first_nonfinite([_metrics(), _metrics()], 1) is None
+  assert train_helpers.first_nonfinite([_metrics(np.inf)], 5)[:2] == (5, ["loss"])
 
 
 def test_divergence_message_tells_fault_from_divergence():
-  fault = train_lib.divergence_message(12, ["gradients"], _metrics(0.5), "/w/checkpoints/10")
+  fault = train_helpers.divergence_message(12, ["gradients"], _metrics(0.5), "/w/checkpoints/10")
   assert "step 12" in fault and "numerical fault" in fault and "lr" not in fault
   assert "/w/checkpoints/10, is finite" in fault and "\n" not in fault
-  diverged = train_lib.divergence_message(3, ["loss", "gradients"], _metrics(np.nan), None)
+  diverged = train_helpers.divergence_message(3, ["loss", "gradients"], _metrics(np.nan), None)
   assert "lower lr.base" in diverged and "no checkpoint was saved" in diverged
   assert "resumes from that checkpoint" not in diverged
 
@@ -47,7 +50,7 @@ def test_divergence_message_tells_fault_from_divergence():
 def _loss_with_nan_gradient_on_bad_batches():
   """soft_cross_entropy whose value is exact but whose gradient is NaN for a batch whose
   labels are all BAD_LABEL: a backward-pass fault behind a finite loss."""
-  exact = train_lib.soft_cross_entropy
+  exact = steps_lib.soft_cross_entropy
 
   @jax.custom_jvp
   def loss(logits, targets):
@@ -75,12 +78,12 @@ def _iterator_with_bad_batch_at(bad_step):
 
 
 def test_nan_gradients_behind_a_finite_loss_stop_without_saving(tmp_path, monkeypatch):
-  monkeypatch.setattr(train_lib, "soft_cross_entropy", _loss_with_nan_gradient_on_bad_batches())
+  monkeypatch.setattr(steps_lib, "soft_cross_entropy", _loss_with_nan_gradient_on_bad_batches())
   config = utils.small_config(**{**utils.MINI, "mesh.fsdp": 1, "data.mixup_alpha": 0.0,
                                  "data.cutmix_alpha": 0.0, "checkpoint_every_steps": 1})
   mesh = sharding.create_mesh(1, jax.devices()[:1])
   out = io.StringIO()
-  with pytest.raises(train_lib.TrainingDivergedError) as e:
+  with pytest.raises(TrainingDivergedError) as e:
     with contextlib.redirect_stdout(out):
       train_lib.train_and_evaluate(config, str(tmp_path), mesh=mesh,
                                    train_iterator_fn=_iterator_with_bad_batch_at(3))
@@ -101,7 +104,7 @@ def test_metrics_rows_after_the_resumed_step_are_dropped(tmp_path, capsys):
   rows = [{"step": s, "kind": k, "loss": 1.0} for s in (1, 2, 3, 4) for k in ("train",)]
   rows.insert(2, {"step": 2, "kind": "eval", "top1": 0.5})
   path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-  writer = train_lib.MetricWriter(str(tmp_path), start_step=2)
+  writer = MetricWriter(str(tmp_path), start_step=2)
   writer.write(3, "train", {"loss": 0.5})
   writer.close()
   got = [json.loads(line) for line in path.read_text().splitlines()]

@@ -22,9 +22,12 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import train_test_utils  # noqa: E402  (persistent compilation cache, repo on sys.path)
 
-from strip_mlp import StripMLP, checkpointing, input_pipeline, sharding, train_lib  # noqa: E402
+from strip_mlp import StripMLP, input_pipeline, model_checkpoint, sharding  # noqa: E402
 from strip_mlp import evaluate as ev  # noqa: E402
-from strip_mlp.checkpoint import save_checkpoint  # noqa: E402
+from strip_mlp import train_checkpoint  # noqa: E402
+from strip_mlp.errors import EvalError  # noqa: E402
+from strip_mlp.model_checkpoint import save_checkpoint  # noqa: E402
+from strip_mlp.steps import TrainState  # noqa: E402
 from strip_mlp.convert import abstract_variables, torch_to_flax  # noqa: E402
 
 train_test_utils.enable_compilation_cache()
@@ -153,7 +156,7 @@ def test_converted_fixture_reproduces_reference_predictions(fixtures_dir, conver
   examples padded to a batch of 8): the reference's ranking of the classes decides every
   top-1/top-5 hit, and the loss is the cross-entropy of the reference logits."""
   ref = np.load(fixtures_dir / f"{FIXTURE}.npz")
-  ckpt = ev.load_for_eval(converted_dir)
+  ckpt = model_checkpoint.load_weights(converted_dir)
   assert ckpt.kind == "converted" and ckpt.model.num_classes == 10
   mesh = mesh_of(8)
   eval_fn = ev.make_eval_fn(ckpt.model, mesh)
@@ -194,7 +197,7 @@ def test_eval_cli_on_converted_checkpoint(converted_dir, data_cfg, tmp_path, cap
   os.chmod(read_only, 0o555)
   monkeypatch.chdir(tmp_path)
   try:
-    assert eval_cli.main(["eval.py", "--checkpoint", str(read_only), "--batch_size", "8"]) == 0
+    assert eval_cli.run_argv(["eval.py", "--checkpoint", str(read_only), "--batch_size", "8"]) == 0
   finally:
     os.chmod(read_only, 0o755)
   out = tmp_path / "eval.json"
@@ -205,7 +208,7 @@ def test_eval_cli_on_converted_checkpoint(converted_dir, data_cfg, tmp_path, cap
   assert result["count"] == result["num_examples"] == SPLIT_SIZE
   assert (result["num_devices"], result["kind"], result["num_batches"]) == (8, "converted", 45)
   assert result["images_per_sec"] > 0
-  ckpt = ev.load_for_eval(converted_dir)
+  ckpt = model_checkpoint.load_weights(converted_dir)
   direct = ev.evaluate(ckpt.model, ckpt.variables, data_cfg, 8, mesh_of(8))
   assert (result["top1"], result["top5"]) == (direct["top1"], direct["top5"])
   assert result["loss"] == pytest.approx(direct["loss"], rel=1e-6)
@@ -222,7 +225,7 @@ def test_eval_cli_keeps_results_when_output_cannot_be_written(converted_dir, tmp
   monkeypatch.setattr(eval_cli, "_check_output", lambda output: None)
   monkeypatch.chdir(tmp_path)
   bad = str(tmp_path / "file" / "out.json")
-  assert eval_cli.main(["eval.py", "--checkpoint", str(ckpt), "--batch_size", "8",
+  assert eval_cli.run_argv(["eval.py", "--checkpoint", str(ckpt), "--batch_size", "8",
                         "--output", bad]) == 1
   captured = capsys.readouterr()
   fallback = ckpt / "eval_test.json"
@@ -233,7 +236,7 @@ def test_eval_cli_keeps_results_when_output_cannot_be_written(converted_dir, tmp
   # nowhere to write (the last resort, ./eval.json, is in /proc too): printed as JSON
   monkeypatch.chdir("/proc/self")
   result = {"top1": 0.5, "count": SPLIT_SIZE}
-  with pytest.raises(ev.EvalError, match=r"cannot write the results to .* nor .*/proc/.*"
+  with pytest.raises(EvalError, match=r"cannot write the results to .* nor .*/proc/.*"
                                          r"eval.json .*printed above as JSON"):
     eval_cli.write_results(result, bad, str(tmp_path / "file" / "default.json"))
   assert json.loads(capsys.readouterr().out) == result
@@ -245,7 +248,7 @@ def _train_state(model, seed, ema):
   """A TrainState as train.py saves it (AdamW state; EMA weights that differ)."""
   params = random_variables(model, seed)
   tx = optax.adamw(1e-3)
-  return train_lib.TrainState(
+  return TrainState(
       step=jnp.array(seed, jnp.int32), params=params["params"],
       batch_stats=params["batch_stats"], opt_state=tx.init(params["params"]),
       ema=random_variables(model, seed + 100) if ema else {})
@@ -254,7 +257,7 @@ def _train_state(model, seed, ema):
 def _write_workdir(path, states, evals, model, **data):
   """A train.py workdir: checkpoints/<step>/{state,meta}, config.json, metrics.jsonl."""
   from configs import default  # pylint: disable=g-import-not-at-top
-  ckpt = checkpointing.Checkpointer(os.path.join(path, "checkpoints"), async_save=False)
+  ckpt = train_checkpoint.Checkpointer(os.path.join(path, "checkpoints"), async_save=False)
   for step, state in states.items():
     assert ckpt.save(step, state, {"model": model.config_dict(), "best_top1": 0.0},
                      {"top1": evals[step]})
@@ -286,18 +289,18 @@ def _assert_same(a, b):
 
 def test_workdir_latest_best_step_and_ema(workdir):
   path, states = workdir
-  latest = ev.load_for_eval(path)
+  latest = model_checkpoint.load_weights(path)
   assert (latest.kind, latest.step, latest.ema) == ("workdir", 20, False)
   _assert_same(latest.variables, states[20].variables())
-  best = ev.load_for_eval(path, which="best")            # highest eval top-1: step 10
+  best = model_checkpoint.load_weights(path, which="best")            # highest eval top-1: step 10
   assert best.step == 10
   _assert_same(best.variables, states[10].variables())
-  ema = ev.load_for_eval(os.path.join(path, "checkpoints", "10"), ema=True)
+  ema = model_checkpoint.load_weights(os.path.join(path, "checkpoints", "10"), ema=True)
   assert (ema.step, ema.ema) == (10, True)
   _assert_same(ema.variables, states[10].variables(use_ema=True))
   assert ema.train_config["data"]["eval_split"] == "train"
-  with pytest.raises(ev.EvalError, match=r"no checkpoint of step 15 .*available steps: 10, 20"):
-    ev.load_for_eval(path, step=15)
+  with pytest.raises(EvalError, match=r"no checkpoint of step 15 .*available steps: 10, 20"):
+    model_checkpoint.load_weights(path, step=15)
 
 
 def test_eval_cli_on_workdir_uses_its_config(workdir, data_cfg, tmp_path, capsys):
@@ -305,7 +308,7 @@ def test_eval_cli_on_workdir_uses_its_config(workdir, data_cfg, tmp_path, capsys
   --config.data.*; --which best --ema picks step 10's EMA weights."""
   path, states = workdir
   out = tmp_path / "best_ema.json"
-  assert eval_cli.main(["eval.py", "--checkpoint", path, "--which", "best", "--ema",
+  assert eval_cli.run_argv(["eval.py", "--checkpoint", path, "--which", "best", "--ema",
                         "--config.data.eval_split=test", "--output", str(out)]) == 0
   result = json.loads(out.read_text())
   assert (result["step"], result["ema"], result["split"]) == (10, True, "test")
@@ -318,7 +321,7 @@ def test_eval_cli_on_workdir_uses_its_config(workdir, data_cfg, tmp_path, capsys
   assert (result["top1"], result["top5"]) == (direct["top1"], direct["top5"])
   assert result["loss"] == pytest.approx(direct["loss"], rel=1e-6)
   # default output: WORKDIR/eval_<split>_step<N>.json
-  assert eval_cli.main(["eval.py", "--checkpoint", path, "--no-ema",
+  assert eval_cli.run_argv(["eval.py", "--checkpoint", path, "--no-ema",
                         "--config.data.eval_split=test"]) == 0
   result = json.loads(open(os.path.join(path, "eval_test_step20.json")).read())
   assert (result["step"], result["ema"], result["count"]) == (20, False, SPLIT_SIZE)
@@ -327,7 +330,7 @@ def test_eval_cli_on_workdir_uses_its_config(workdir, data_cfg, tmp_path, capsys
 # ------------------------------------------------------------------ errors
 
 def _cli_error(capsys, *args):
-  rc = eval_cli.main(["eval.py", *args])
+  rc = eval_cli.run_argv(["eval.py", *args])
   err = capsys.readouterr().err.strip()
   assert rc != 0 and err.startswith("eval.py: error: ") and "\n" not in err, (rc, err)
   return err
@@ -356,9 +359,9 @@ def test_clear_errors(converted_dir, workdir, tmp_path, capsys):
   meta["model"]["num_classes"] = 100
   with open(os.path.join(broken, "config.json"), "w") as f:
     json.dump(meta, f)
-  with pytest.raises(ev.EvalError, match=r"params/head/kernel is \(320, 10\) in the checkpoint "
+  with pytest.raises(EvalError, match=r"params/head/kernel is \(320, 10\) in the checkpoint "
                                          r"but \(320, 100\)"):
-    ev.load_for_eval(broken)
+    model_checkpoint.load_weights(broken)
   # an explicit --config describing another architecture
   assert "does not match the config's model" in _cli_error(
       capsys, "--checkpoint", converted_dir, "--config",
@@ -368,5 +371,5 @@ def test_clear_errors(converted_dir, workdir, tmp_path, capsys):
   m = tiny_model()
   _write_workdir(no_ema, {5: _train_state(m, 3, False)}, {5: 0.1}, m)
   assert "no EMA weights" in _cli_error(capsys, "--checkpoint", no_ema, "--ema")
-  with pytest.raises(ev.EvalError, match="multiple of the number of devices"):
+  with pytest.raises(EvalError, match="multiple of the number of devices"):
     ev.evaluate(m, random_variables(m, 0), input_pipeline.default_data_config(), 12, mesh_of(8))

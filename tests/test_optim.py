@@ -13,7 +13,8 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import train_test_utils  # noqa: E402
 
-from strip_mlp import optim, sharding, train_lib  # noqa: E402
+from strip_mlp import optim, sharding  # noqa: E402
+from strip_mlp.build import build  # noqa: E402
 
 
 def timm_cosine_lr(t, base, warmup_lr, min_lr, total, warmup, warmup_prefix=False):
@@ -131,12 +132,10 @@ def test_gradient_accumulation_equals_one_big_batch():
   for accum in (1, 4):
     c = train_test_utils.small_config(grad_accum_steps=accum, grad_clip_norm=1.0,
                                       **{"data.label_smoothing": 0.1})
-    sched = optax.constant_schedule(0.05)
-    tx = train_lib.build_optimizer(c, sched)
-    target, init = train_lib.create_train_state(c, model, tx, mesh, jax.random.key(0))
-    shardings = jax.tree_util.tree_map(lambda x: x.sharding, target)
-    step = train_lib.jit_train_step(model, tx, sched, c, 4, mesh, shardings)
-    state = init(jax.random.key(0))
+    run = build(c, train_test_utils.dataset_info(4), mesh, model=model,
+                schedule=optax.constant_schedule(0.05))
+    step = run.train_step
+    state = run.init(jax.random.key(0))
     b = sharding.put_global(batch, sharding.batch_sharding(mesh))
     for _ in range(2):
       state, metrics = step(state, b)
@@ -151,12 +150,10 @@ def test_ema_tracks_the_params():
   mesh = sharding.create_mesh(1, jax.devices()[:1])
   model = _Linear()
   c = train_test_utils.small_config(ema_decay=0.75)
-  sched = optax.constant_schedule(0.05)
-  tx = train_lib.build_optimizer(c, sched)
-  target, init = train_lib.create_train_state(c, model, tx, mesh, jax.random.key(0))
-  step = train_lib.jit_train_step(model, tx, sched, c, 4, mesh,
-                                  jax.tree_util.tree_map(lambda x: x.sharding, target))
-  state = init(jax.random.key(0))
+  run = build(c, train_test_utils.dataset_info(4), mesh, model=model,
+              schedule=optax.constant_schedule(0.05))
+  step = run.train_step
+  state = run.init(jax.random.key(0))
   before = jax.device_get(state.params)
   batch = {"image": np.ones((8, 8, 8, 3), np.float32), "label": np.zeros(8, np.int32)}
   state, _ = step(state, sharding.put_global(batch, sharding.batch_sharding(mesh)))

@@ -19,7 +19,10 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import train_test_utils as utils  # noqa: E402
 
-from strip_mlp import input_pipeline, sharding, train_lib  # noqa: E402
+from strip_mlp import input_pipeline, model_checkpoint, sharding, train_lib  # noqa: E402
+from strip_mlp.build import build  # noqa: E402
+from strip_mlp.errors import ConfigError, TrainingDivergedError  # noqa: E402
+from strip_mlp.plan import validate_config  # noqa: E402
 
 utils.enable_compilation_cache()
 utils.quiet_logs()
@@ -114,26 +117,21 @@ def test_eight_devices_match_one_device():
   larger parameters and their Adam moments split over 2 devices)."""
   config = utils.small_config(**MINI)
   info = input_pipeline.get_dataset_info(config.data)
-  plan = train_lib.make_plan(config, info)
-  model = train_lib.build_model(config, plan.num_classes, plan.image_size)
-  schedule = train_lib.build_schedule(config, plan)
-  tx = train_lib.build_optimizer(config, schedule)
   it = input_pipeline.create_train_iterator(config.data, config.batch_size, None, 0)
   batches = [next(it) for _ in range(2)]
   initial = None
   results = []
   for mesh in (sharding.create_mesh(config.mesh.fsdp), one_device_mesh()):  # 8 devices first
-    target, init = train_lib.create_train_state(config, model, tx, mesh, jax.random.key(0))
-    shardings = jax.tree_util.tree_map(lambda x: x.sharding, target)
+    run = build(config, info, mesh)
+    shardings = run.state_shardings
     if initial is None:
-      state = init(jax.random.key(0))
+      state = run.init(jax.random.key(0))
       initial = jax.device_get(state)
       specs = {x.sharding.spec for x in jax.tree_util.tree_leaves(state.opt_state)}
       assert jax.sharding.PartitionSpec() in specs and len(specs) > 1   # some leaves split
     else:
       state = sharding.put_global(initial, shardings)
-    step = train_lib.jit_train_step(model, tx, schedule, config, plan.num_classes, mesh,
-                                    shardings)
+    step = run.train_step
     losses = []
     for b in batches:
       state, metrics = step(state, input_pipeline.to_global_arrays(
@@ -192,13 +190,12 @@ def test_fine_tune_from_converted_pytorch_weights(fixtures_dir, tmp_path):
                                  "warmup_steps": 1})
   # The initial state, as train_and_evaluate builds it.
   mesh = one_device_mesh()
-  plan = train_lib.make_plan(config, input_pipeline.get_dataset_info(config.data))
-  model = train_lib.build_model(config, plan.num_classes, plan.image_size)
-  tx = train_lib.build_optimizer(config, train_lib.build_schedule(config, plan))
-  target, init = train_lib.create_train_state(config, model, tx, mesh, jax.random.key(0))
-  pretrained, reinit = train_lib.load_pretrained_variables(converted, target)
+  run = build(config, input_pipeline.get_dataset_info(config.data), mesh)
+  target = run.abstract_state
+  pretrained, reinit = model_checkpoint.pretrained_onto(
+      converted, {"params": target.params, "batch_stats": target.batch_stats})
   assert sorted(reinit) == ["params/head/bias", "params/head/kernel"]
-  state = jax.device_get(init(jax.random.key(0), pretrained))
+  state = jax.device_get(run.init(jax.random.key(0), pretrained))
   assert state.params["head"]["kernel"].shape == (384, 10)
   assert np.abs(state.params["head"]["kernel"]).max() > 0          # freshly initialised
   pre = jax.device_get(variables)
@@ -221,7 +218,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
         batch = dict(batch, image=batch["image"] * np.nan)
       yield batch
   config = utils.small_config(checkpoint_every_steps=2)
-  with pytest.raises(train_lib.TrainingDivergedError,
+  with pytest.raises(TrainingDivergedError,
                      match=rf"at step 4 the loss .*became non-finite; the loss is nan.*"
                            rf"last checkpoint, {tmp_path}/checkpoints/2, is finite"):
     run(config, tmp_path, mesh=one_device_mesh(), train_iterator_fn=poisoned)
@@ -234,8 +231,8 @@ def test_config_values_are_checked_before_compiling():
                               ("model.variant", "huge", "model.variant='huge'"),
                               ("ema_decay", 1.0, "ema_decay=1.0"),
                               ("mesh.fsdp", 3, "mesh.fsdp=3")]:
-    with pytest.raises(train_lib.ConfigError, match=message):
-      train_lib.validate_config(utils.small_config(**{key: value}), num_devices=8)
+    with pytest.raises(ConfigError, match=message):
+      validate_config(utils.small_config(**{key: value}), num_devices=8)
 
 
 def test_unknown_config_key_is_one_line(tmp_path):

@@ -12,7 +12,8 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import train_test_utils as utils  # noqa: E402
 
-from strip_mlp import checkpointing, input_pipeline, sharding, train_lib  # noqa: E402
+from strip_mlp import input_pipeline, sharding, train_checkpoint, train_lib  # noqa: E402
+from strip_mlp.build import build  # noqa: E402
 
 utils.enable_compilation_cache()
 utils.quiet_logs()
@@ -65,17 +66,14 @@ def test_two_processes_match_one_process_and_share_a_checkpoint(tmp_path):
   np.testing.assert_allclose(multi_losses, single_losses, rtol=1e-5)
 
   # The processes wrote one checkpoint; this process restores it on its 8 devices.
-  ckpt = checkpointing.Checkpointer(str(tmp_path / "multi" / "checkpoints"))
+  ckpt = train_checkpoint.Checkpointer(str(tmp_path / "multi" / "checkpoints"))
   assert ckpt.all_steps() == [STEPS]
   meta = ckpt.read_meta(STEPS)
   assert meta["num_processes"] == 2 and meta["num_devices"] == 4
   info = input_pipeline.get_dataset_info(config.data)
-  plan = train_lib.make_plan(config, info)
-  model = train_lib.build_model(config, plan.num_classes, plan.image_size)
-  tx = train_lib.build_optimizer(config, train_lib.build_schedule(config, plan))
-  target, _ = train_lib.create_train_state(config, model, tx, sharding.create_mesh(),
-                                           jax.random.key(0))
-  ckpt.check_compatible(STEPS, target, model.config_dict())
+  run = build(config, info, sharding.create_mesh())
+  target = run.abstract_state
+  ckpt.check_compatible(STEPS, target, run.model.config_dict())
   restored, _ = ckpt.restore(STEPS, target)
   ckpt.close()
   assert int(restored.step) == STEPS

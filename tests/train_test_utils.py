@@ -92,3 +92,10 @@ def simulated_hosts_iterator(num_hosts):
       batch = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
       yield input_pipeline.to_global_arrays(batch, sharding)
   return make
+
+
+def dataset_info(num_classes, num_train=1000, num_eval=100, name="synthetic"):
+  """What `build` needs of a dataset, for steps run on synthetic batches."""
+  import types  # pylint: disable=g-import-not-at-top
+  return types.SimpleNamespace(name=name, num_train=num_train, num_eval=num_eval,
+                               num_classes=num_classes)

@@ -1,7 +1,8 @@
-"""Training checkpoints: an orbax CheckpointManager with resume and keep-last/keep-best
-(fine-tuning initialisation, `load_pretrained`/`merge_pretrained`, lives in checkpoint.py).
+"""Training checkpoints: the workdir layout, an orbax CheckpointManager with resume and
+keep-last/keep-best, and the choice of a step to read (latest, best, given).
 
-Layout: WORKDIR/checkpoints/<step>/{state, meta}
+Layout: WORKDIR/config.json (the resolved config), WORKDIR/metrics.jsonl,
+        WORKDIR/checkpoints/<step>/{state, meta}
   state: the whole train state as a nested dict (flax.serialization.to_state_dict):
          step, params, batch_stats, opt_state, ema
   meta:  JSON: step (= data position for the input pipeline), epoch, best eval top-1,
@@ -23,52 +24,25 @@ without metrics) and its tracebacks of a failed save are not logged.
 """
 from __future__ import annotations
 
-import errno
+import json
 import os
-import shutil
 from typing import Any
 
-import numpy as np
 import orbax.checkpoint as ocp
 from flax import serialization
-from flax import traverse_util
 from orbax.checkpoint import checkpoint_managers as ocm
 
-from strip_mlp.checkpoint import (  # noqa: F401  (fine-tuning: re-exported)
-    HEAD, CheckpointMismatchError, StorageNoiseFilter, format_bytes, is_storage_error,
-    load_pretrained, merge_pretrained, storage_error_reason, tree_nbytes)
-from strip_mlp.errors import UserError
+from strip_mlp.errors import CheckpointMismatchError, CheckpointSaveError, EvalError
+from strip_mlp.model import ARCHITECTURE_KEYS
+from strip_mlp.storage_errors import (StorageNoiseFilter, is_storage_error,
+                                      save_error_message, tree_nbytes)
+from strip_mlp.tree_diff import describe_mismatch, shape_map
 
+CHECKPOINT_DIR = "checkpoints"
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.jsonl"
 STATE = "state"
 META = "meta"
-
-
-class CheckpointSaveError(UserError, OSError):
-  """Writing a checkpoint failed; the message (one line) names the step, the directory, the
-  cause, the size needed and the intact checkpoint a rerun resumes from (or none)."""
-
-
-def shape_map(tree: Any) -> dict[str, tuple]:
-  """{'a/b/c': shape} of the leaves of a nested dict (arrays or orbax metadata)."""
-  flat = traverse_util.flatten_dict(tree, sep="/") if isinstance(tree, dict) else {}
-  return {k: tuple(getattr(v, "shape", np.shape(v))) for k, v in flat.items()
-          if not (isinstance(v, dict) and not v)}
-
-
-def describe_mismatch(stored: dict, expected: dict, limit: int = 3) -> str | None:
-  """None when the two {path: shape} maps agree, else a short description."""
-  problems = []
-  for k in sorted(set(stored) | set(expected)):
-    if k not in stored:
-      problems.append(f"{k} missing from the checkpoint")
-    elif k not in expected:
-      problems.append(f"{k} not in the model")
-    elif tuple(stored[k]) != tuple(expected[k]):
-      problems.append(f"{k} is {tuple(stored[k])} in the checkpoint but {tuple(expected[k])} now")
-  if not problems:
-    return None
-  more = f" (+{len(problems) - limit} more)" if len(problems) > limit else ""
-  return "; ".join(problems[:limit]) + more
 
 
 class Checkpointer:
@@ -233,7 +207,7 @@ class Checkpointer:
     except Exception:  # pylint: disable=broad-except  # the message matters more
       previous = None
     raise CheckpointSaveError(
-        _save_error_message(self.directory, step, nbytes, error, previous)) from error
+        save_error_message(self.directory, step, nbytes, error, previous)) from error
 
   # --------------------------------------------------------------------------- restore
   def read_meta(self, step: int) -> dict:
@@ -250,7 +224,7 @@ class Checkpointer:
       stored = self.read_meta(step).get("model")
       if stored is not None:
         diff = {k: (stored.get(k), v) for k, v in model_config.items()
-                if k in _SHAPE_KEYS and _norm(stored.get(k)) != _norm(v)}
+                if k in ARCHITECTURE_KEYS and _norm(stored.get(k)) != _norm(v)}
         if diff:
           desc = ", ".join(f"{k} {a!r} in the checkpoint vs {b!r} now"
                            for k, (a, b) in sorted(diff.items()))
@@ -258,8 +232,8 @@ class Checkpointer:
               f"checkpoint {where} was written for a different model ({desc}); {hint}")
     tree = self.manager.item_metadata(step)[STATE]
     tree = getattr(tree, "tree", tree)
-    problem = describe_mismatch(shape_map(tree),
-                                shape_map(serialization.to_state_dict(target)))
+    problem = describe_mismatch(shape_map(tree), shape_map(serialization.to_state_dict(target)),
+                                expected_in="now")
     if problem:
       raise CheckpointMismatchError(
           f"checkpoint {where} does not fit the model/optimizer being trained: {problem}; {hint}")
@@ -274,34 +248,68 @@ class Checkpointer:
     return state, dict(restored[META])
 
 
-_SHAPE_KEYS = ("embed_dim", "layers", "img_size", "num_classes")
+def is_step_dir(path: str) -> bool:
+  """Whether `path` is one step directory of a training checkpoints/ directory."""
+  return (os.path.basename(os.path.normpath(path)).isdigit()
+          and os.path.isdir(os.path.join(path, STATE)))
+
+
+def select_step(checkpoints_dir: str, step: int | None, which: str) -> tuple[int, dict]:
+  """(step, its meta) to read from `checkpoints_dir` (opened read-only): `step` if given,
+  else the latest or the best (highest eval top-1). Raises EvalError (one line)."""
+  ckpt = Checkpointer(checkpoints_dir, read_only=True)
+  try:
+    steps = ckpt.all_steps()
+    if not steps:
+      raise EvalError(f"no complete checkpoint in {checkpoints_dir} yet")
+    if step is not None and step not in steps:
+      raise EvalError(f"no checkpoint of step {step} in {checkpoints_dir}; available steps: "
+                      f"{', '.join(map(str, steps))}")
+    if step is None and which not in ("latest", "best"):
+      raise EvalError(f"--which={which!r}: use 'latest' or 'best'")
+    if step is None:
+      step = steps[-1] if which == "latest" else _best_step(ckpt, steps)
+    return int(step), ckpt.read_meta(int(step))
+  finally:
+    ckpt.close()
+
+
+def _best_step(ckpt: Checkpointer, steps: list[int]) -> int:
+  """The step of `steps` with the highest eval top-1: orbax stores metrics beside a
+  checkpoint only when its manager tracks a best_fn; otherwise the eval rows train.py
+  writes to metrics.jsonl decide."""
+  has_metrics = any(os.path.isdir(os.path.join(ckpt.directory, str(s), "metrics"))
+                    for s in steps)
+  best = ckpt.best_step() if has_metrics else None
+  if best is None:
+    best = _best_from_metrics_file(os.path.dirname(ckpt.directory), steps)
+  if best is None:
+    raise EvalError(f"no eval top-1 recorded for the checkpoints in {ckpt.directory}, so "
+                    "none is 'best'; use --which=latest or --step=N")
+  return int(best)
+
+
+def _best_from_metrics_file(workdir: str, steps: list[int]) -> int | None:
+  """Step (among `steps`) with the highest eval top-1 in WORKDIR/metrics.jsonl."""
+  path = os.path.join(workdir, METRICS_FILE)
+  if not os.path.isfile(path):
+    return None
+  top1 = {}
+  with open(path) as f:
+    for line in f:
+      try:
+        row = json.loads(line)
+      except ValueError:
+        continue   # a line being written right now
+      if row.get("kind") == "eval" and "top1" in row:
+        top1[int(row["step"])] = float(row["top1"])   # the last evaluation of a step wins
+  scored = [(top1[s], s) for s in steps if s in top1]
+  return max(scored)[1] if scored else None
 
 
 def _norm(v):
   return list(v) if isinstance(v, (list, tuple)) else v
 
 
-# ----------------------------------------------------------------------------- save failures
-
 _NO_METRICS_WARNING = "Requested `tracked_metric`; did not provide metrics."
 _READ_ONLY_WARNING = "Given directory is read only=%s"
-
-
-def _save_error_message(directory: str, step: int, nbytes: int, error: BaseException,
-                        previous: int | None) -> str:
-  """One line: step, where, why, the size needed, what a rerun resumes from, what to do."""
-  code, why = storage_error_reason(error)
-  try:
-    free = f", {format_bytes(shutil.disk_usage(directory).free)} free there"
-  except OSError:
-    free = ""
-  if previous is None:
-    resume = "there is no previous checkpoint, so a rerun starts from scratch"
-  else:
-    where = os.path.join(directory, str(previous))
-    resume = (f"the previous checkpoint, step {previous} ({where}), is intact and a rerun "
-              "resumes from it")
-  fix = "free up space there" if code in (errno.ENOSPC, errno.EDQUOT) else "fix that"
-  return (f"saving checkpoint step {step} in {directory} failed: {why} (the checkpoint needs "
-          f"about {format_bytes(nbytes)}{free}); {resume}; {fix} or use another --workdir, "
-          "then rerun")

@@ -1,0 +1,106 @@
+"""Everything a training run compiles, built once from the config: `build(config, info, mesh)`.
+
+The train loop, the train-step benchmark and the tests all get the model, schedule,
+optimizer, abstract train state and jitted steps from `build`, so they run exactly the
+functions training runs. Nothing is allocated or compiled here: shapes come from
+`jax.eval_shape`, and the jitted functions compile on first call (or `.lower().compile()`).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import optax
+
+from strip_mlp import optim, sharding, steps
+from strip_mlp.model import StripMLP, create_model
+from strip_mlp.plan import Plan, make_plan
+
+
+@dataclasses.dataclass(frozen=True)
+class Built:
+  """What `build` returns.
+
+  abstract_state: the TrainState as ShapeDtypeStructs carrying their shardings (the target
+    of a checkpoint restore). init(rng, pretrained=None) -> TrainState created directly in
+    those shardings. train_step(state, batch) -> (state, metrics): state donated, batch
+    split over all devices, metrics replicated. eval_step(variables, batch) -> sums.
+  """
+  plan: Plan
+  model: Any
+  schedule: optax.Schedule
+  tx: optax.GradientTransformation
+  abstract_state: Any
+  init: Callable
+  train_step: Callable
+  eval_step: Callable
+
+  @property
+  def state_shardings(self) -> Any:
+    return jax.tree_util.tree_map(lambda x: x.sharding, self.abstract_state)
+
+
+def build(config, info, mesh, *, model=None, schedule: optax.Schedule | None = None
+          ) -> Built:
+  """Builds a run of `config` on dataset `info` (num_train, num_eval, num_classes) and
+  `mesh`. `model` (any module with `img_size` and the StripMLP call signature) and
+  `schedule` replace the config's (tests of the step on small stand-ins)."""
+  plan = make_plan(config, info)
+  if model is None:
+    model = build_model(config, plan.num_classes, plan.image_size)
+  schedule = schedule or build_schedule(config, plan)
+  tx = build_optimizer(config, schedule)
+  abstract, init = _state_and_init(config, model, tx, mesh, jax.random.key(int(config.seed)))
+  shardings = jax.tree_util.tree_map(lambda x: x.sharding, abstract)
+  repl = sharding.replicated(mesh)
+  train_step = jax.jit(
+      steps.make_train_step(model, tx, schedule, config, plan.num_classes, mesh),
+      in_shardings=(shardings, sharding.batch_sharding(mesh)), out_shardings=(shardings, repl),
+      donate_argnums=(0,))
+  eval_step = jax.jit(steps.make_eval_step(model), out_shardings=repl)
+  return Built(plan, model, schedule, tx, abstract, init, train_step, eval_step)
+
+
+def build_model(config, num_classes: int, image_size: int) -> StripMLP:
+  """The StripMLP of `config.model` (a variant, or embed_dim/layers) for this data."""
+  m = config.model
+  kw = dict(num_classes=num_classes, img_size=image_size, drop_path_rate=m.drop_path_rate,
+            dtype=m.dtype, depthwise_impl=m.depthwise_impl, patchify_impl=m.patchify_impl)
+  if m.embed_dim:
+    kw["embed_dim"] = int(m.embed_dim)
+  if m.layers:
+    kw["layers"] = tuple(int(n) for n in m.layers)
+  if m.variant:
+    return create_model(m.variant, **kw)
+  return StripMLP(**kw)
+
+
+def build_schedule(config, plan: Plan) -> optax.Schedule:
+  if config.lr.schedule == "constant":
+    return optim.constant_schedule(plan.base_lr, plan.warmup_lr, plan.warmup_steps)
+  return optim.warmup_cosine_schedule(plan.base_lr, plan.warmup_lr, plan.min_lr,
+                                      plan.total_steps, plan.warmup_steps,
+                                      warmup_prefix=config.lr.warmup_prefix)
+
+
+def build_optimizer(config, schedule) -> optax.GradientTransformation:
+  o = config.optimizer
+  return optim.create_optimizer(schedule, b1=o.b1, b2=o.b2, eps=o.eps,
+                                weight_decay=o.weight_decay, grad_clip_norm=config.grad_clip_norm)
+
+
+def _state_and_init(config, model, tx, mesh, rng) -> tuple[Any, Callable]:
+  """(abstract state carrying its shardings, init). `init(rng, pretrained=None)` runs a
+  jitted init whose outputs are created directly in their shardings (replicated, or split
+  over 'fsdp'); `pretrained` is as in `steps.init_state`, as global arrays."""
+  ema = config.ema_decay > 0
+  abstract = jax.eval_shape(lambda k: steps.init_state(model, tx, k, ema), rng)
+  shardings = sharding.tree_shardings(abstract, mesh)
+  fresh = jax.jit(lambda k: steps.init_state(model, tx, k, ema), out_shardings=shardings)
+  from_pretrained = jax.jit(lambda k, pre: steps.init_state(model, tx, k, ema, pre),
+                            out_shardings=shardings)
+
+  def init(rng, pretrained=None):
+    return fresh(rng) if pretrained is None else from_pretrained(rng, pretrained)
+  return sharding.with_shardings(abstract, shardings), init

@@ -1,0 +1,356 @@
+"""Model checkpoints: the weights of one model, from any path a user may give.
+
+    DIR/config.json     {"format": "strip_mlp.model/1", "model": StripMLP keywords}
+    DIR/variables/      orbax StandardCheckpointer tree {'params', 'batch_stats'}
+
+`save_checkpoint` writes such a directory (staged in a temporary sibling and renamed into
+place, so a crash never leaves a half-written DIR); `load_checkpoint` reads it.
+`locate_checkpoint` is the one place that decides what a path names (a converted
+directory, a PyTorch .pth file, a training workdir, its checkpoints/ directory or one step
+directory); `load_weights` reads the model and {'params', 'batch_stats'} from any of them
+straight onto the devices of a mesh (replicated). Fine-tuning (train.py
+--config.init_from) reads the same paths with `load_pretrained` and fits them to the model
+being trained with `merge_pretrained`. Every problem is a UserError with one line.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import traverse_util
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from strip_mlp import sharding, train_checkpoint
+from strip_mlp.convert import abstract_variables
+from strip_mlp.errors import CheckpointMismatchError, CheckpointWriteError, EvalError
+from strip_mlp.model import StripMLP
+from strip_mlp.storage_errors import (StorageNoiseFilter, format_bytes, is_storage_error,
+                                      storage_error_reason, tree_nbytes)
+from strip_mlp.tree_diff import describe_mismatch, mismatches, shape_map, summarize
+
+FORMAT = "strip_mlp.model/1"
+CONFIG_FILE = "config.json"
+VARIABLES_DIR = "variables"
+HEAD = "head"  # name of the classifier in the model's params
+WEIGHTS = ("params", "batch_stats")
+
+
+def save_checkpoint(directory: str, model: StripMLP, variables) -> str:
+  """Writes `variables` of `model` to a new `directory` (single process). Returns its path.
+
+  Refuses to overwrite anything but an empty directory. Raises CheckpointWriteError (one
+  line) when DIR exists or cannot be written; no partial DIR or staging directory is left.
+  """
+  directory = os.path.abspath(directory)
+  if os.path.lexists(directory) and not os.path.isdir(directory):
+    raise CheckpointWriteError(f"{directory} already exists and is not a directory; choose a "
+                               "new output directory (existing files are never overwritten)")
+  if os.path.isdir(directory) and os.listdir(directory):
+    raise CheckpointWriteError(f"{directory} already exists and is not empty; "
+                               "choose a new output directory or delete it first")
+  parent = os.path.dirname(directory)
+  try:
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.tmp-", dir=parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)
+  except OSError as e:
+    raise CheckpointWriteError(f"cannot write to {parent}: {e.strerror}; choose a writable "
+                               "output directory") from None
+  noise = StorageNoiseFilter(staging).attach()
+  try:
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(os.path.join(staging, VARIABLES_DIR), variables)
+    checkpointer.wait_until_finished()
+    with open(os.path.join(staging, CONFIG_FILE), "w") as f:
+      json.dump({"format": FORMAT, "model": model.config_dict()}, f, indent=2)
+    if os.path.isdir(directory):
+      os.rmdir(directory)  # empty, checked above
+    os.rename(staging, directory)
+  except BaseException as e:
+    shutil.rmtree(staging, ignore_errors=True)
+    if isinstance(e, Exception) and is_storage_error(e):  # `noise` stays: late asyncio logs
+      raise CheckpointWriteError(
+          f"cannot write {directory}: {storage_error_reason(e)[1]} (the weights need about "
+          f"{format_bytes(tree_nbytes(variables))}); nothing was written: free up space or "
+          "choose another output directory") from e
+    noise.detach()
+    raise
+  noise.detach()
+  return directory
+
+
+def read_model_config(directory: str) -> dict:
+  """The StripMLP keywords stored in a checkpoint directory."""
+  path = os.path.join(directory, CONFIG_FILE)
+  if not os.path.isfile(path):
+    raise EvalError(
+        f"{directory} is not a Strip-MLP checkpoint (no {CONFIG_FILE}); create one with "
+        "`python convert_torch_weights.py IN.pth OUT_DIR`")
+  meta = _read_json(path)
+  if meta.get("format") != FORMAT:
+    raise EvalError(f"{path}: unknown format {meta.get('format')!r}, expected {FORMAT!r}")
+  return meta["model"]
+
+
+def load_checkpoint(directory: str, **model_overrides):
+  """Reads a checkpoint directory -> (StripMLP, variables).
+
+  `model_overrides` change fields that do not alter the weights' shapes, e.g.
+  dtype='bfloat16', drop_path_rate=0.2, depthwise_impl='xla'.
+  """
+  model = StripMLP(**{**read_model_config(directory), **model_overrides})
+  # Restored onto this process's first device, also when several processes run.
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = jax.tree_util.tree_map(
+      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
+      abstract_variables(model))
+  variables = ocp.StandardCheckpointer().restore(
+      os.path.join(os.path.abspath(directory), VARIABLES_DIR), target)
+  return model, variables
+
+
+# ----------------------------------------------------------------------------- any path
+
+@dataclasses.dataclass
+class LoadedCheckpoint:
+  """What `load_weights` read."""
+  model: StripMLP
+  variables: Any            # {'params', 'batch_stats'}
+  kind: str                 # 'converted' | 'pytorch' | 'workdir'
+  path: str                 # the converted dir / .pth / training workdir
+  step: int | None = None   # training checkpoints only
+  ema: bool = False
+  train_config: dict | None = None   # the resolved config a training workdir saved
+
+  def describe(self) -> str:
+    m = self.model
+    what = {"converted": "converted checkpoint", "pytorch": "PyTorch weights",
+            "workdir": "training workdir"}[self.kind]
+    if self.kind == "workdir":
+      what += f", step {self.step}, {'EMA' if self.ema else 'raw'} weights"
+    return (f"{self.path} ({what}; embed_dim {m.embed_dim}, layers "
+            f"{','.join(map(str, m.layers))}, {m.img_size} px, {m.num_classes} classes, "
+            f"{jnp.dtype(m.dtype).name})")
+
+
+def locate_checkpoint(path: str) -> tuple[str, str, int | None]:
+  """(kind, root, step) of what `path` names: ('converted', dir, None), ('pytorch', file,
+  None) or ('workdir', checkpoints_dir, step of a step directory or None)."""
+  checkpoints = train_checkpoint.CHECKPOINT_DIR
+  if not path:
+    raise EvalError("give the checkpoint to evaluate: --checkpoint=DIR")
+  if not os.path.exists(path):
+    raise EvalError(f"checkpoint {path} does not exist")
+  path = os.path.abspath(path)
+  if os.path.isfile(path):
+    if path.endswith((".pth", ".pt", ".bin")):
+      return "pytorch", path, None
+    raise EvalError(f"{path} is a file, not a checkpoint: give a converted checkpoint "
+                    "directory, a training workdir or a PyTorch .pth file")
+  if os.path.isdir(os.path.join(path, checkpoints)):
+    return "workdir", os.path.join(path, checkpoints), None
+  if train_checkpoint.is_step_dir(path):
+    return "workdir", os.path.dirname(path), int(os.path.basename(path))
+  if os.path.isfile(os.path.join(path, CONFIG_FILE)):
+    meta = _read_json(os.path.join(path, CONFIG_FILE))
+    if "format" in meta:
+      return "converted", path, None
+    if "config" in meta:
+      raise EvalError(f"training workdir {path} has no checkpoints yet ({checkpoints}/ "
+                      "is missing); train longer or point --checkpoint at another run")
+  if any(train_checkpoint.is_step_dir(os.path.join(path, d)) for d in os.listdir(path)):
+    return "workdir", path, None
+  raise EvalError(f"{path} is not a checkpoint: expected a converted checkpoint (config.json "
+                  "+ variables/, from convert_torch_weights.py) or a training workdir "
+                  f"({checkpoints}/<step>/, from train.py)")
+
+
+def load_weights(path: str, *, step: int | None = None, which: str | None = None,
+                 ema: bool | None = None, dtype: str | None = None,
+                 mesh: Mesh | None = None) -> LoadedCheckpoint:
+  """Reads the model and its {'params', 'batch_stats'} from any checkpoint path.
+
+  Args:
+    path: converted checkpoint dir, PyTorch .pth, training workdir, its checkpoints/ dir or
+      one step dir.
+    step / which: training workdirs: this step, else 'latest' (default) or 'best' (highest
+      eval top-1 recorded by train.py among the kept checkpoints).
+    ema: training workdirs: the EMA weights instead of the raw ones.
+    dtype: compute dtype override ('float32' | 'bfloat16'); parameters stay float32.
+    mesh: where the arrays are restored (replicated); default all devices.
+  Raises:
+    EvalError with one line: missing path, not a checkpoint, unknown step, no EMA, shapes
+    that do not match the stored model config, flags that do not apply.
+  """
+  if dtype is not None and dtype not in ("float32", "bfloat16"):
+    raise EvalError(f"--dtype={dtype!r}: use 'float32' or 'bfloat16'")
+  if step is not None and which == "best":
+    raise EvalError("give either --step=N or --which=best, not both")
+  kind, root, step_in_path = locate_checkpoint(path)
+  if mesh is None:
+    mesh = Mesh(np.asarray(jax.devices()).reshape(-1), ("data",))
+  if kind == "workdir":
+    if step is not None and step_in_path is not None and step != step_in_path:
+      raise EvalError(f"--step={step} contradicts the step directory {path}")
+    step = step if step is not None else step_in_path
+    return _load_workdir(root, step, which or "latest", bool(ema), dtype, mesh)
+  if step is not None or which not in (None, "latest") or ema:
+    raise EvalError(f"{root} holds one set of weights ({kind}); --step, --which=best and "
+                    "--ema apply to training workdirs only")
+  if kind == "pytorch":
+    try:
+      from strip_mlp.convert import torch_to_flax  # pylint: disable=g-import-not-at-top
+      model, variables = torch_to_flax(root)
+    except (ImportError, ValueError, OSError) as e:
+      raise EvalError(f"cannot read PyTorch weights {root}: {e}") from None
+    if dtype is not None:
+      model = model.clone(dtype=dtype)
+    return LoadedCheckpoint(model, dict(variables), "pytorch", root)
+  model = _model(read_model_config(root), root, dtype=dtype)
+  if not os.path.isdir(os.path.join(root, VARIABLES_DIR)):
+    raise EvalError(f"{root} is not a complete checkpoint: {VARIABLES_DIR}/ is missing")
+  abstract = dict(abstract_variables(model))
+  variables = restore_onto(os.path.join(root, VARIABLES_DIR), abstract, mesh, None, root,
+                           "the checkpoint is damaged; convert the .pth file again")
+  return LoadedCheckpoint(model, variables, "converted", root)
+
+
+def _load_workdir(checkpoints_dir: str, step: int | None, which: str, ema: bool,
+                  dtype: str | None, mesh: Mesh) -> LoadedCheckpoint:
+  workdir = os.path.dirname(checkpoints_dir)
+  step, meta = train_checkpoint.select_step(checkpoints_dir, step, which)
+  where = os.path.join(checkpoints_dir, str(step))
+  if "model" not in meta:
+    raise EvalError(f"checkpoint {where} does not record its model (no 'model' in "
+                    f"{train_checkpoint.META}); it was not written by train.py")
+  model = _model(meta["model"], where, dtype=dtype)
+  state_dir = os.path.join(where, train_checkpoint.STATE)
+  if ema and not _tree_metadata(state_dir).get("ema"):
+    raise EvalError(f"checkpoint {where} has no EMA weights (trained with ema_decay=0); "
+                    "evaluate the raw weights: drop --ema")
+  abstract = {k: v for k, v in abstract_variables(model).items() if k in WEIGHTS}
+  variables = restore_onto(state_dir, abstract, mesh, "ema" if ema else None, where,
+                           "the checkpoint is damaged or was written by another version "
+                           "of train.py")
+  cfg_path = os.path.join(workdir, train_checkpoint.CONFIG_FILE)
+  train_config = _read_json(cfg_path).get("config") if os.path.isfile(cfg_path) else None
+  return LoadedCheckpoint(model, variables, "workdir", workdir, step, ema, train_config)
+
+
+def restore_onto(directory: str, abstract: dict, mesh: Mesh, key: str | None, where: str,
+                 hint: str) -> dict:
+  """{'params', 'batch_stats'} read from the orbax tree in `directory` (at `key` of it, or
+  at its top) straight into arrays replicated over `mesh`; other entries (optimizer state,
+  the other weights) are not read. Checks the stored shapes against `abstract` first
+  (EvalError naming `where` and `hint`). Every process calls it (any topology: the
+  shardings come from `mesh`, not from the checkpoint)."""
+  stored = _tree_metadata(directory)
+  stored = stored.get(key, {}) if key else stored
+  problem = describe_mismatch(shape_map({k: stored.get(k, {}) for k in abstract}),
+                              shape_map(abstract))
+  if problem:
+    raise EvalError(f"checkpoint {where} does not match its model config: {problem}; {hint}")
+  repl = NamedSharding(mesh, PartitionSpec())
+  target = jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl), abstract)
+  if key:
+    target = {key: target}
+  restore_args = jax.tree_util.tree_map(lambda _: ocp.ArrayRestoreArgs(sharding=repl), target)
+  restored = ocp.Checkpointer(ocp.PyTreeCheckpointHandler()).restore(
+      directory, args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args,
+                                             partial_restore=True))
+  variables = restored[key] if key else restored
+  return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
+
+
+def _tree_metadata(directory: str) -> dict:
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  try:
+    md = ocp.PyTreeCheckpointHandler().metadata(epath.Path(directory))
+  except (OSError, ValueError, FileNotFoundError) as e:
+    raise EvalError(f"cannot read checkpoint {directory}: {e}") from None
+  tree = getattr(md, "tree", md)
+  return dict(tree) if tree is not None else {}
+
+
+def _read_json(path: str) -> dict:
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, ValueError) as e:
+    raise EvalError(f"cannot read {path}: {e}") from None
+
+
+def _model(config: dict, where: str, **overrides) -> StripMLP:
+  try:
+    return StripMLP(**{**config, **{k: v for k, v in overrides.items() if v is not None}})
+  except (TypeError, ValueError) as e:
+    raise EvalError(f"checkpoint {where} has an invalid model config {config}: {e}") from None
+
+
+# ----------------------------------------------------------------------------- fine-tuning
+
+def load_pretrained(path: str) -> tuple[dict, dict]:
+  """(model keywords, {'params', 'batch_stats'} as numpy) of pretrained weights at `path`:
+  any path `load_weights` reads (a converted directory, a .pth file, a training workdir),
+  read by each process onto its first local device."""
+  if not os.path.exists(path):
+    raise EvalError(
+        f"init_from={path!r} does not exist; give a converted checkpoint directory "
+        "(python convert_torch_weights.py IN.pth OUT_DIR), a .pth file or a training workdir")
+  loaded = load_weights(path, mesh=Mesh(np.asarray(jax.local_devices()[:1]), ("data",)))
+  variables = jax.tree_util.tree_map(np.asarray, dict(loaded.variables))
+  return loaded.model.config_dict(), {k: variables.get(k, {}) for k in WEIGHTS}
+
+
+def merge_pretrained(target: dict, pretrained: dict, *, source: str = "pretrained"
+                     ) -> tuple[dict, list[str]]:
+  """Takes every leaf of `target` ({'params', 'batch_stats'}, numpy or jax) from
+  `pretrained` when the shapes agree; the classifier `head` is kept from `target` (freshly
+  initialised) when the class counts differ. Any other mismatch raises with what to change.
+
+  Returns (merged, names of the re-initialised leaves).
+  """
+  tflat = traverse_util.flatten_dict(target, sep="/")
+  pflat = traverse_util.flatten_dict(pretrained, sep="/")
+  problems = mismatches(shape_map(pretrained), shape_map(target), f"{source}",
+                        "in the model")
+  reinit = sorted(k for k in tflat if k.split("/")[1:2] == [HEAD]
+                  and (k not in pflat or np.shape(pflat[k]) != np.shape(tflat[k])))
+  problems = [p for p in problems if p.split(" ")[0] not in reinit]
+  if problems:
+    raise CheckpointMismatchError(
+        f"{source} weights do not fit the model ({summarize(problems, 5)}); use the variant, "
+        "embed_dim, layers and model.img_size of the checkpoint (only the number of classes "
+        "may differ)")
+  merged = {k: v if k in reinit else np.asarray(pflat[k], dtype=getattr(v, "dtype", None))
+            for k, v in tflat.items()}
+  return traverse_util.unflatten_dict(merged, sep="/"), reinit
+
+
+def pretrained_onto(path: str, target: dict) -> tuple[dict, list[str]]:
+  """Pretrained {'params', 'batch_stats'} from `path` as global arrays in the shardings of
+  `target` (the abstract variables being trained), None for the leaves to re-initialise
+  (the head when the class count differs), and their names. Raises
+  CheckpointMismatchError for any other difference."""
+  _, pretrained = load_pretrained(path)
+  merged, reinit = merge_pretrained(target, pretrained, source=path)
+  flat = traverse_util.flatten_dict(merged, sep="/")
+  for k in reinit:
+    flat[k] = None
+  merged = traverse_util.unflatten_dict(flat, sep="/")
+  shardings = jax.tree_util.tree_map(lambda x: x.sharding, target)
+  placed = jax.tree_util.tree_map(
+      lambda x, s: None if x is None else sharding.put_global(x, s), merged, shardings,
+      is_leaf=lambda x: x is None)
+  return placed, reinit

@@ -121,6 +121,7 @@ def _train(config, workdir: str):
   from strip_mlp import plan, train_lib  # pylint: disable=g-import-not-at-top
   plan.validate_config(config, check_devices=False)  # before a (blocking) multi-process start
   cli.start_processes()
+  plan.make_plan(config, plan.read_dataset_info(config.data))  # the data, before the workdir
   if jax.process_index() == 0:
     cli.check_writable_dir(workdir, "--workdir")
     checkpoints = os.path.join(workdir, "checkpoints")

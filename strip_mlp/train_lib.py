@@ -34,21 +34,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        stop_at_step: int | None = None) -> dict:
   """Trains (resuming from the newest checkpoint in workdir), evaluates, checkpoints.
 
-  Args:
-    config: a config from configs/*.py (see configs/common.py for the keys).
-    workdir: checkpoints, config.json and metrics.jsonl go here.
-    mesh: default: all devices, ('data', 'fsdp') with fsdp = config.mesh.fsdp.
-    train_iterator_fn: (config, global_batch, sharding, seed, start_step) -> iterator of
-      global batches; default: the input pipeline's train iterator.
-    stop_at_step: end this run at this step (saving a checkpoint, as on preemption) even
-      if the schedule is longer; a later call resumes (time-sliced jobs, tests).
-  Returns:
-    {'step', 'state' (the final TrainState), 'train_loss', 'eval' / 'ema_eval' (when
-     evaluated), 'best_top1', 'preempted', 'stopped' (True when ended before the schedule's
-     end), 'train_time_s', 'plan'}.
-  Raises:
-    ConfigError, CheckpointMismatchError, TrainingDivergedError, DatasetNotFoundError --
-    each with one line that says what to do.
+  Longer than 80 lines: set-up, then the loop, read top to bottom (big_vision's train.py).
+  mesh: default all devices, ('data', 'fsdp') with fsdp = config.mesh.fsdp.
+  train_iterator_fn: (config, global_batch, sharding, seed, start_step) -> iterator of
+    global batches; default: the input pipeline's. stop_at_step: end this run there
+    (saving a checkpoint, as on preemption); a later call resumes.
+  Returns {'step', 'state', 'train_loss', 'eval'/'ema_eval' (when evaluated), 'best_top1',
+  'preempted', 'stopped' (ended before the schedule's end), 'train_time_s', 'plan'}.
+  Raises UserError subclasses (ConfigError, CheckpointMismatchError, TrainingDivergedError,
+  DatasetNotFoundError, ...) with one line that says what to do.
   """
   t_start = time.time()
   # ---- mesh, data, everything compiled

@@ -2,7 +2,6 @@
 metrics.jsonl after resumes."""
 import contextlib
 import io
-import json
 import os
 import sys
 
@@ -17,7 +16,6 @@ import train_test_utils as utils  # noqa: E402
 from strip_mlp import sharding, train_helpers, train_lib  # noqa: E402
 from strip_mlp import steps as steps_lib  # noqa: E402
 from strip_mlp.errors import TrainingDivergedError  # noqa: E402
-from strip_mlp.metric_writer import MetricWriter  # noqa: E402
 
 utils.enable_compilation_cache()
 utils.quiet_logs()
@@ -97,18 +95,3 @@ def test_nan_gradients_behind_a_finite_loss_stop_without_saving(tmp_path, monkey
   assert steps == [1, 2], os.listdir(tmp_path / "checkpoints")
   rows = utils.read_metrics(tmp_path)
   assert [r["step"] for r in rows] == [1, 2] and "params_finite" not in rows[0]
-
-
-def test_metrics_rows_after_the_resumed_step_are_dropped(tmp_path, capsys):
-  path = tmp_path / "metrics.jsonl"
-  rows = [{"step": s, "kind": k, "loss": 1.0} for s in (1, 2, 3, 4) for k in ("train",)]
-  rows.insert(2, {"step": 2, "kind": "eval", "top1": 0.5})
-  path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-  writer = MetricWriter(str(tmp_path), start_step=2)
-  writer.write(3, "train", {"loss": 0.5})
-  writer.close()
-  got = [json.loads(line) for line in path.read_text().splitlines()]
-  assert [(r["step"], r["kind"]) for r in got] == [(1, "train"), (2, "train"), (2, "eval"),
-                                                   (3, "train")]
-  assert got[-1]["loss"] == 0.5
-  assert "dropped 2 row(s) after step 2" in capsys.readouterr().out

@@ -36,7 +36,7 @@ from absl import logging  # noqa: E402
 import ml_collections  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from strip_mlp import cli  # noqa: E402
+from strip_mlp import cli, data  # noqa: E402
 from strip_mlp.errors import UserError  # noqa: E402
 
 DEFAULT_CONFIG = os.path.join(_REPO, "configs", "default.py")
@@ -306,7 +306,7 @@ def main(argv=None) -> int:
     print(fv.get_help())
     return 0
   logging.set_verbosity(logging.WARNING)  # orbax/absl INFO chatter
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top  (the configs import it)
+  from strip_mlp.data import pipeline  # pylint: disable=g-import-not-at-top  (imports TF)
   try:
     fv, explicit = parse_flags(argv)
     run(fv, explicit)
@@ -315,7 +315,7 @@ def main(argv=None) -> int:
   except OSError as e:  # a full disk, permissions, a file that vanished: not a bug of ours
     message = _one_line(f"{e.strerror or e}{f' {e.filename}' if e.filename else ''} "
                         f"({type(e).__name__})")
-  except tf.errors.OpError as e:  # tf.data: an unreadable or corrupt file of the dataset
+  except pipeline.ReadError as e:  # tf.data: an unreadable or corrupt file of the dataset
     message = _one_line(f"reading the data failed: {e.message}")
   except RuntimeError as e:  # jax.errors.JaxRuntimeError from XLA
     if "RESOURCE_EXHAUSTED" not in str(e):
@@ -330,5 +330,5 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
   signal.signal(signal.SIGINT, _on_sigint)
-  cli.import_tensorflow_quietly()
+  data.import_tensorflow_quietly()
   sys.exit(main())

@@ -40,9 +40,9 @@ def _interrupted_while_loading(signum, frame):
 
 signal.signal(signal.SIGINT, _interrupted_while_loading)  # main() installs its own
 
-from strip_mlp import cli  # noqa: E402
+from strip_mlp import cli, data  # noqa: E402
 
-cli.import_tensorflow_quietly()
+data.import_tensorflow_quietly()
 
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
@@ -183,7 +183,7 @@ def main(argv):
   if not flags.FLAGS["verbosity"].present:  # orbax/absl INFO chatter; -v 0 brings it back
     logging.set_verbosity(logging.WARNING)
   signal.signal(signal.SIGINT, _on_sigint)
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top  (imported by the configs)
+  from strip_mlp.data import pipeline  # pylint: disable=g-import-not-at-top  (imports TF)
   from strip_mlp.errors import UserError  # pylint: disable=g-import-not-at-top
   workdir = _WORKDIR.value or _default_workdir()
   try:
@@ -200,7 +200,7 @@ def main(argv):
     name = f" {e.filename}" if e.filename else ""
     _fail(f"{e.strerror or e}{name} ({type(e).__name__}); fix it and rerun the same "
           "command to resume from the newest checkpoint")
-  except tf.errors.OpError as e:  # tf.data: an unreadable or corrupt file of the dataset
+  except pipeline.ReadError as e:  # tf.data: an unreadable or corrupt file of the dataset
     _fail(f"reading the data failed: {e.message}")
   except RuntimeError as e:
     if "RESOURCE_EXHAUSTED" not in str(e):

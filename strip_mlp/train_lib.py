@@ -388,9 +388,9 @@ def save_config(config, plan: Plan, workdir: str, extra: dict):
 
 def default_train_iterator(config, batch_size: int, batch_sharding, seed: int,
                            start_step: int) -> Iterator[dict]:
-  from strip_mlp import input_pipeline  # pylint: disable=g-import-not-at-top
-  return input_pipeline.create_train_iterator(config.data, batch_size, batch_sharding, seed,
-                                              start_step=start_step)
+  from strip_mlp.data import pipeline  # pylint: disable=g-import-not-at-top
+  return pipeline.create_train_iterator(config.data, batch_size, batch_sharding, seed,
+                                        start_step=start_step)
 
 
 # ============================================================================ training
@@ -446,10 +446,10 @@ def evaluate(eval_step, variables, config, plan: Plan, batch_sharding) -> dict:
 
   Sums are accumulated exactly on the host (the same code as eval.py).
   """
-  from strip_mlp import input_pipeline  # pylint: disable=g-import-not-at-top
+  from strip_mlp.data import pipeline  # pylint: disable=g-import-not-at-top
   from strip_mlp.evaluate import evaluate_batches  # pylint: disable=g-import-not-at-top
-  batches = input_pipeline.create_eval_iterator(config.data, plan.eval_batch_size,
-                                                batch_sharding)
+  batches = pipeline.create_eval_iterator(config.data, plan.eval_batch_size,
+                                          batch_sharding)
   result = evaluate_batches(eval_step, variables, batches)
   return {k: result[k] for k in ("top1", "top5", "loss", "count")}
 
@@ -464,7 +464,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     workdir: checkpoints, config.json and metrics.jsonl go here.
     mesh: default: all devices, ('data', 'fsdp') with fsdp = config.mesh.fsdp.
     train_iterator_fn: (config, global_batch, sharding, seed, start_step) -> iterator of
-      global batches; default: strip_mlp.input_pipeline.create_train_iterator.
+      global batches; default: strip_mlp.data.pipeline.create_train_iterator.
     stop_at_step: end this run at this step (saving a checkpoint, as on preemption) even
       if the schedule is longer; a later call resumes (time-sliced jobs, tests).
   Returns:
@@ -473,14 +473,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
      end), 'train_time_s', 'plan'}.
   Raises:
     ConfigError, checkpointing.CheckpointMismatchError, TrainingDivergedError,
-    data_sources.DatasetNotFoundError -- each with one line that says what to do.
+    strip_mlp.data.sources.DatasetNotFoundError -- each with one line that says what to do.
   """
   t_start = time.time()
   mesh = sharding.create_mesh(config.mesh.fsdp) if mesh is None else mesh
   n_dev = mesh.devices.size
   validate_config(config, num_devices=n_dev)
-  from strip_mlp import input_pipeline  # pylint: disable=g-import-not-at-top
-  info = input_pipeline.get_dataset_info(config.data)
+  from strip_mlp.data import pipeline  # pylint: disable=g-import-not-at-top
+  info = pipeline.get_dataset_info(config.data)
   plan = make_plan(config, info)
   model = build_model(config, plan.num_classes, plan.image_size)
   schedule = build_schedule(config, plan)

@@ -19,7 +19,8 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import train_test_utils as utils  # noqa: E402
 
-from strip_mlp import input_pipeline, sharding, train_lib  # noqa: E402
+from strip_mlp import sharding, train_lib  # noqa: E402
+from strip_mlp.data import pipeline  # noqa: E402
 
 utils.enable_compilation_cache()
 utils.quiet_logs()
@@ -113,12 +114,12 @@ def test_eight_devices_match_one_device():
   BatchNorm statistics over the global batch, mixup/cutmix partners across devices, the
   larger parameters and their Adam moments split over 2 devices)."""
   config = utils.small_config(**MINI)
-  info = input_pipeline.get_dataset_info(config.data)
+  info = pipeline.get_dataset_info(config.data)
   plan = train_lib.make_plan(config, info)
   model = train_lib.build_model(config, plan.num_classes, plan.image_size)
   schedule = train_lib.build_schedule(config, plan)
   tx = train_lib.build_optimizer(config, schedule)
-  it = input_pipeline.create_train_iterator(config.data, config.batch_size, None, 0)
+  it = pipeline.create_train_iterator(config.data, config.batch_size, None, 0)
   batches = [next(it) for _ in range(2)]
   initial = None
   results = []
@@ -136,7 +137,7 @@ def test_eight_devices_match_one_device():
                                     shardings)
     losses = []
     for b in batches:
-      state, metrics = step(state, input_pipeline.to_global_arrays(
+      state, metrics = step(state, pipeline.to_global_arrays(
           b, sharding.batch_sharding(mesh)))
       losses.append([float(metrics["loss"]), float(metrics["grad_norm"])])
     results.append((losses, jax.device_get(state)))
@@ -192,7 +193,7 @@ def test_fine_tune_from_converted_pytorch_weights(fixtures_dir, tmp_path):
                                  "warmup_steps": 1})
   # The initial state, as train_and_evaluate builds it.
   mesh = one_device_mesh()
-  plan = train_lib.make_plan(config, input_pipeline.get_dataset_info(config.data))
+  plan = train_lib.make_plan(config, pipeline.get_dataset_info(config.data))
   model = train_lib.build_model(config, plan.num_classes, plan.image_size)
   tx = train_lib.build_optimizer(config, train_lib.build_schedule(config, plan))
   target, init = train_lib.create_train_state(config, model, tx, mesh, jax.random.key(0))

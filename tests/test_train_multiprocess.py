@@ -12,7 +12,8 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import train_test_utils as utils  # noqa: E402
 
-from strip_mlp import checkpointing, input_pipeline, sharding, train_lib  # noqa: E402
+from strip_mlp import checkpointing, sharding, train_lib  # noqa: E402
+from strip_mlp.data import pipeline  # noqa: E402
 
 utils.enable_compilation_cache()
 utils.quiet_logs()
@@ -69,7 +70,7 @@ def test_two_processes_match_one_process_and_share_a_checkpoint(tmp_path):
   assert ckpt.all_steps() == [STEPS]
   meta = ckpt.read_meta(STEPS)
   assert meta["num_processes"] == 2 and meta["num_devices"] == 4
-  info = input_pipeline.get_dataset_info(config.data)
+  info = pipeline.get_dataset_info(config.data)
   plan = train_lib.make_plan(config, info)
   model = train_lib.build_model(config, plan.num_classes, plan.image_size)
   tx = train_lib.build_optimizer(config, train_lib.build_schedule(config, plan))

@@ -33,7 +33,7 @@ from absl import flags  # noqa: E402
 import ml_collections  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from strip_mlp import cli  # noqa: E402
+from strip_mlp import cli, data  # noqa: E402
 from strip_mlp.errors import EvalError  # noqa: E402
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs",
@@ -275,7 +275,7 @@ def _parse_flags(argv):
 
 if __name__ == "__main__":
   signal.signal(signal.SIGINT, _on_sigint)
-  cli.import_tensorflow_quietly()
+  data.import_tensorflow_quietly()
   _argv = _normalize(sys.argv)
   try:
     define_flags(flags.FLAGS, _argv)

@@ -42,9 +42,9 @@ from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from strip_mlp import cli  # noqa: E402
+from strip_mlp import cli, data  # noqa: E402
 
-cli.import_tensorflow_quietly()  # the data pipeline's, with its start-up notices dropped
+data.import_tensorflow_quietly()  # the data pipeline's, with its start-up notices dropped
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs",
                                "default.py")

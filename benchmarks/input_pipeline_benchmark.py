@@ -100,7 +100,8 @@ def main(argv=None):
       parser.error(f'--preprocessing {choice!r}: use a comma list of {", ".join(PREPROCESSING)}')
 
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-  from strip_mlp import input_pipeline as ip
+  from strip_mlp.data import config as data_config
+  from strip_mlp.data import pipeline
 
   tmp = None
   root = args.root
@@ -122,15 +123,15 @@ def main(argv=None):
   rows = []
   for row in args.rows.split(','):
     for choice in choices:
-      cfg = ip.default_data_config()
+      cfg = data_config.default_data_config()
       cfg.update(dict(source='folder', folder_root=root, image_size=args.image_size,
                       shuffle_buffer=args.num_images, **variants[row], **PREPROCESSING[choice]))
       if row == 'eval':   # one pipeline, repeated: time the transforms, not pipeline set-up
-        n_batches = ip.num_eval_batches(cfg, args.batch_size, process_count=1)
-        ds = ip.create_eval_dataset(cfg, args.batch_size, n_batches).repeat()
+        n_batches = pipeline.num_eval_batches(cfg, args.batch_size, process_count=1)
+        ds = pipeline.create_eval_dataset(cfg, args.batch_size, n_batches).repeat()
         iterator = ds.as_numpy_iterator()
       else:
-        iterator = ip.create_train_iterator(cfg, args.batch_size, None, seed=0)
+        iterator = pipeline.create_train_iterator(cfg, args.batch_size, None, seed=0)
       ips, cpu_ms, n = time_iterator(iterator, args.batch_size, args.seconds, args.warmup)
       rows.append((row, choice, ips, cpu_ms))
       print(f'{row} ({choice}): {ips:.0f} images/s, {cpu_ms:.1f} CPU ms/image over {n} batches',

@@ -11,12 +11,13 @@ set (not None) wins over its `*_epochs` twin. One step = one optimizer update on
 import ml_collections
 from ml_collections import config_dict
 
+from strip_mlp.data import config as data_config
+
 VARIANTS = ("tiny_light", "tiny", "small", "base")
 
 
 def base_config() -> ml_collections.ConfigDict:
   """The published ImageNet-1K recipe (see shared/spec/training_recipe.md)."""
-  from strip_mlp import input_pipeline  # pylint: disable=g-import-not-at-top
   c = ml_collections.ConfigDict()
   c.seed = 0
 
@@ -33,9 +34,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.depthwise_impl = "auto"
   c.model.patchify_impl = "auto"
 
-  # Input pipeline keys (strip_mlp.input_pipeline.default_data_config): source, name,
+  # Input pipeline keys (strip_mlp.data.config.default_data_config): source, name,
   # data_dir, image_size, augmentation, mixup/cutmix and label smoothing.
-  c.data = input_pipeline.default_data_config()
+  c.data = data_config.default_data_config()
   c.data.source = "tfds"
   c.data.name = "imagenet2012"
   c.data.image_size = 224

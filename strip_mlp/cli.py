@@ -217,22 +217,3 @@ def guarded(prog: str, fn, *args, out_of_memory_fix: str, os_error_suffix: str =
     print(f"{prog}: error: {line}", file=sys.stderr, flush=True)
     return 1
   return 0
-
-
-def import_tensorflow_quietly():
-  """Imports TensorFlow with its C++ start-up notices (oneDNN, CPU features) dropped: they
-  bypass TF_CPP_MIN_LOG_LEVEL and go straight to fd 2. Replayed if the import fails."""
-  sys.stderr.flush()
-  saved = os.dup(2)
-  with tempfile.TemporaryFile() as captured:
-    os.dup2(captured.fileno(), 2)
-    try:
-      import tensorflow  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
-    except Exception:
-      os.dup2(saved, 2)
-      captured.seek(0)
-      sys.stderr.write(captured.read().decode(errors="replace"))
-      raise
-    finally:
-      os.dup2(saved, 2)
-      os.close(saved)

@@ -95,8 +95,8 @@ def evaluate_split(eval_fn: Callable, variables: Any, data_cfg, batch_size: int,
                    batch_sharding) -> dict:
   """top1/top5 (fractions), mean loss and count of `eval_fn` over the eval split of
   `data_cfg` (training's periodic evaluation; the same accumulation as `evaluate`)."""
-  from strip_mlp import input_pipeline  # pylint: disable=g-import-not-at-top  (imports TF)
-  batches = input_pipeline.create_eval_iterator(data_cfg, batch_size, batch_sharding)
+  from strip_mlp.data import pipeline  # pylint: disable=g-import-not-at-top  (imports TF)
+  batches = pipeline.create_eval_iterator(data_cfg, batch_size, batch_sharding)
   result = evaluate_batches(eval_fn, variables, batches)
   return {k: result[k] for k in ("top1", "top5", "loss", "count")}
 
@@ -137,7 +137,7 @@ def evaluate(model: StripMLP, variables: Any, data_cfg, batch_size: int,
   Args:
     model: a StripMLP (its img_size/num_classes must match the data).
     variables: {'params', 'batch_stats'}: host arrays or global arrays.
-    data_cfg: an input-pipeline config (`input_pipeline.default_data_config()`, or a
+    data_cfg: an input-pipeline config (`strip_mlp.data.config.default_data_config()`, or a
       training config's `.data`); its `eval_split` (default: the dataset's) is evaluated.
     batch_size: global batch size, a multiple of the mesh's device count and of the
       process count; need not divide the split (the last batch is padded and masked).
@@ -152,12 +152,12 @@ def evaluate(model: StripMLP, variables: Any, data_cfg, batch_size: int,
     EvalError: model/data mismatch, bad batch size. RuntimeError if the count differs from
     the split size (a pipeline bug; never expected).
   """
-  from strip_mlp import input_pipeline  # pylint: disable=g-import-not-at-top  (imports TF)
+  from strip_mlp.data import pipeline  # pylint: disable=g-import-not-at-top  (imports TF)
   mesh = sharding_lib.create_mesh() if mesh is None else mesh
   n_dev = int(mesh.devices.size)
   n_proc = jax.process_count()
   check_batch_size(batch_size, n_dev, n_proc)
-  info = input_pipeline.get_dataset_info(data_cfg)
+  info = pipeline.get_dataset_info(data_cfg)
   check_model_fits_data(model, data_cfg, info)
   variables = place_variables(variables, mesh)
   eval_fn = make_eval_fn(model, mesh)
@@ -168,7 +168,7 @@ def evaluate(model: StripMLP, variables: Any, data_cfg, batch_size: int,
   compiled = eval_fn.lower(variables, spec).compile()
   compile_seconds = time.perf_counter() - t0
 
-  batches = input_pipeline.create_eval_iterator(data_cfg, batch_size, batch_sharding)
+  batches = pipeline.create_eval_iterator(data_cfg, batch_size, batch_sharding)
   out = evaluate_batches(compiled, variables, batches)
   if out["count"] != info.num_eval:
     raise RuntimeError(f"evaluated {out['count']} examples but split {info.eval_split!r} of "

@@ -28,8 +28,8 @@ class MetricWriter:
     _truncate_metrics(path, start_step)
     self._file = open(path, "a")
     if tensorboard:
-      import tensorflow as tf  # pylint: disable=g-import-not-at-top
-      self._tb = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
+      from strip_mlp.data import tensorboard as tb  # pylint: disable=g-import-not-at-top
+      self._tb = tb.ScalarWriter(workdir)
 
   def write(self, step: int, kind: str, values: dict):
     if not self.enabled:
@@ -38,16 +38,7 @@ class MetricWriter:
     self._file.write(json.dumps({"step": int(step), "kind": kind, **values}) + "\n")
     self._file.flush()
     if self._tb is not None:
-      import tensorflow as tf  # pylint: disable=g-import-not-at-top
-      # tf.summary.write with the scalars plugin's metadata: what tf.summary.scalar writes,
-      # without needing the tensorboard package installed.
-      meta = tf.compat.v1.SummaryMetadata(
-          plugin_data=tf.compat.v1.SummaryMetadata.PluginData(plugin_name="scalars"))
-      with self._tb.as_default():
-        for k, v in values.items():
-          tf.summary.write(f"{kind}/{k}", tf.constant(v, tf.float32), step=int(step),
-                           metadata=meta)
-      self._tb.flush()
+      self._tb.write(step, kind, values)
 
   def close(self):
     if self.enabled:

@@ -18,6 +18,7 @@ import jax
 import ml_collections
 
 from strip_mlp import ops, optim
+from strip_mlp.data import config as data_config
 from strip_mlp.errors import ConfigError, UserError
 from strip_mlp.model import VARIANTS, validate_architecture
 
@@ -46,12 +47,6 @@ class Plan:
 
 _SCHEDULES = ("cosine", "constant")
 _DTYPES = ("float32", "bfloat16", "float16")
-_IMAGE_DTYPES = ("float32", "bfloat16")
-_ERASING_MODES = ("pixel", "rand", "const")
-_TF_RESIZE = ("bilinear", "bicubic", "nearest", "area", "lanczos3", "lanczos5", "gaussian",
-              "mitchellcubic")   # tf.image.resize methods; bilinear/bicubic: PIL's exactly
-_INTERPOLATIONS = _TF_RESIZE + tuple(f"tf_{m}" for m in ("bilinear", "bicubic"))
-_DCT_METHODS = ("INTEGER_ACCURATE", "INTEGER_FAST", "")   # '' = TF's default (fast)
 
 
 def _raise_first(errs: list[str]) -> None:
@@ -194,26 +189,25 @@ def _training_errors(c, n_dev: int | None, n_proc: int | None) -> list[str]:
 
 
 def _data_errors(d) -> list[str]:
-  """The data keys; imports the input pipeline (TensorFlow) only when called."""
-  from strip_mlp import digits, input_pipeline, transforms  # pylint: disable=g-import-not-at-top
+  """The data keys (the choices of strip_mlp.data.config; no TensorFlow)."""
   errs, need = _errors()
-  need(d.source in input_pipeline.SOURCES,
-       f"data.source={d.source!r} must be one of {input_pipeline.SOURCES}")
+  dc = data_config
+  need(d.source in dc.SOURCES, f"data.source={d.source!r} must be one of {dc.SOURCES}")
   if d.source == "embedded":
-    need(d.name in digits.EMBEDDED_BUILDERS,
-         f"data.name={d.name!r} is not an embedded dataset ({', '.join(digits.EMBEDDED_BUILDERS)});"
+    need(d.name in dc.EMBEDDED_DATASETS,
+         f"data.name={d.name!r} is not an embedded dataset ({', '.join(dc.EMBEDDED_DATASETS)});"
          " for a TFDS dataset set --config.data.source=tfds")
   need(d.source != "folder" or d.folder_root,
        "data.source='folder' needs --config.data.folder_root=/path/with/train/and/val")
   need(d.image_size > 0, f"data.image_size={d.image_size} must be positive")
-  need(d.image_dtype in _IMAGE_DTYPES,
-       f"data.image_dtype={d.image_dtype!r} must be one of {_IMAGE_DTYPES}")
-  need(d.interpolation in _INTERPOLATIONS,
-       f"data.interpolation={d.interpolation!r} must be one of {_INTERPOLATIONS}")
-  need(d.get("jpeg_dct_method", "") in _DCT_METHODS,
-       f"data.jpeg_dct_method={d.get('jpeg_dct_method')!r} must be one of {_DCT_METHODS}")
-  need(d.random_erasing_mode in _ERASING_MODES,
-       f"data.random_erasing_mode={d.random_erasing_mode!r} must be one of {_ERASING_MODES}")
+  need(d.image_dtype in dc.IMAGE_DTYPES,
+       f"data.image_dtype={d.image_dtype!r} must be one of {dc.IMAGE_DTYPES}")
+  need(d.interpolation in dc.INTERPOLATIONS,
+       f"data.interpolation={d.interpolation!r} must be one of {dc.INTERPOLATIONS}")
+  need(d.get("jpeg_dct_method", "") in dc.JPEG_DCT_METHODS,
+       f"data.jpeg_dct_method={d.get('jpeg_dct_method')!r} must be one of {dc.JPEG_DCT_METHODS}")
+  need(d.random_erasing_mode in dc.ERASING_MODES,
+       f"data.random_erasing_mode={d.random_erasing_mode!r} must be one of {dc.ERASING_MODES}")
   for key in ("hflip_prob", "random_erasing_prob", "mixup_prob", "mixup_switch_prob"):
     need(0 <= d[key] <= 1, f"data.{key}={d[key]} must be in [0, 1]")
   need(0 <= d.label_smoothing < 1, f"data.label_smoothing={d.label_smoothing} must be in [0, 1)")
@@ -227,25 +221,24 @@ def _data_errors(d) -> list[str]:
        f"data.mean/std must be 3 values each (RGB), std positive; got {d.mean}/{d.std}")
   if d.randaugment:
     try:
-      transforms.parse_rand_augment(d.randaugment)
+      dc.parse_rand_augment(d.randaugment)
     except (ValueError, TypeError) as e:
       errs.append(f"data.randaugment={d.randaugment!r}: {e} ('' disables it)")
   return errs
 
 
 def read_dataset_info(data: ml_collections.ConfigDict):
-  """`input_pipeline.get_dataset_info(data)`, with ConfigError (one line) for a dataset
+  """`strip_mlp.data.pipeline.get_dataset_info(data)`, with ConfigError (one line) for a dataset
   that cannot be opened: unknown TFDS name or split, folder layout, unreadable data_dir.
 
   The source is cached by the input pipeline, so training opens it only once.
   """
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from strip_mlp import input_pipeline  # pylint: disable=g-import-not-at-top
+  from strip_mlp.data import pipeline  # pylint: disable=g-import-not-at-top
   try:
-    return input_pipeline.get_dataset_info(data)
+    return pipeline.get_dataset_info(data)
   except UserError:
     raise
-  except (ValueError, KeyError, OSError, tf.errors.OpError) as e:
+  except (ValueError, KeyError, OSError, pipeline.ReadError) as e:
     what = getattr(e, "message", None) or str(e)
     what = " ".join(what.split()) or type(e).__name__
     where = (f"data.folder_root={data.folder_root!r}" if data.source == "folder"

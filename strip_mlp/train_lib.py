@@ -137,9 +137,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
 def default_train_iterator(config, batch_size: int, batch_sharding, seed: int,
                            start_step: int) -> Iterator[dict]:
-  from strip_mlp import input_pipeline  # pylint: disable=g-import-not-at-top  (imports TF)
-  return input_pipeline.create_train_iterator(config.data, batch_size, batch_sharding, seed,
-                                              start_step=start_step)
+  from strip_mlp.data import pipeline  # pylint: disable=g-import-not-at-top  (imports TF)
+  return pipeline.create_train_iterator(config.data, batch_size, batch_sharding, seed,
+                                        start_step=start_step)
 
 
 def _log_setup(config, mesh, info, plan):

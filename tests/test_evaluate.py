@@ -22,7 +22,9 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import train_test_utils  # noqa: E402  (persistent compilation cache, repo on sys.path)
 
-from strip_mlp import StripMLP, input_pipeline, model_checkpoint, sharding  # noqa: E402
+from strip_mlp import StripMLP, model_checkpoint, sharding  # noqa: E402
+from strip_mlp.data import config as data_config  # noqa: E402
+from strip_mlp.data import pipeline  # noqa: E402
 from strip_mlp import evaluate as ev  # noqa: E402
 from strip_mlp import train_checkpoint  # noqa: E402
 from strip_mlp.errors import EvalError  # noqa: E402
@@ -85,13 +87,13 @@ def reference_metrics(model, variables, images, labels):
 
 @pytest.fixture(scope="module")
 def data_cfg():
-  return input_pipeline.default_data_config()   # embedded digits, 32 px
+  return data_config.default_data_config()   # embedded digits, 32 px
 
 
 @pytest.fixture(scope="module")
 def digits_eval(data_cfg):
   """The eval split as the pipeline prepares it (numpy; padding removed by the mask)."""
-  batches = list(input_pipeline.create_eval_iterator(data_cfg, 48, None))
+  batches = list(pipeline.create_eval_iterator(data_cfg, 48, None))
   mask = np.concatenate([b["mask"] for b in batches]) > 0
   images = np.concatenate([b["image"] for b in batches])[mask]
   labels = np.concatenate([b["label"] for b in batches])[mask]
@@ -133,13 +135,13 @@ def test_simulated_hosts_count_every_example_once(tiny, data_cfg, digits_eval):
   model, variables = tiny
   mesh = mesh_of(8)
   hosts = 3
-  iters = [input_pipeline.create_eval_iterator(data_cfg, 48, None, process_index=i,
+  iters = [pipeline.create_eval_iterator(data_cfg, 48, None, process_index=i,
                                                process_count=hosts) for i in range(hosts)]
   batches = []
   for parts in zip(*iters):
     batch = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-    batches.append(input_pipeline.to_global_arrays(batch, sharding.batch_sharding(mesh)))
-  assert len(batches) == input_pipeline.num_eval_batches(data_cfg, 48, process_count=hosts)
+    batches.append(pipeline.to_global_arrays(batch, sharding.batch_sharding(mesh)))
+  assert len(batches) == pipeline.num_eval_batches(data_cfg, 48, process_count=hosts)
   r = ev.evaluate_batches(ev.make_eval_fn(model, mesh), ev.place_variables(variables, mesh),
                           batches)
   ref = reference_metrics(model, variables, *digits_eval)
@@ -170,7 +172,7 @@ def test_converted_fixture_reproduces_reference_predictions(fixtures_dir, conver
              "label": np.concatenate([labels, np.zeros(8 - n, np.int32)]).astype(np.int32),
              "mask": np.concatenate([np.ones(n), np.zeros(8 - n)]).astype(np.float32)}
     return ev.evaluate_batches(
-        eval_fn, variables, [input_pipeline.to_global_arrays(batch, sharding.batch_sharding(mesh))])
+        eval_fn, variables, [pipeline.to_global_arrays(batch, sharding.batch_sharding(mesh))])
 
   labels = order[:, 0]                             # the reference's predictions
   r = run(labels)
@@ -372,4 +374,4 @@ def test_clear_errors(converted_dir, workdir, tmp_path, capsys):
   _write_workdir(no_ema, {5: _train_state(m, 3, False)}, {5: 0.1}, m)
   assert "no EMA weights" in _cli_error(capsys, "--checkpoint", no_ema, "--ema")
   with pytest.raises(EvalError, match="multiple of the number of devices"):
-    ev.evaluate(m, random_variables(m, 0), input_pipeline.default_data_config(), 12, mesh_of(8))
+    ev.evaluate(m, random_variables(m, 0), data_config.default_data_config(), 12, mesh_of(8))

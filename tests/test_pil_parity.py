@@ -17,9 +17,10 @@ import tensorflow as tf
 pytest.importorskip('PIL', minversion='13')   # pil_resize's default pass order is Pillow 13's
 from PIL import Image  # noqa: E402
 
-from strip_mlp import input_pipeline as ip  # noqa: E402
-from strip_mlp import pil_resize  # noqa: E402
-from strip_mlp import transforms as T  # noqa: E402
+from strip_mlp.data import config as data_config  # noqa: E402
+from strip_mlp.data import pil_resize  # noqa: E402
+from strip_mlp.data import pipeline as ip  # noqa: E402
+from strip_mlp.data import transforms as T  # noqa: E402
 
 SIZES = ((427, 640), (640, 427), (256, 256), (224, 300), (300, 224), (75, 160), (160, 75),
          (31, 97), (97, 31), (400, 150), (150, 400), (73, 73), (73, 90), (90, 73), (2, 3), (1, 1))
@@ -27,8 +28,8 @@ KINDS = ('jpeg', 'jpeg422', 'jpeg444', 'jpeg_progressive', 'gray_jpeg', 'png', '
          'palette_png', 'palette_trns_png', 'gray_png')
 # The reference's convert('RGB') of a palette PNG with transparency warns; expected here.
 pytestmark = pytest.mark.filterwarnings('ignore:Palette images with Transparency')
-MEAN = np.asarray(T.IMAGENET_MEAN, np.float32)
-STD = np.asarray(T.IMAGENET_STD, np.float32)
+MEAN = np.asarray(data_config.IMAGENET_MEAN, np.float32)
+STD = np.asarray(data_config.IMAGENET_STD, np.float32)
 
 
 def sample_photos():
@@ -104,7 +105,7 @@ def eval_fn(size: int, before: bool = False):
 
   before=True: TF's default (fast) IDCT and tf.image.resize bicubic, the earlier pipeline.
   """
-  cfg = ip.default_data_config()
+  cfg = data_config.default_data_config()
   cfg.image_size = size
   if before:
     cfg.jpeg_dct_method, cfg.interpolation = '', 'tf_bicubic'
@@ -171,7 +172,7 @@ def test_eval_pipeline_batches_equal_torchvision(files, tmp_path):
     for split in ('train', 'val'):
       os.makedirs(tmp_path / split / 'c', exist_ok=True)
       os.symlink(path, tmp_path / split / 'c' / f'{i:03d}{os.path.splitext(path)[1]}')
-  cfg = ip.default_data_config()
+  cfg = data_config.default_data_config()
   cfg.update(source='folder', folder_root=str(tmp_path), image_size=64)
   batches = ip.create_eval_iterator(cfg, 8, None)
   images = np.concatenate([b['image'][b['mask'] > 0] for b in batches])

@@ -19,7 +19,8 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import train_test_utils as utils  # noqa: E402
 
-from strip_mlp import input_pipeline, model_checkpoint, sharding, train_lib  # noqa: E402
+from strip_mlp import model_checkpoint, sharding, train_lib  # noqa: E402
+from strip_mlp.data import pipeline  # noqa: E402
 from strip_mlp.build import build  # noqa: E402
 from strip_mlp.errors import ConfigError, TrainingDivergedError  # noqa: E402
 from strip_mlp.plan import validate_config  # noqa: E402
@@ -116,8 +117,8 @@ def test_eight_devices_match_one_device():
   BatchNorm statistics over the global batch, mixup/cutmix partners across devices, the
   larger parameters and their Adam moments split over 2 devices)."""
   config = utils.small_config(**MINI)
-  info = input_pipeline.get_dataset_info(config.data)
-  it = input_pipeline.create_train_iterator(config.data, config.batch_size, None, 0)
+  info = pipeline.get_dataset_info(config.data)
+  it = pipeline.create_train_iterator(config.data, config.batch_size, None, 0)
   batches = [next(it) for _ in range(2)]
   initial = None
   results = []
@@ -134,7 +135,7 @@ def test_eight_devices_match_one_device():
     step = run.train_step
     losses = []
     for b in batches:
-      state, metrics = step(state, input_pipeline.to_global_arrays(
+      state, metrics = step(state, pipeline.to_global_arrays(
           b, sharding.batch_sharding(mesh)))
       losses.append([float(metrics["loss"]), float(metrics["grad_norm"])])
     results.append((losses, jax.device_get(state)))
@@ -190,7 +191,7 @@ def test_fine_tune_from_converted_pytorch_weights(fixtures_dir, tmp_path):
                                  "warmup_steps": 1})
   # The initial state, as train_and_evaluate builds it.
   mesh = one_device_mesh()
-  run = build(config, input_pipeline.get_dataset_info(config.data), mesh)
+  run = build(config, pipeline.get_dataset_info(config.data), mesh)
   target = run.abstract_state
   pretrained, reinit = model_checkpoint.pretrained_onto(
       converted, {"params": target.params, "batch_stats": target.batch_stats})

@@ -12,7 +12,8 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import train_test_utils as utils  # noqa: E402
 
-from strip_mlp import input_pipeline, sharding, train_checkpoint, train_lib  # noqa: E402
+from strip_mlp import sharding, train_checkpoint, train_lib  # noqa: E402
+from strip_mlp.data import pipeline  # noqa: E402
 from strip_mlp.build import build  # noqa: E402
 
 utils.enable_compilation_cache()
@@ -70,7 +71,7 @@ def test_two_processes_match_one_process_and_share_a_checkpoint(tmp_path):
   assert ckpt.all_steps() == [STEPS]
   meta = ckpt.read_meta(STEPS)
   assert meta["num_processes"] == 2 and meta["num_devices"] == 4
-  info = input_pipeline.get_dataset_info(config.data)
+  info = pipeline.get_dataset_info(config.data)
   run = build(config, info, sharding.create_mesh())
   target = run.abstract_state
   ckpt.check_compatible(STEPS, target, run.model.config_dict())

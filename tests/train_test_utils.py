@@ -82,15 +82,15 @@ def simulated_hosts_iterator(num_hosts):
   in process order, which is how the mesh lays them out."""
   def make(config, batch_size, sharding, seed, start_step):
     import numpy as np  # pylint: disable=g-import-not-at-top
-    from strip_mlp import input_pipeline  # pylint: disable=g-import-not-at-top
-    iters = [input_pipeline.create_train_iterator(config.data, batch_size, None, seed,
-                                                  start_step=start_step, process_index=i,
-                                                  process_count=num_hosts)
+    from strip_mlp.data import pipeline  # pylint: disable=g-import-not-at-top
+    iters = [pipeline.create_train_iterator(config.data, batch_size, None, seed,
+                                            start_step=start_step, process_index=i,
+                                            process_count=num_hosts)
              for i in range(num_hosts)]
     while True:
       parts = [next(it) for it in iters]
       batch = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-      yield input_pipeline.to_global_arrays(batch, sharding)
+      yield pipeline.to_global_arrays(batch, sharding)
   return make
 
 

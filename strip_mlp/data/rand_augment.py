@@ -10,58 +10,25 @@ gives the same output.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
-import re
 from typing import Sequence
 
 import tensorflow as tf
 
+from strip_mlp.data.config import DEFAULT_RANDAUGMENT, RandAugmentSpec, parse_rand_augment
+
 _MAX_LEVEL = 10.0
 
 
-def _split_seed(seed: tf.Tensor, num: int) -> list[tf.Tensor]:
-  """(2,) stateless seed -> `num` independent (2,) seeds (as transforms.split_seed)."""
+def split_seed(seed: tf.Tensor, num: int) -> list[tf.Tensor]:
+  """Splits a (2,) stateless seed into `num` independent (2,) seeds."""
   seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), num=num)
   return [seeds[i] for i in range(num)]
 
 
-def _uniform(seed, shape=(), minval=0.0, maxval=1.0):
+def uniform(seed, shape=(), minval=0.0, maxval=1.0):
+  """float32 U[minval, maxval) of `shape` from a (2,) stateless seed."""
   return tf.random.stateless_uniform(shape, seed, minval=minval, maxval=maxval, dtype=tf.float32)
-
-
-@dataclasses.dataclass(frozen=True)
-class RandAugmentSpec:
-  """Parsed timm RandAugment string, e.g. 'rand-m9-mstd0.5-inc1'."""
-  magnitude: float = 10.0
-  num_layers: int = 2
-  magnitude_std: float = 0.0
-  increasing: bool = False
-  prob: float = 0.5
-
-
-def parse_rand_augment(spec: str) -> RandAugmentSpec:
-  """Parses 'rand-m9-n2-mstd0.5-inc1-p0.5' (timm syntax; m, n, mstd, inc, p)."""
-  parts = spec.split('-')
-  if parts[0] != 'rand':
-    raise ValueError(f"randaugment must look like 'rand-m9-mstd0.5-inc1', got {spec!r}")
-  kw = {}
-  for part in parts[1:]:
-    m = re.fullmatch(r'(mstd|inc|m|n|p)([0-9.]+|inf)', part)
-    if not m:
-      raise ValueError(f'unknown RandAugment option {part!r} in {spec!r} (use m, n, mstd, inc, p)')
-    key, val = m.groups()
-    if key == 'm':
-      kw['magnitude'] = float(val)
-    elif key == 'n':
-      kw['num_layers'] = int(val)
-    elif key == 'mstd':
-      kw['magnitude_std'] = float(val)
-    elif key == 'inc':
-      kw['increasing'] = bool(int(val))
-    else:
-      kw['prob'] = float(val)
-  return RandAugmentSpec(**kw)
 
 
 def _to_uint8(x: tf.Tensor) -> tf.Tensor:
@@ -207,11 +174,6 @@ def translate_y(image, pixels, fill=(128, 128, 128)):
   return affine(image, [1.0, 0.0, 0.0, 0.0, 1.0, pixels], fill)
 
 
-_RAND_TRANSFORMS = ('AutoContrast', 'Equalize', 'Invert', 'Rotate', 'Posterize', 'Solarize',
-                    'SolarizeAdd', 'Color', 'Contrast', 'Brightness', 'Sharpness', 'ShearX',
-                    'ShearY', 'TranslateXRel', 'TranslateYRel')
-
-
 def _rand_augment_ops(increasing: bool, fill, translate_pct: float = 0.45):
   """timm's 15 RandAugment ops as fn(image_uint8, level in [0, 10], sign +-1) -> uint8."""
   def enhance(fn):
@@ -227,11 +189,14 @@ def _rand_augment_ops(increasing: bool, fill, translate_pct: float = 0.45):
     t = tf.cast(tf.floor(lv / _MAX_LEVEL * 256.0), tf.int32)
     return 256 - t if increasing else t
 
+  def shift(img, lv, sg, axis):
+    return sg * lv / _MAX_LEVEL * translate_pct * tf.cast(tf.shape(img)[axis], tf.float32)
+
   def tx(img, lv, sg):
-    return translate_x(img, sg * lv / _MAX_LEVEL * translate_pct * tf.cast(tf.shape(img)[1], tf.float32), fill)
+    return translate_x(img, shift(img, lv, sg, 1), fill)
 
   def ty(img, lv, sg):
-    return translate_y(img, sg * lv / _MAX_LEVEL * translate_pct * tf.cast(tf.shape(img)[0], tf.float32), fill)
+    return translate_y(img, shift(img, lv, sg, 0), fill)
 
   return [
       lambda img, lv, sg: auto_contrast(img),
@@ -252,7 +217,8 @@ def _rand_augment_ops(increasing: bool, fill, translate_pct: float = 0.45):
   ]
 
 
-def rand_augment(image: tf.Tensor, seed: tf.Tensor, spec: str | RandAugmentSpec = 'rand-m9-mstd0.5-inc1',
+def rand_augment(image: tf.Tensor, seed: tf.Tensor,
+                 spec: str | RandAugmentSpec = DEFAULT_RANDAUGMENT,
                  fill=(124, 116, 104)) -> tf.Tensor:
   """timm RandAugment on uint8 (H, W, 3).
 
@@ -264,18 +230,18 @@ def rand_augment(image: tf.Tensor, seed: tf.Tensor, spec: str | RandAugmentSpec 
     spec = parse_rand_augment(spec)
   ops = _rand_augment_ops(spec.increasing, tuple(float(v) for v in fill))
   image = tf.ensure_shape(image, [None, None, 3])
-  for layer_seed in _split_seed(seed, spec.num_layers):
-    s_op, s_apply, s_mag, s_sign = _split_seed(layer_seed, 4)
+  for layer_seed in split_seed(seed, spec.num_layers):
+    s_op, s_apply, s_mag, s_sign = split_seed(layer_seed, 4)
     op = tf.random.stateless_uniform([], s_op, 0, len(ops), dtype=tf.int32)
     level = tf.constant(spec.magnitude, tf.float32)
     if spec.magnitude_std == float('inf'):
-      level = _uniform(s_mag, (), 0.0, spec.magnitude)
+      level = uniform(s_mag, (), 0.0, spec.magnitude)
     elif spec.magnitude_std > 0:
       level = level + spec.magnitude_std * tf.random.stateless_normal([], s_mag)
     level = tf.clip_by_value(level, 0.0, _MAX_LEVEL)
-    sign = tf.where(_uniform(s_sign) > 0.5, -1.0, 1.0)
+    sign = tf.where(uniform(s_sign) > 0.5, -1.0, 1.0)
     branches = [(lambda fn=fn, img=image: tf.ensure_shape(fn(img, level, sign), [None, None, 3]))
                 for fn in ops]
-    image = tf.cond(_uniform(s_apply) <= spec.prob,
+    image = tf.cond(uniform(s_apply) <= spec.prob,
                     lambda: tf.switch_case(op, branches), lambda: image)
   return image

@@ -15,7 +15,8 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from etils import epath
 
-from strip_mlp.data_sources import held_variant_warnings
+from strip_mlp.data.config import EMBEDDED_DATASETS, default_tfds_dir
+from strip_mlp.data.sources import held_variant_warnings
 
 IMAGE_SIZE = 32
 SPLIT_SEED = 0
@@ -68,14 +69,14 @@ class Digits(tfds.core.GeneratorBasedBuilder):
       yield i, {'image': image, 'label': int(label)}
 
 
-EMBEDDED_BUILDERS = {'digits': Digits}
+EMBEDDED_BUILDERS = {b.name: b for b in (Digits,)}   # keys: config.EMBEDDED_DATASETS
 
 
 def load_builder(name: str = 'digits', data_dir: str | None = None) -> tfds.core.DatasetBuilder:
   """The embedded dataset `name` as a prepared TFDS builder in data_dir (prepared if needed)."""
-  if name not in EMBEDDED_BUILDERS:
-    raise ValueError(f'unknown embedded dataset {name!r}; available: {sorted(EMBEDDED_BUILDERS)}')
-  data_dir = os.path.expanduser(data_dir or os.environ.get('TFDS_DATA_DIR', '~/tensorflow_datasets'))
+  if name not in EMBEDDED_DATASETS:
+    raise ValueError(f'unknown embedded dataset {name!r}; available: {EMBEDDED_DATASETS}')
+  data_dir = os.path.expanduser(data_dir) if data_dir else default_tfds_dir()
   with held_variant_warnings():  # "no dataset_info.json" before the first preparation
     builder = EMBEDDED_BUILDERS[name](data_dir=data_dir)
     if not builder.is_prepared():

@@ -11,7 +11,7 @@ Eval  (R <= 32): decode -> (resize to R x R only if needed) -> normalise.
 
 Like the official PyTorch pipeline (PIL + torchvision): JPEGs decode with libjpeg's accurate
 integer IDCT (PIL's default; TF's default is the fast one), and 'bicubic'/'bilinear' resizing
-is PIL's Image.resize bit for bit (strip_mlp.pil_resize), so the eval input equals
+is PIL's Image.resize bit for bit (strip_mlp.data.pil_resize), so the eval input equals
 torchvision's exactly (tests/test_pil_parity.py). Training resizes with tf.image.resize
 (antialiased bicubic, ~0.1 level from PIL's) unless train_pil_resize: the exact resize costs
 ~2 ms more CPU per image there. RandAugment's geometric ops sample bilinearly.
@@ -24,26 +24,13 @@ from typing import Callable
 
 import tensorflow as tf
 
-from strip_mlp import pil_resize
-from strip_mlp.rand_augment import RandAugmentSpec, parse_rand_augment, rand_augment  # noqa: F401
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-# libjpeg's JDCT_ISLOW, PIL's default; '' is TF's default (INTEGER_FAST: ~1 level off PIL's).
-JPEG_DCT_METHOD = 'INTEGER_ACCURATE'
+from strip_mlp.data import pil_resize
+from strip_mlp.data.config import (DEFAULT_RANDAUGMENT, ERASING_MODES, IMAGENET_MEAN,
+                                   IMAGENET_STD, JPEG_DCT_METHOD, JPEG_DCT_METHODS)
+from strip_mlp.data.rand_augment import rand_augment, split_seed, uniform
 
 
-# ----------------------------------------------------------------------------- seeds / rng
-
-def split_seed(seed: tf.Tensor, num: int) -> list[tf.Tensor]:
-  """Splits a (2,) stateless seed into `num` independent (2,) seeds."""
-  seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), num=num)
-  return [seeds[i] for i in range(num)]
-
-
-def _uniform(seed, shape=(), minval=0.0, maxval=1.0):
-  return tf.random.stateless_uniform(shape, seed, minval=minval, maxval=maxval, dtype=tf.float32)
-
+# ----------------------------------------------------------------------------- rng
 
 def _randint_inclusive(u: tf.Tensor, high: tf.Tensor) -> tf.Tensor:
   """Maps uniforms u in [0, 1) to integers in [0, high] (like random.randint(0, high))."""
@@ -134,7 +121,7 @@ def _tf_resize(image: tf.Tensor, size_hw, method: str) -> tf.Tensor:
 def resize(image: tf.Tensor, size_hw, method: str = 'bicubic', window=None) -> tf.Tensor:
   """Resizes a uint8 (H, W, 3) image to size_hw (h, w) -> uint8.
 
-  'bicubic' and 'bilinear' are PIL's Image.resize exactly (strip_mlp.pil_resize); any other
+  'bicubic' and 'bilinear' are PIL's Image.resize exactly (strip_mlp.data.pil_resize); any other
   tf.image.resize method ('area', 'nearest', 'lanczos3', ...), or 'tf_<method>' (e.g.
   'tf_bicubic', the earlier behaviour), uses tf.image.resize. `window` = [top, left, ch, cw]
   crops the (h, w) result (PIL resizes compute only the window) -> uint8 (ch, cw, 3).
@@ -160,8 +147,8 @@ def random_resized_crop_window(shape_hw: tf.Tensor, seed: tf.Tensor,
   width = tf.cast(shape_hw[1], tf.float32)
   s_area, s_ratio, s_top, s_left = split_seed(seed, 4)
   area = height * width
-  target_area = _uniform(s_area, [attempts], scale[0], scale[1]) * area
-  log_ratio = _uniform(s_ratio, [attempts], math.log(ratio[0]), math.log(ratio[1]))
+  target_area = uniform(s_area, [attempts], scale[0], scale[1]) * area
+  log_ratio = uniform(s_ratio, [attempts], math.log(ratio[0]), math.log(ratio[1]))
   aspect = tf.exp(log_ratio)
   w = tf.round(tf.sqrt(target_area * aspect))
   h = tf.round(tf.sqrt(target_area / aspect))
@@ -170,8 +157,8 @@ def random_resized_crop_window(shape_hw: tf.Tensor, seed: tf.Tensor,
   any_ok = tf.reduce_any(ok)
   h_sel = tf.cast(h[first], tf.int32)
   w_sel = tf.cast(w[first], tf.int32)
-  top = _randint_inclusive(_uniform(s_top), tf.cast(height, tf.int32) - h_sel)
-  left = _randint_inclusive(_uniform(s_left), tf.cast(width, tf.int32) - w_sel)
+  top = _randint_inclusive(uniform(s_top), tf.cast(height, tf.int32) - h_sel)
+  left = _randint_inclusive(uniform(s_left), tf.cast(width, tf.int32) - w_sel)
 
   # Fallback: central crop with the aspect ratio clamped into `ratio`.
   in_ratio = width / height
@@ -194,13 +181,14 @@ def decode_and_random_resized_crop(image_or_bytes: tf.Tensor, seed: tf.Tensor, s
   return resize(crop, [size, size], method)
 
 
-def pad_and_random_crop(image: tf.Tensor, seed: tf.Tensor, size: int, padding: int = 4) -> tf.Tensor:
+def pad_and_random_crop(image: tf.Tensor, seed: tf.Tensor, size: int,
+                        padding: int = 4) -> tf.Tensor:
   """torchvision RandomCrop(size, padding): zero-pad `padding` px, random size x size crop."""
   image = tf.pad(image, [[padding, padding], [padding, padding], [0, 0]])
   shape = tf.shape(image)
   s_top, s_left = split_seed(seed, 2)
-  top = _randint_inclusive(_uniform(s_top), shape[0] - size)
-  left = _randint_inclusive(_uniform(s_left), shape[1] - size)
+  top = _randint_inclusive(uniform(s_top), shape[0] - size)
+  left = _randint_inclusive(uniform(s_left), shape[1] - size)
   out = image[top:top + size, left:left + size]
   out.set_shape([size, size, 3])
   return out
@@ -208,7 +196,7 @@ def pad_and_random_crop(image: tf.Tensor, seed: tf.Tensor, size: int, padding: i
 
 def random_flip_left_right(image: tf.Tensor, seed: tf.Tensor, prob: float = 0.5) -> tf.Tensor:
   """Horizontal flip with probability `prob`."""
-  return tf.cond(_uniform(seed) < prob, lambda: tf.reverse(image, axis=[1]), lambda: image)
+  return tf.cond(uniform(seed) < prob, lambda: tf.reverse(image, axis=[1]), lambda: image)
 
 
 def eval_resize_shape(height, width, size: int, resize_ratio: float = 256 / 224):
@@ -260,8 +248,8 @@ def random_erasing(image: tf.Tensor, seed: tf.Tensor, prob: float = 0.25, mode: 
   log-uniform aspect in [min_aspect, 1/min_aspect], first of 10 attempts that fits) are
   replaced by N(0, 1) noise per pixel ('pixel'), per channel ('rand') or zeros ('const').
   """
-  if mode not in ('pixel', 'rand', 'const'):
-    raise ValueError(f"random_erasing_mode must be 'pixel', 'rand' or 'const', got {mode!r}")
+  if mode not in ERASING_MODES:
+    raise ValueError(f"random_erasing_mode must be one of {ERASING_MODES}, got {mode!r}")
   shape = tf.shape(image)
   height, width, chans = shape[0], shape[1], shape[2]
   hf, wf = tf.cast(height, tf.float32), tf.cast(width, tf.float32)
@@ -270,29 +258,30 @@ def random_erasing(image: tf.Tensor, seed: tf.Tensor, prob: float = 0.25, mode: 
   def erase(img):
     for s_box in s_boxes:
       s_area, s_ratio, s_top, s_left, s_noise = split_seed(s_box, 5)
-      target = _uniform(s_area, [attempts], min_area, max_area) * hf * wf / count
-      aspect = tf.exp(_uniform(s_ratio, [attempts], math.log(min_aspect), -math.log(min_aspect)))
+      target = uniform(s_area, [attempts], min_area, max_area) * hf * wf / count
+      aspect = tf.exp(uniform(s_ratio, [attempts], math.log(min_aspect), -math.log(min_aspect)))
       h = tf.cast(tf.round(tf.sqrt(target * aspect)), tf.int32)
       w = tf.cast(tf.round(tf.sqrt(target / aspect)), tf.int32)
       ok = tf.logical_and(w < width, h < height)
       first = tf.argmax(tf.cast(ok, tf.int32), output_type=tf.int32)
       h_sel = tf.where(tf.reduce_any(ok), h[first], 0)
       w_sel = tf.where(tf.reduce_any(ok), w[first], 0)
-      top = _randint_inclusive(_uniform(s_top), height - h_sel)
-      left = _randint_inclusive(_uniform(s_left), width - w_sel)
+      top = _randint_inclusive(uniform(s_top), height - h_sel)
+      left = _randint_inclusive(uniform(s_left), width - w_sel)
       rows = tf.range(height)[:, None]
       cols = tf.range(width)[None, :]
       box = ((rows >= top) & (rows < top + h_sel) & (cols >= left) & (cols < left + w_sel))
       if mode == 'pixel':
         fill = tf.random.stateless_normal(shape, s_noise, dtype=img.dtype)
       elif mode == 'rand':
-        fill = tf.random.stateless_normal([1, 1, chans], s_noise, dtype=img.dtype) + tf.zeros_like(img)
+        fill = (tf.random.stateless_normal([1, 1, chans], s_noise, dtype=img.dtype)
+                + tf.zeros_like(img))
       else:
         fill = tf.zeros_like(img)
       img = tf.where(box[..., None], fill, img)
     return img
 
-  return tf.cond(_uniform(s_apply) < prob, lambda: erase(image), lambda: image)
+  return tf.cond(uniform(s_apply) < prob, lambda: erase(image), lambda: image)
 
 
 # ----------------------------------------------------------------------------- full transforms
@@ -308,7 +297,7 @@ class TransformConfig:
   small_image_size: int = 32
   small_image_padding: int = 4
   hflip_prob: float = 0.5
-  randaugment: str | None = 'rand-m9-mstd0.5-inc1'
+  randaugment: str | None = DEFAULT_RANDAUGMENT
   random_erasing_prob: float = 0.25
   random_erasing_mode: str = 'pixel'
   random_erasing_count: int = 1
@@ -320,7 +309,7 @@ class TransformConfig:
   train_pil_resize: bool = False
 
   def __post_init__(self):
-    if self.jpeg_dct_method not in ('INTEGER_ACCURATE', 'INTEGER_FAST', ''):
+    if self.jpeg_dct_method not in JPEG_DCT_METHODS:
       raise ValueError(f"data.jpeg_dct_method={self.jpeg_dct_method!r}: use 'INTEGER_ACCURATE' "
                        "(PIL's), 'INTEGER_FAST' or '' (TF's default)")
 

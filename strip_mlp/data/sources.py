@@ -5,7 +5,7 @@ process_count, drop_remainder)`, a tf.data.Dataset of this process's disjoint pa
 split with elements {'image': encoded bytes (scalar tf.string) or uint8 (H, W, 3),
 'label': int32 ()}, in a fixed order. Shuffling and transforms happen downstream.
 
-`python -m strip_mlp.data_sources cifar10 --data_dir=/data/tfds` prepares a TFDS dataset
+`python -m strip_mlp.data.sources cifar10 --data_dir=/data/tfds` prepares a TFDS dataset
 (`tfds build` needs apache-beam on top).
 """
 from __future__ import annotations
@@ -20,11 +20,11 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from strip_mlp.data.config import EVAL_SPLITS, default_tfds_dir
 from strip_mlp.errors import UserError
 
 # torchvision's IMG_EXTENSIONS (matched case-insensitively).
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp')
-EVAL_SPLIT_CANDIDATES = ('validation', 'val', 'test')
 
 
 class DatasetNotFoundError(UserError, FileNotFoundError):
@@ -52,15 +52,11 @@ class Source(Protocol):
            drop_remainder: bool) -> tf.data.Dataset: ...
 
 
-def default_tfds_dir() -> str:
-  return os.path.expanduser(os.environ.get('TFDS_DATA_DIR', '~/tensorflow_datasets'))
-
-
 # ----------------------------------------------------------------------------- TFDS
 
 def _prepare_command(base: str, data_dir: str, manual_dir: str | None = None) -> str:
   manual = f' --manual_dir={manual_dir}' if manual_dir else ''
-  return (f'`python -m strip_mlp.data_sources {base} --data_dir={data_dir}{manual}` (or '
+  return (f'`python -m strip_mlp.data.sources {base} --data_dir={data_dir}{manual}` (or '
           f'`tfds build {base} --data_dir={data_dir}{manual}`, which also needs apache-beam)')
 
 
@@ -163,10 +159,10 @@ class TfdsSource:
     return int(self._split_info(split).num_examples)
 
   def default_eval_split(self) -> str:
-    for cand in EVAL_SPLIT_CANDIDATES:
+    for cand in EVAL_SPLITS:
       if cand in self.builder.info.splits:
         return cand
-    raise ValueError(f'{self.name} has no validation/test split; set data.eval_split '
+    raise ValueError(f'{self.name} has no {"/".join(EVAL_SPLITS)} split; set data.eval_split '
                      f'(available {sorted(self.builder.info.splits.keys())})')
 
   def read(self, split, process_index, process_count, drop_remainder):
@@ -229,10 +225,10 @@ class FolderSource:
     return path
 
   def default_eval_split(self) -> str:
-    for cand in ('val', 'validation', 'test'):
+    for cand in EVAL_SPLITS:
       if os.path.isdir(os.path.join(self.root, cand)):
         return cand
-    raise ValueError(f'no val/validation/test folder in {self.root}; set data.eval_split')
+    raise ValueError(f'no {"/".join(EVAL_SPLITS)} folder in {self.root}; set data.eval_split')
 
   def files(self, split: str) -> tuple[list[str], list[int]]:
     """Sorted (paths, labels) of a split."""
@@ -250,7 +246,8 @@ class FolderSource:
         paths += found
         labels += [self.class_to_index[cls]] * len(found)
       if not paths:
-        raise DatasetNotFoundError(f'no images ({", ".join(IMAGE_EXTENSIONS)}) under {split_dir}/<class>/')
+        raise DatasetNotFoundError(
+            f'no images ({", ".join(IMAGE_EXTENSIONS)}) under {split_dir}/<class>/')
       self._files[split] = (paths, labels)
     return self._files[split]
 
@@ -345,11 +342,11 @@ def checked_batches(ds: tf.data.Dataset, source: Source, split: str, process_ind
 
 
 def main(argv=None) -> None:
-  """`python -m strip_mlp.data_sources NAME --data_dir=D [--manual_dir=M]`: prepares a TFDS
+  """`python -m strip_mlp.data.sources NAME --data_dir=D [--manual_dir=M]`: prepares a TFDS
   dataset (tfds build without apache-beam)."""
   import argparse
   parser = argparse.ArgumentParser(
-      prog='python -m strip_mlp.data_sources',
+      prog='python -m strip_mlp.data.sources',
       description='Downloads and prepares a TFDS dataset (as `tfds build`, without apache-beam).')
   parser.add_argument('name', help="TFDS name, e.g. 'cifar10' or 'imagenet2012'")
   parser.add_argument('--data_dir', default=None, help='default: $TFDS_DATA_DIR or '

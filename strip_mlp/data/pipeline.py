@@ -1,6 +1,6 @@
-"""Host input pipeline: config, dataset info, per-host train/eval iterators of global jax.Arrays.
+"""Host input pipeline: dataset info, per-host train/eval iterators of global jax.Arrays.
 
-    cfg = default_data_config()                         # ml_collections.ConfigDict
+    cfg = config.default_data_config()                  # strip_mlp.data.config
     info = get_dataset_info(cfg)                        # num_classes, num_train, num_eval, ...
     train = create_train_iterator(cfg, 256, sharding, seed=0, start_step=0)
     batch = next(train)   # {'image': f32 (256, R, R, 3), 'label': int32 (256,)} global arrays
@@ -19,8 +19,8 @@ than shuffle_buffer only the order of files inside the resumed epochs can differ
 Evaluation: every example exactly once; the last batch is padded with mask 0 and every process
 yields num_eval_batches() batches.
 
-This module imports TensorFlow (CPU only: GPUs are hidden from it); `strip_mlp/__init__` must
-not import it.
+This module imports TensorFlow (CPU only: GPUs are hidden from it); `strip_mlp/__init__` and
+`strip_mlp.data.config` must not import it.
 """
 from __future__ import annotations
 
@@ -28,87 +28,24 @@ import collections
 import dataclasses
 import functools
 import math
-import os
 from typing import Any, Iterator
 
 import jax
-import ml_collections
 import numpy as np
 import tensorflow as tf
-from ml_collections import config_dict
 
-from strip_mlp import data_sources, digits, transforms
+from strip_mlp.data import digits, sources, transforms
+from strip_mlp.data.config import (EMBEDDED_DATASETS, IMAGE_DTYPES, JPEG_DCT_METHOD, SOURCES,
+                                   local_batch_size)
+
+# What tf.data raises for an unreadable or corrupt file of the dataset.
+ReadError = tf.errors.OpError
 
 try:  # TensorFlow must never grab accelerator memory: JAX owns the devices.
   tf.config.set_visible_devices([], 'GPU')
   tf.config.set_visible_devices([], 'TPU')
 except (RuntimeError, ValueError):  # already initialised / no such device type
   pass
-
-SOURCES = ('tfds', 'folder', 'embedded')
-
-# For the offline digits demo: digits are not mirror-symmetric and 1.4k 32-px images are
-# learned in minutes without the ImageNet regularisers (a 4-block Strip-MLP, embed 32: 99% test
-# accuracy after 300 steps of 64 with these; ~90% after 400 steps with the full recipe).
-DIGITS_DEMO_OVERRIDES = dict(hflip_prob=0.0, randaugment='', random_erasing_prob=0.0,
-                             mixup_alpha=0.0, cutmix_alpha=0.0)
-
-
-def default_data_config() -> ml_collections.ConfigDict:
-  """Data config with the published recipe's augmentation; source = the embedded digits."""
-  c = ml_collections.ConfigDict()
-  # --- where the data comes from
-  c.source = 'embedded'                 # 'tfds' | 'folder' | 'embedded'
-  c.name = 'digits'                     # TFDS name ('imagenet2012', 'cifar10', ...) or embedded name
-  c.data_dir = config_dict.placeholder(str)     # TFDS data_dir (None: $TFDS_DATA_DIR or ~/tensorflow_datasets)
-  c.manual_dir = config_dict.placeholder(str)   # manual downloads (None: data_dir/downloads/manual)
-  c.prepare = False                     # tfds: download_and_prepare when missing (needs network)
-  c.folder_root = config_dict.placeholder(str)  # folder source: root/train/<class>/*, root/val/<class>/*
-  c.train_split = 'train'
-  c.eval_split = config_dict.placeholder(str)   # None: 'validation', 'val' or 'test', whichever exists
-  c.image_key = 'image'
-  c.label_key = 'label'
-  c.image_size = 32                     # R; the recipe uses 224
-  c.num_classes = config_dict.placeholder(int)  # None: from the dataset
-  c.skip_undecodable = False            # False: an image that fails to decode stops the run with
-                                        # its path; True: skip such images, counted in the log
-  # --- throughput
-  c.shuffle_buffer = 16_384             # examples (encoded) per process; capped at the split size
-  c.cache = False                       # cache the (encoded) local split in memory
-  c.prefetch = 2                        # tf.data batches prefetched (-1: autotune)
-  c.device_prefetch = 2                 # global batches put on device ahead of use
-  c.num_parallel_calls = -1             # parallel decode/augment calls (-1: autotune)
-  c.deterministic = True                # tf.data deterministic order
-  c.image_dtype = 'float32'             # 'float32' | 'bfloat16' (halves host->device bytes)
-  # --- train augmentation (timm create_transform as in the official trainer)
-  c.interpolation = 'bicubic'           # 'bicubic' | 'bilinear': PIL's exactly (in eval);
-                                        # 'tf_bicubic', 'area', ...: tf.image.resize
-  c.train_pil_resize = False            # PIL-exact resizing in training too (~2 ms CPU/image
-                                        # more); False: tf.image.resize there (~0.1 level off)
-  c.jpeg_dct_method = 'INTEGER_ACCURATE'  # PIL's IDCT; '' = TF's default (fast, ~1 level off)
-  c.random_resized_crop = True
-  c.rrc_scale = (0.08, 1.0)
-  c.rrc_ratio = (3 / 4, 4 / 3)
-  c.small_image_size = 32               # image_size <= this: pad + random crop instead of RRC
-  c.small_image_padding = 4             # 0: use random_resized_crop for small images too
-  c.hflip_prob = 0.5
-  c.randaugment = 'rand-m9-mstd0.5-inc1'  # '' disables
-  c.random_erasing_prob = 0.25
-  c.random_erasing_mode = 'pixel'       # 'pixel' | 'rand' | 'const'
-  c.random_erasing_count = 1
-  # --- eval transform
-  c.eval_crop = True                    # resize shorter side to int(R*ratio), center crop R
-  c.eval_resize_ratio = 256 / 224
-  c.mean = transforms.IMAGENET_MEAN
-  c.std = transforms.IMAGENET_STD
-  # --- batch-level mixing (applied in the train step by strip_mlp.mixup.mixup_cutmix)
-  c.mixup_alpha = 0.8
-  c.cutmix_alpha = 1.0
-  c.mixup_prob = 1.0
-  c.mixup_switch_prob = 0.5
-  c.label_smoothing = 0.1
-  return c
-
 
 @dataclasses.dataclass(frozen=True)
 class DatasetInfo:
@@ -131,21 +68,21 @@ class DatasetInfo:
 def _open_source(source: str, name: str, data_dir, manual_dir, prepare: bool, folder_root,
                  image_key: str, label_key: str):
   if source == 'folder':
-    return data_sources.FolderSource(folder_root)
-  if source == 'embedded' or (source == 'tfds' and name in digits.EMBEDDED_BUILDERS):
-    return data_sources.TfdsSource(digits.load_builder(name, data_dir), image_key, label_key)
+    return sources.FolderSource(folder_root)
+  if source == 'embedded' or (source == 'tfds' and name in EMBEDDED_DATASETS):
+    return sources.TfdsSource(digits.load_builder(name, data_dir), image_key, label_key)
   if source == 'tfds':
-    return data_sources.TfdsSource.from_name(name, data_dir, manual_dir, prepare,
+    return sources.TfdsSource.from_name(name, data_dir, manual_dir, prepare,
                                              image_key=image_key, label_key=label_key)
   raise ValueError(f'unknown data.source {source!r}: use one of {SOURCES}')
 
 
-def get_source(cfg, shuffle_files_seed: int | None = None) -> data_sources.Source:
+def get_source(cfg, shuffle_files_seed: int | None = None) -> sources.Source:
   """The dataset source named by cfg (cached; folder listings are made once)."""
   src = _open_source(cfg.source, cfg.name, cfg.data_dir, cfg.manual_dir, bool(cfg.prepare),
                      cfg.folder_root, cfg.image_key, cfg.label_key)
-  if shuffle_files_seed is not None and isinstance(src, data_sources.TfdsSource):
-    src = data_sources.TfdsSource(src.builder, src.image_key, src.label_key, shuffle_files_seed)
+  if shuffle_files_seed is not None and isinstance(src, sources.TfdsSource):
+    src = sources.TfdsSource(src.builder, src.image_key, src.label_key, shuffle_files_seed)
   return src
 
 
@@ -174,7 +111,7 @@ def transform_config(cfg) -> transforms.TransformConfig:
       random_erasing_mode=cfg.random_erasing_mode,
       random_erasing_count=int(cfg.random_erasing_count), eval_crop=bool(cfg.eval_crop),
       eval_resize_ratio=float(cfg.eval_resize_ratio), mean=tuple(cfg.mean), std=tuple(cfg.std),
-      jpeg_dct_method=cfg.get('jpeg_dct_method', transforms.JPEG_DCT_METHOD),
+      jpeg_dct_method=cfg.get('jpeg_dct_method', JPEG_DCT_METHOD),
       train_pil_resize=bool(cfg.get('train_pil_resize', False)))
 
 
@@ -188,14 +125,6 @@ def _process(process_index, process_count) -> tuple[int, int]:
   return pi, pc
 
 
-def local_batch_size(global_batch_size: int, process_count: int) -> int:
-  """global batch / process count (must divide)."""
-  if global_batch_size <= 0 or global_batch_size % process_count:
-    raise ValueError(f'global batch size {global_batch_size} must be a positive multiple of the '
-                     f'process count {process_count}')
-  return global_batch_size // process_count
-
-
 def _options(cfg) -> tf.data.Options:
   options = tf.data.Options()
   options.deterministic = bool(cfg.deterministic)
@@ -205,8 +134,8 @@ def _options(cfg) -> tf.data.Options:
 
 
 def _tf_dtype(cfg):
-  if cfg.image_dtype not in ('float32', 'bfloat16'):
-    raise ValueError(f"data.image_dtype must be 'float32' or 'bfloat16', got {cfg.image_dtype!r}")
+  if cfg.image_dtype not in IMAGE_DTYPES:
+    raise ValueError(f"data.image_dtype must be one of {IMAGE_DTYPES}, got {cfg.image_dtype!r}")
   return tf.bfloat16 if cfg.image_dtype == 'bfloat16' else tf.float32
 
 
@@ -216,7 +145,7 @@ def _autotune(n: int) -> int:
 
 def _decoder(cfg):
   """Encoded bytes -> uint8 image, decoded as the transforms do (to find undecodable files)."""
-  dct_method = cfg.get('jpeg_dct_method', transforms.JPEG_DCT_METHOD)
+  dct_method = cfg.get('jpeg_dct_method', JPEG_DCT_METHOD)
   return lambda data: transforms.decode_full(data, dct_method)
 
 
@@ -360,7 +289,7 @@ def create_train_iterator(cfg, global_batch_size: int, sharding, seed: int, star
   pi, pc = _process(process_index, process_count)
   local = local_batch_size(global_batch_size, pc)
   ds = create_train_dataset(cfg, local, seed, start_step, process_index=pi, process_count=pc)
-  batches = data_sources.checked_batches(
+  batches = sources.checked_batches(
       ds, get_source(cfg), cfg.train_split, pi, pc, drop_remainder=True, decode=_decoder(cfg),
       skip=bool(cfg.get('skip_undecodable', False)), first_position=int(start_step) * local)
   return _device_iterator(batches, sharding, cfg.device_prefetch)
@@ -377,7 +306,7 @@ def create_eval_iterator(cfg, global_batch_size: int, sharding, *, process_index
   src = get_source(cfg)
   split = _eval_split(cfg, src)
   real = int(src.read(split, pi, pc, drop_remainder=False).cardinality())   # -2: unknown
-  batches = data_sources.checked_batches(
+  batches = sources.checked_batches(
       ds, src, split, pi, pc, drop_remainder=False, decode=_decoder(cfg),
       skip=bool(cfg.get('skip_undecodable', False)), expected=real if real >= 0 else None)
   return _device_iterator(batches, sharding, cfg.device_prefetch)

@@ -12,12 +12,11 @@ import ml_collections
 from ml_collections import config_dict
 
 from strip_mlp.data import config as data_config
-
-VARIANTS = ("tiny_light", "tiny", "small", "base")
+from strip_mlp.model import VARIANTS
 
 
 def base_config() -> ml_collections.ConfigDict:
-  """The published ImageNet-1K recipe (see shared/spec/training_recipe.md)."""
+  """The published ImageNet-1K recipe (the paper's, with the official code's defaults)."""
   c = ml_collections.ConfigDict()
   c.seed = 0
 
@@ -89,7 +88,7 @@ def base_config() -> ml_collections.ConfigDict:
 def imagenet_config(variant: str) -> ml_collections.ConfigDict:
   """ImageNet-1K at 224 px, 300 epochs, the published recipe."""
   if variant not in VARIANTS:
-    raise ValueError(f"unknown variant {variant!r}; choose one of {VARIANTS}")
+    raise ValueError(f"unknown variant {variant!r}; choose one of {tuple(VARIANTS)}")
   c = base_config()
   c.model.variant = variant
   c.lock()
@@ -101,7 +100,7 @@ def small_data_config(name: str, variant: str) -> ml_collections.ConfigDict:
   seed 1024, as a folder), same recipe otherwise (paper, Sec. 4)."""
   variant = variant or "tiny_light"
   if variant not in VARIANTS:
-    raise ValueError(f"unknown variant {variant!r}; choose one of {VARIANTS} "
+    raise ValueError(f"unknown variant {variant!r}; choose one of {tuple(VARIANTS)} "
                      "(e.g. --config configs/cifar10.py:small)")
   c = base_config()
   c.model.variant = variant

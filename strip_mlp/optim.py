@@ -1,6 +1,6 @@
 """Optimizer of the published Strip-MLP recipe: AdamW, weight-decay mask, lr rule and schedule.
 
-Facts reproduced (released Swin-style PyTorch trainer, see `shared/spec/training_recipe.md`):
+Facts reproduced (the released Swin-style PyTorch trainer of the official code):
 * AdamW(b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.05); parameters with one dimension and
   every bias get no weight decay, everything else decays (position tables, GRN gamma/beta).
 * lr schedule stepped per optimizer update (timm `CosineLRScheduler`, `t_in_epochs=False`):

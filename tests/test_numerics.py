@@ -20,7 +20,7 @@ import train_test_utils as utils  # noqa: E402
 from strip_mlp import StripMLP
 from strip_mlp.mixup import mixup_cutmix
 from strip_mlp.model import GRN, spatial_l2_norm
-from strip_mlp.train_lib import soft_cross_entropy
+from strip_mlp.steps import soft_cross_entropy
 
 utils.enable_compilation_cache()
 

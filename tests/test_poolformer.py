@@ -161,6 +161,8 @@ def test_training_gradients_finite_at_zero_input():
                       rngs={"drop_path": jax.random.PRNGKey(1)})
     return jnp.sum(out ** 2)
 
+  rates = [b.drop_path_rate for stage in model.bind(variables).stages for b in stage]
+  assert rates == pytest.approx([0.3 * i / 4 for i in range(5)])  # linear over the 5 blocks
   grads = jax.jit(jax.grad(loss))(params, jnp.zeros((2, 36, 36, 3)))
   assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree_util.tree_leaves(grads))
   assert float(jnp.abs(grads["head"]["bias"]).sum()) > 0

@@ -16,7 +16,7 @@ from strip_mlp.torch_io import CheckpointFormatError
 TOL = 1e-5
 FIXTURES = ("raftmlp_l1121_i32_c10", "raftmlp_l11_i24_c5")
 # Printed by tests/fixtures/raftmlp/make_fixtures.py: sum(p.numel()) of the official RaftMLP
-# built from configs/settings/imagenet-raft-mlp-cross-mlp-emb-{s,m,l}.yaml (1000 classes).
+# built from the official ImageNet settings of RaftMLP-S/M/L (1000 classes).
 OFFICIAL_PARAMS = {"raftmlp_s": 9_868_768, "raftmlp_m": 21_413_632, "raftmlp_l": 36_184_672}
 
 

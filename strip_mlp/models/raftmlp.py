@@ -34,7 +34,7 @@ from strip_mlp.errors import UserError
 from strip_mlp.model import DropPath, dense, gelu, torch_bias_init, torch_kernel_init
 
 _KERNELS = ((4, 8), (2, 4), (2, 4), (2,))
-VARIANTS = {  # configs/settings/imagenet-raft-mlp-cross-mlp-emb-{s,m,l}.yaml of the release
+VARIANTS = {  # the official code's ImageNet settings of RaftMLP-S, -M and -L
     "raftmlp_s": dict(dims=(64, 128, 256, 512), depths=(2, 2, 6, 2), raft_sizes=(2, 2, 2, 2),
                       embedding_kernels=_KERNELS),
     "raftmlp_m": dict(dims=(96, 192, 384, 768), depths=(2, 2, 6, 2), raft_sizes=(2, 2, 2, 2),
@@ -42,7 +42,8 @@ VARIANTS = {  # configs/settings/imagenet-raft-mlp-cross-mlp-emb-{s,m,l}.yaml of
     "raftmlp_l": dict(dims=(128, 192, 512, 1024), depths=(2, 2, 6, 2),
                       raft_sizes=(2, 2, 2, 2), embedding_kernels=_KERNELS),
 }
-TRAIN_DROP_PATH = 0.1  # every released model's training recipe (the model's default is 0)
+# Stochastic depth of the official ImageNet recipe per variant (the model's default is 0).
+TRAIN_DROP_PATH = {variant: 0.1 for variant in VARIANTS}
 LN_EPS = 1e-5
 # Axes of the raft-split map (N, H, W, r, C/r) gathered for each token MLP, vector axes last.
 _TOKEN_AXES = {"vertical": (0, 2, 4, 3, 1), "horizontal": (0, 1, 4, 3, 2)}

@@ -30,10 +30,6 @@ def fixture_model(name, **overrides):
   return ref, model, pc.state_dict_to_variables(ref["sd"], model)
 
 
-def logits_and_stages(module, x):
-  return module(x), module.stage_features(x)
-
-
 @pytest.mark.parametrize("name", FIXTURES)
 def test_matches_official_outputs(name):
   ref, model, variables = fixture_model(name)
@@ -42,11 +38,7 @@ def test_matches_official_outputs(name):
           model.num_classes, model.use_layer_scale) == (
               cfg["layers"], cfg["embed_dims"], cfg["mlp_ratios"], cfg["num_classes"],
               cfg.get("use_layer_scale", True))
-  with jax.default_matmul_precision("highest"):
-    logits, stages = jax.jit(lambda v, x: model.apply(v, x, method=logits_and_stages))(
-        variables, ref["images"])
-  errors = [ff.rel_err(logits, ref["logits"])]
-  errors += [ff.rel_err(s, r) for s, r in zip(stages, ref["stages"], strict=True)]
+  errors = ff.parity_errors(model, variables, ref)
   print(name, [f"{e:.1e}" for e in errors])
   assert max(errors) <= TOL, errors
 
@@ -128,11 +120,7 @@ def test_strict_accounting_one_line_errors(edit, match):
 
 def test_round_trip_state_dict_is_identical():
   ref, _, variables = fixture_model(FIXTURES[1])
-  back = pc.variables_to_state_dict(variables)
-  assert list(back) != [] and set(back) == set(ref["sd"])
-  for k, v in back.items():
-    assert v.dtype == np.float32 and v.flags.c_contiguous
-    np.testing.assert_array_equal(v, ref["sd"][k], err_msg=k)
+  ff.assert_same_state_dict(pc.variables_to_state_dict(variables), ref["sd"])
 
 
 def test_family_detection():
@@ -145,9 +133,7 @@ def test_family_detection():
 
 def test_bf16_compute_is_finite_and_close():
   ref, model, variables = fixture_model(FIXTURES[0], dtype="bfloat16")
-  logits = jax.jit(model.apply)(variables, ref["images"])
-  assert logits.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(logits)))
-  assert ff.rel_err(logits, ref["logits"]) < 0.05
+  ff.assert_bf16_logits_close(model, variables, ref)
 
 
 def test_training_gradients_finite_at_zero_input():
@@ -156,15 +142,9 @@ def test_training_gradients_finite_at_zero_input():
   params = jax.tree_util.tree_map(jnp.asarray, variables["params"])
   params["patch_embed"]["proj"]["bias"] = jnp.zeros_like(params["patch_embed"]["proj"]["bias"])
 
-  def loss(params, x):
-    out = model.apply({"params": params}, x, train=True,
-                      rngs={"drop_path": jax.random.PRNGKey(1)})
-    return jnp.sum(out ** 2)
-
   rates = [b.drop_path_rate for stage in model.bind(variables).stages for b in stage]
   assert rates == pytest.approx([0.3 * i / 4 for i in range(5)])  # linear over the 5 blocks
-  grads = jax.jit(jax.grad(loss))(params, jnp.zeros((2, 36, 36, 3)))
-  assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree_util.tree_leaves(grads))
+  grads = ff.train_grads(model, params, jnp.zeros((2, 36, 36, 3)))
   assert float(jnp.abs(grads["head"]["bias"]).sum()) > 0
 
 

@@ -26,10 +26,6 @@ def fixture_model(name, **overrides):
   return ref, model, rc.state_dict_to_variables(ref["sd"], model)
 
 
-def logits_and_stages(module, x):
-  return module(x), module.stage_features(x)
-
-
 @pytest.mark.parametrize("name", FIXTURES)
 def test_matches_official_outputs(name):
   ref, model, variables = fixture_model(name)
@@ -43,11 +39,7 @@ def test_matches_official_outputs(name):
       token_expansion_factor=cfg.get("token_expansion_factor", 2),
       channel_expansion_factor=cfg.get("channel_expansion_factor", 4),
       drop_path_rate=0.0, dtype="float32")
-  with jax.default_matmul_precision("highest"):
-    logits, stages = jax.jit(lambda v, x: model.apply(v, x, method=logits_and_stages))(
-        variables, ref["images"])
-  errors = [ff.rel_err(logits, ref["logits"])]
-  errors += [ff.rel_err(s, r) for s, r in zip(stages, ref["stages"], strict=True)]
+  errors = ff.parity_errors(model, variables, ref)
   print(name, [f"{e:.1e}" for e in errors])
   assert max(errors) <= TOL, errors
 
@@ -131,11 +123,7 @@ def test_strict_accounting_one_line_errors(edit, match):
 
 def test_round_trip_state_dict_is_identical():
   ref, _, variables = fixture_model(FIXTURES[0])
-  back = rc.variables_to_state_dict(variables)
-  assert set(back) == set(ref["sd"])
-  for k, v in back.items():
-    assert v.dtype == np.float32 and v.flags.c_contiguous
-    np.testing.assert_array_equal(v, ref["sd"][k], err_msg=k)
+  ff.assert_same_state_dict(rc.variables_to_state_dict(variables), ref["sd"])
 
 
 def test_family_detection():
@@ -148,9 +136,7 @@ def test_family_detection():
 
 def test_bf16_compute_is_finite_and_close():
   ref, model, variables = fixture_model(FIXTURES[1], dtype="bfloat16")
-  logits = jax.jit(model.apply)(variables, ref["images"])
-  assert logits.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(logits)))
-  assert ff.rel_err(logits, ref["logits"]) < 0.05
+  ff.assert_bf16_logits_close(model, variables, ref)
 
 
 def test_training_gradients_finite_at_zero_input():
@@ -160,13 +146,7 @@ def test_training_gradients_finite_at_zero_input():
   fc = params["levels_0"]["embedding"]["fc"]
   fc["bias"] = jnp.zeros_like(fc["bias"])
 
-  def loss(params, x):
-    out = model.apply({"params": params}, x, train=True,
-                      rngs={"drop_path": jax.random.PRNGKey(1)})
-    return jnp.sum(out ** 2)
-
-  grads = jax.jit(jax.grad(loss))(params, jnp.zeros((2, 24, 24, 3)))
-  assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree_util.tree_leaves(grads))
+  grads = ff.train_grads(model, params, jnp.zeros((2, 24, 24, 3)))
   assert float(jnp.abs(grads["classifier"]["bias"]).sum()) > 0
 
 

@@ -141,7 +141,6 @@ def test_training_gradients_finite_at_zero_input():
   _, model, variables = fixture_model(FIXTURES[1], drop_path_rate=0.3)
   params = jax.tree_util.tree_map(jnp.asarray, variables["params"])
   params["patch_embed"]["proj"]["bias"] = jnp.zeros_like(params["patch_embed"]["proj"]["bias"])
-
   rates = [b.drop_path_rate for stage in model.bind(variables).stages for b in stage]
   assert rates == pytest.approx([0.3 * i / 4 for i in range(5)])  # linear over the 5 blocks
   grads = ff.train_grads(model, params, jnp.zeros((2, 36, 36, 3)))

@@ -145,7 +145,6 @@ def test_training_gradients_finite_at_zero_input():
   params = jax.tree_util.tree_map(jnp.asarray, variables["params"])
   fc = params["levels_0"]["embedding"]["fc"]
   fc["bias"] = jnp.zeros_like(fc["bias"])
-
   grads = ff.train_grads(model, params, jnp.zeros((2, 24, 24, 3)))
   assert float(jnp.abs(grads["classifier"]["bias"]).sum()) > 0
 

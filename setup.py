@@ -5,7 +5,7 @@ setup(
     name="strip-mlp-jax",
     version="0.1.0",
     description="Strip-MLP (ICCV 2023) in JAX/Flax with bit-faithful PyTorch weight conversion",
-    packages=find_packages(include=["strip_mlp", "strip_mlp.*"]),
+    packages=find_packages(include=["strip_mlp", "strip_mlp.*", "configs"]),
     python_requires=">=3.10",
     install_requires=[
         "numpy>=1.24",

@@ -9,7 +9,7 @@ import pytest
 import family_fixtures as ff
 from strip_mlp.model import count_params
 from strip_mlp.models import raftmlp_convert as rc
-from strip_mlp.models import torch_mapping as tm
+from strip_mlp import torch_mapping as tm
 from strip_mlp.models.raftmlp import VARIANTS, RaftMLP, RaftMLPConfigError, create_raftmlp
 from strip_mlp.torch_io import CheckpointFormatError
 

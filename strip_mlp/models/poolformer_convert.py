@@ -13,7 +13,7 @@ import re
 
 import numpy as np
 
-from strip_mlp.models import torch_mapping as tm
+from strip_mlp import torch_mapping as tm
 from strip_mlp.models.poolformer import VARIANTS, PoolFormer, PoolFormerConfigError
 from strip_mlp.torch_io import CheckpointFormatError, read_state_dict
 

@@ -17,7 +17,7 @@ import itertools
 import math
 import re
 
-from strip_mlp.models import torch_mapping as tm
+from strip_mlp import torch_mapping as tm
 from strip_mlp.models.raftmlp import RaftMLP, RaftMLPConfigError, level_sizes
 from strip_mlp.torch_io import CheckpointFormatError, read_state_dict
 

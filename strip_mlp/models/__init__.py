@@ -1,0 +1,1 @@
+"""Vision-MLP relatives of Strip-MLP in Flax (NHWC), one module per family."""

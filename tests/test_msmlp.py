@@ -122,6 +122,16 @@ def test_round_trip_state_dict_variables_state_dict():
   jax.tree_util.tree_map(np.testing.assert_array_equal, again, variables)
 
 
+def test_checkpoint_without_layer_scale_converts_to_a_model_without_gamma():
+  sd, cfg, _ = load_fixture(GROUPS3)
+  sd = {k: v for k, v in sd.items() if not k.endswith(".gamma")}
+  arch = convert.infer_architecture(sd)
+  assert arch["layer_scale_init_value"] == 0.0
+  model = MSMLP(**arch, img_size=cfg["img_size"], **FAST)
+  assert convert.variables_to_state_dict(convert.state_dict_to_variables(sd, model)).keys() == (
+      sd.keys())
+
+
 @pytest.mark.parametrize("layout", ["bare", "model", "state_dict"])
 def test_torch_to_flax_reads_each_checkpoint_format(tmp_path, layout):
   sd, cfg, _ = load_fixture(GROUPS3)
@@ -185,11 +195,16 @@ def test_bfloat16_compute_is_finite_and_close_to_float32():
 
 
 def test_training_gradients_are_finite_with_drop_path_and_dropout():
-  model, variables, _, ref = fixture_model(GROUPS3, drop_path_rate=0.5, drop_rate=0.1, **FAST)
-  x = jnp.asarray(ref["input_nchw"].transpose(0, 2, 3, 1)[:, :32, :32])  # any multiple of 32
+  model = MSMLP(embed_dim=5, depths=(2, 0, 0, 0), img_size=32, num_classes=3,
+                shift_dist=(-1, 0, 1), mix_size=((1, 3, 3),) * 4, drop_path_rate=0.5,
+                drop_rate=0.1, **FAST)
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(2, 32, 32, 3)).astype(np.float32)
+  params = jax.tree_util.tree_map(  # numpy values: no per-op compiles of an eager init
+      lambda s: rng.normal(0.0, 0.3, s.shape).astype(np.float32), abstract_params(model))
   loss = lambda p, key: jnp.sum(model.apply(
       {"params": p}, x, train=True, rngs={"drop_path": key}) ** 2)
-  grads = jax.jit(jax.grad(loss))(variables["params"], jax.random.PRNGKey(1))
+  grads = jax.jit(jax.grad(loss))(params, jax.random.PRNGKey(2))
   leaves = jax.tree_util.tree_leaves(grads)
   assert all(bool(jnp.all(jnp.isfinite(g))) for g in leaves)
   assert any(bool(jnp.any(g != 0)) for g in leaves)

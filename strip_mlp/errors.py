@@ -39,6 +39,10 @@ class TorchNotInstalledError(UserError, ImportError):
   """Reading a .pth file needs torch, which is not installed."""
 
 
+class NotACheckpointError(UserError, FileNotFoundError):
+  """A directory that holds no model checkpoint."""
+
+
 class CheckpointMismatchError(UserError, ValueError):
   """A stored checkpoint does not fit the model/optimizer being trained."""
 

@@ -30,7 +30,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from strip_mlp import sharding, train_checkpoint
 from strip_mlp.convert import abstract_variables
-from strip_mlp.errors import CheckpointMismatchError, CheckpointWriteError, EvalError
+from strip_mlp.errors import (CheckpointMismatchError, CheckpointWriteError, EvalError,
+                              NotACheckpointError)
 from strip_mlp.model import StripMLP
 from strip_mlp.storage_errors import (StorageNoiseFilter, format_bytes, is_storage_error,
                                       storage_error_reason, tree_nbytes)
@@ -93,7 +94,7 @@ def read_model_config(directory: str) -> dict:
   """The StripMLP keywords stored in a checkpoint directory."""
   path = os.path.join(directory, CONFIG_FILE)
   if not os.path.isfile(path):
-    raise EvalError(
+    raise NotACheckpointError(
         f"{directory} is not a Strip-MLP checkpoint (no {CONFIG_FILE}); create one with "
         "`python convert_torch_weights.py IN.pth OUT_DIR`")
   meta = _read_json(path)

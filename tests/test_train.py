@@ -191,12 +191,12 @@ def test_fine_tune_from_converted_pytorch_weights(fixtures_dir, tmp_path):
                                  "warmup_steps": 1})
   # The initial state, as train_and_evaluate builds it.
   mesh = one_device_mesh()
-  run = build(config, pipeline.get_dataset_info(config.data), mesh)
-  target = run.abstract_state
+  built = build(config, pipeline.get_dataset_info(config.data), mesh)
+  target = built.abstract_state
   pretrained, reinit = model_checkpoint.pretrained_onto(
       converted, {"params": target.params, "batch_stats": target.batch_stats})
   assert sorted(reinit) == ["params/head/bias", "params/head/kernel"]
-  state = jax.device_get(run.init(jax.random.key(0), pretrained))
+  state = jax.device_get(built.init(jax.random.key(0), pretrained))
   assert state.params["head"]["kernel"].shape == (384, 10)
   assert np.abs(state.params["head"]["kernel"]).max() > 0          # freshly initialised
   pre = jax.device_get(variables)

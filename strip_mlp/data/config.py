@@ -19,7 +19,8 @@ from ml_collections import config_dict
 SOURCES = ("tfds", "folder", "embedded")
 EMBEDDED_DATASETS = ("digits",)           # names of strip_mlp.data.digits.EMBEDDED_BUILDERS
 # Split names tried, in order, when data.eval_split is None (TFDS splits and folder names).
-EVAL_SPLITS = ("validation", "val", "test")
+EVAL_SPLITS = ("validation", "val", "test")          # TFDS names, in order
+FOLDER_EVAL_SPLITS = ("val", "validation", "test")   # ImageNet-style folders, in order
 IMAGE_DTYPES = ("float32", "bfloat16")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -20,7 +20,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from strip_mlp.data.config import EVAL_SPLITS, default_tfds_dir
+from strip_mlp.data.config import EVAL_SPLITS, FOLDER_EVAL_SPLITS, default_tfds_dir
 from strip_mlp.errors import UserError
 
 # torchvision's IMG_EXTENSIONS (matched case-insensitively).
@@ -225,10 +225,10 @@ class FolderSource:
     return path
 
   def default_eval_split(self) -> str:
-    for cand in EVAL_SPLITS:
+    for cand in FOLDER_EVAL_SPLITS:
       if os.path.isdir(os.path.join(self.root, cand)):
         return cand
-    raise ValueError(f'no {"/".join(EVAL_SPLITS)} folder in {self.root}; set data.eval_split')
+    raise ValueError(f'no {"/".join(FOLDER_EVAL_SPLITS)} folder in {self.root}; set data.eval_split')
 
   def files(self, split: str) -> tuple[list[str], list[int]]:
     """Sorted (paths, labels) of a split."""

@@ -7,7 +7,6 @@ labels, survive decoding, cropping, flipping and resizing.
 import os
 
 import numpy as np
-import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 from etils import epath
@@ -105,24 +104,6 @@ def make_cfg(**overrides):
   return cfg
 
 
-@pytest.fixture(scope='module')
-def folder(tmp_path_factory):
-  root = str(tmp_path_factory.mktemp('imagefolder'))
-  return root, write_image_folder(root)
-
-
-@pytest.fixture(scope='module')
-def tiny_tfds_dir(tmp_path_factory):
-  data_dir = str(tmp_path_factory.mktemp('tfds'))
-  write_tiny_tfds(data_dir)
-  return data_dir
-
-
-@pytest.fixture(scope='module')
-def digits_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp('digits_tfds'))
-
-
 def folder_cfg(root, **kw):
   return make_cfg(source='folder', folder_root=root, image_size=40, **kw)
 
@@ -137,19 +118,6 @@ def batch_ids(source, batch, cfg):
   if source == 'tfds':
     return tiny_ids(batch['image'])
   return image_ids(batch['image'], cfg.mean, cfg.std)
-
-
-@pytest.fixture
-def source_cfg(request, folder, tiny_tfds_dir):
-  """(source name, cfg, {id: label} of the train split, of the eval split)."""
-  if request.param == 'folder':
-    root, labels = folder
-    n_train = sum(TRAIN_PER_CLASS)
-    train = {i: l for i, l in labels.items() if i < n_train}
-    val = {i: l for i, l in labels.items() if i >= n_train}
-    return 'folder', folder_cfg(root, **NO_AUG), train, val
-  return ('tfds', tfds_cfg(tiny_tfds_dir), {i: i % 3 for i in TinyIds.TRAIN_IDS},
-          {i: i % 3 for i in TinyIds.TEST_IDS})
 
 
 # ----------------------------------------------------------------------------- tf images

@@ -11,8 +11,7 @@ import os
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import train_test_utils  # noqa: E402  (puts the repo on sys.path)
+import train_test_utils  # noqa: E402  (this script's directory is on sys.path)
 
 
 def main():

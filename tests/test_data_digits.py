@@ -3,14 +3,12 @@ import os
 
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
 
-import sys  # noqa: E402
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow_datasets as tfds  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from data_test_utils import digits_dir, make_cfg  # noqa: E402,F401,F811
+from data_test_utils import make_cfg  # noqa: E402
 
 from strip_mlp.data import pipeline as ip  # noqa: E402
 

@@ -5,16 +5,13 @@ import os
 
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
 
-import sys  # noqa: E402
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from data_test_utils import (batch_ids, folder, folder_cfg, image_ids,  # noqa: E402,F401,F811
-                             source_cfg, tfds_cfg, tiny_tfds_dir)
+from data_test_utils import batch_ids, folder_cfg, image_ids, tfds_cfg  # noqa: E402
 
 from strip_mlp.data import pipeline as ip  # noqa: E402
 

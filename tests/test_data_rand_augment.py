@@ -1,13 +1,10 @@
 """RandAugment (strip_mlp.data.rand_augment): PIL's point-op formulas, geometry, spec parsing
 (strip_mlp.data.config) and determinism."""
-import os
-import sys
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from data_test_utils import ramp_image, seed  # noqa: E402
 
 from strip_mlp.data import config as data_config  # noqa: E402

@@ -13,9 +13,8 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from data_test_utils import (  # noqa: E402,F401,F811
-    NO_AUG, folder, folder_cfg, image_ids, make_cfg, write_image_folder)
+from data_test_utils import (  # noqa: E402
+    NO_AUG, folder_cfg, image_ids, make_cfg, write_image_folder)
 
 from strip_mlp.data import pipeline as ip  # noqa: E402
 from strip_mlp.data import sources as data_sources  # noqa: E402

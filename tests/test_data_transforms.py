@@ -1,13 +1,10 @@
 """Per-example transforms (strip_mlp.data.transforms): crop geometry, eval resize, random
 erasing."""
-import os
-import sys
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from data_test_utils import ramp_image, seed  # noqa: E402
 
 from strip_mlp.data import transforms as T  # noqa: E402

@@ -11,7 +11,6 @@ import json
 import os
 import re
 import shutil
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -19,8 +18,7 @@ import numpy as np
 import optax
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import train_test_utils  # noqa: E402  (persistent compilation cache, repo on sys.path)
+import train_test_utils  # noqa: E402
 
 from strip_mlp import StripMLP, model_checkpoint, sharding  # noqa: E402
 from strip_mlp.data import config as data_config  # noqa: E402
@@ -32,8 +30,6 @@ from strip_mlp.model_checkpoint import save_checkpoint  # noqa: E402
 from strip_mlp.steps import TrainState  # noqa: E402
 from strip_mlp.convert import abstract_variables, torch_to_flax  # noqa: E402
 
-train_test_utils.enable_compilation_cache()
-train_test_utils.quiet_logs()
 
 SPLIT_SIZE = 359          # digits 'test'
 FIXTURE = "smlp_e40_i32_l1121_c10"   # 32 px, 10 classes: fits the digits

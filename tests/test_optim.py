@@ -1,7 +1,5 @@
 """Optimizer, schedule, weight-decay mask and gradient accumulation of the training recipe."""
 import math
-import os
-import sys
 
 import flax.linen as nn
 import jax
@@ -10,7 +8,6 @@ import numpy as np
 import optax
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import train_test_utils  # noqa: E402
 
 from strip_mlp import optim, sharding  # noqa: E402

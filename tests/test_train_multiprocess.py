@@ -9,15 +9,12 @@ import sys
 import jax
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import train_test_utils as utils  # noqa: E402
 
 from strip_mlp import sharding, train_checkpoint, train_lib  # noqa: E402
 from strip_mlp.data import pipeline  # noqa: E402
 from strip_mlp.build import build  # noqa: E402
 
-utils.enable_compilation_cache()
-utils.quiet_logs()
 
 STEPS = 3
 TIMEOUT_S = 480

@@ -7,12 +7,9 @@ handed to subprocesses): XLA:CPU compiles of even a tiny Strip-MLP take tens of 
 import atexit
 import os
 import shutil
-import sys
 import tempfile
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-  sys.path.insert(0, REPO)  # `import configs`
 
 _CACHE_ENV = "STRIP_MLP_TEST_JAX_CACHE"
 if _CACHE_ENV not in os.environ:

@@ -16,7 +16,6 @@ import jax
 import numpy as np
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import train_test_utils as utils  # noqa: E402
 
 from strip_mlp import model_checkpoint, sharding, train_lib  # noqa: E402
@@ -25,8 +24,6 @@ from strip_mlp.build import build  # noqa: E402
 from strip_mlp.errors import ConfigError, TrainingDivergedError  # noqa: E402
 from strip_mlp.plan import validate_config  # noqa: E402
 
-utils.enable_compilation_cache()
-utils.quiet_logs()
 
 MINI = utils.MINI
 

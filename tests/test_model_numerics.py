@@ -5,8 +5,6 @@ every case here builds it deterministically and checks that the jitted gradients
 finite and equal to a reference.
 """
 import functools
-import os
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -14,15 +12,12 @@ import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import train_test_utils as utils  # noqa: E402
 
 from strip_mlp import StripMLP
 from strip_mlp.mixup import mixup_cutmix
 from strip_mlp.model import GRN, spatial_l2_norm
 from strip_mlp.steps import soft_cross_entropy
 
-utils.enable_compilation_cache()
 
 # One block in stage 1 (8x8 maps) and stage 4 (1x1 maps): the hazards, at half the compile.
 TINY = dict(embed_dim=16, layers=(1, 0, 0, 1), img_size=32, num_classes=10,

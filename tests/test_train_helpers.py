@@ -3,22 +3,18 @@ metrics.jsonl after resumes."""
 import contextlib
 import io
 import os
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import train_test_utils as utils  # noqa: E402
 
 from strip_mlp import sharding, train_helpers, train_lib  # noqa: E402
 from strip_mlp import steps as steps_lib  # noqa: E402
 from strip_mlp.errors import TrainingDivergedError  # noqa: E402
 
-utils.enable_compilation_cache()
-utils.quiet_logs()
 
 BAD_LABEL = 9
 

@@ -113,7 +113,7 @@ def load_checkpoint(directory: str, **model_overrides):
   `model_overrides` change fields that do not alter the weights' shapes, e.g.
   dtype='bfloat16', drop_path_rate=0.2, depthwise_impl='xla'.
   """
-  from strip_mlp.convert import abstract_variables  # pylint: disable=g-import-not-at-top
+  from strip_mlp.model import abstract_variables  # pylint: disable=g-import-not-at-top
   model = StripMLP(**{**read_model_config(directory), **model_overrides})
   # Restored onto this process's first device, also when several processes run.
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])

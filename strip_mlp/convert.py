@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from strip_mlp.model import StripMLP
+from strip_mlp.model import StripMLP, abstract_variables  # noqa: F401  (re-exported)
 from strip_mlp.torch_io import CheckpointFormatError, read_state_dict
 
 _MODULE_RENAMES = {
@@ -94,20 +94,12 @@ def _torch_shape(layout: str, shape: tuple[int, ...]) -> tuple[int, ...]:
   return _to_torch(layout, np.broadcast_to(np.float32(0), shape)).shape
 
 
-def abstract_variables(model: StripMLP):
-  """Shapes/dtypes of `model`'s variables without allocating them."""
-  x = jax.ShapeDtypeStruct((1, model.img_size, model.img_size, 3), jnp.float32)
-  return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros(x.shape),
-                                           train=False))
-
-
 def infer_architecture(sd: dict) -> dict:
-  """embed_dim, layers, img_size, num_classes of a Strip-MLP state dict."""
-  for key in ("patch_embed.weight", "head.weight"):
-    if key not in sd:
-      raise CheckpointFormatError(
-          f"not a Strip-MLP state dict: no {key!r} (keys start with "
-          f"{sorted(sd)[:4]}); convert weights of the official Strip-MLP code")
+  """embed_dim, layers, img_size, num_classes of a Strip-MLP state dict (0: no head)."""
+  if "patch_embed.weight" not in sd:
+    raise CheckpointFormatError(
+        f"not a Strip-MLP state dict: no 'patch_embed.weight' (keys start with "
+        f"{sorted(sd)[:4]}); convert weights of the official Strip-MLP code")
   layers = [len({int(m[1]) for k in sd if (m := re.match(rf"blocks{s}\.(\d+)\.", k))})
             for s in range(1, 5)]
   stage = next((s for s in range(4) if layers[s]), None)
@@ -117,7 +109,7 @@ def infer_architecture(sd: dict) -> dict:
   resolution = (table.shape[0] - 1) // 2
   return dict(embed_dim=int(sd["patch_embed.weight"].shape[0]), layers=tuple(layers),
               img_size=int(resolution * 4 * 2 ** stage),
-              num_classes=int(sd["head.weight"].shape[0]))
+              num_classes=int(sd["head.weight"].shape[0]) if "head.weight" in sd else 0)
 
 
 def _limited(names, n=6):
@@ -128,10 +120,13 @@ def _limited(names, n=6):
 def state_dict_to_variables(sd: dict, model: StripMLP) -> dict:
   """Fills every Flax variable of `model` from `sd` ({key: array}); strict.
 
-  Raises CheckpointFormatError naming missing, unexpected and mis-shaped keys.
+  A headless model (num_classes=0) ignores the state dict's `head.*` (a backbone from a
+  classifier's weights). Raises CheckpointFormatError naming missing, unexpected and
+  mis-shaped keys.
   """
   flat = traverse_util.flatten_dict(abstract_variables(model))
-  sd = {k: v for k, v in sd.items() if not k.endswith("num_batches_tracked")}
+  sd = {k: v for k, v in sd.items() if not k.endswith("num_batches_tracked")
+        and not (model.num_classes == 0 and k.startswith("head."))}
   out, missing, mismatched, used = {}, [], [], set()
   for path, leaf in flat.items():
     key, layout = torch_key(path), leaf_layout(path, len(leaf.shape))
@@ -184,10 +179,13 @@ def torch_to_flax(path: str, **model_overrides):
   """Reads a released `.pth` -> (StripMLP, variables) computing the same function.
 
   The architecture is read from the weights; `model_overrides` may set other
-  StripMLP fields (dtype, drop_path_rate, depthwise_impl, patchify_impl).
+  StripMLP fields (dtype, drop_path_rate, depthwise_impl, patchify_impl, remat), and
+  num_classes=0 drops the head (a backbone; a state dict without head gives one anyway).
   """
   sd = read_state_dict(path)
   arch = infer_architecture(sd)
+  if model_overrides.get("num_classes") == 0:
+    arch["num_classes"] = model_overrides.pop("num_classes")
   clash = set(arch) & set(model_overrides)
   if clash:
     raise ValueError(f"{sorted(clash)} are read from the weights and cannot be overridden")

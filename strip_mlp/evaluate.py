@@ -342,7 +342,7 @@ def _model(config: dict, where: str, **overrides) -> StripMLP:
 
 def _load_workdir(checkpoints_dir: str, step: int | None, which: str, ema: bool,
                   dtype: str | None, mesh: Mesh) -> LoadedCheckpoint:
-  from strip_mlp.convert import abstract_variables  # pylint: disable=g-import-not-at-top
+  from strip_mlp.model import abstract_variables  # pylint: disable=g-import-not-at-top
   workdir = os.path.dirname(checkpoints_dir)
   ckpt = checkpointing.Checkpointer(checkpoints_dir, read_only=True)
   try:
@@ -416,7 +416,7 @@ def load_for_eval(path: str, *, step: int | None = None, which: str | None = Non
 
   from strip_mlp.checkpoint import (  # pylint: disable=g-import-not-at-top
       VARIABLES_DIR, read_model_config)
-  from strip_mlp.convert import abstract_variables  # pylint: disable=g-import-not-at-top
+  from strip_mlp.model import abstract_variables  # pylint: disable=g-import-not-at-top
   try:
     config = read_model_config(root)
   except (OSError, ValueError) as e:

@@ -25,7 +25,8 @@ import train_test_utils  # noqa: E402  (persistent compilation cache, repo on sy
 from strip_mlp import StripMLP, checkpointing, input_pipeline, sharding, train_lib  # noqa: E402
 from strip_mlp import evaluate as ev  # noqa: E402
 from strip_mlp.checkpoint import save_checkpoint  # noqa: E402
-from strip_mlp.convert import abstract_variables, torch_to_flax  # noqa: E402
+from strip_mlp.convert import torch_to_flax  # noqa: E402
+from strip_mlp.model import abstract_variables  # noqa: E402
 
 train_test_utils.enable_compilation_cache()
 train_test_utils.quiet_logs()

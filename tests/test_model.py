@@ -8,7 +8,7 @@ import pytest
 from jax import lax
 
 from strip_mlp import StripMLP, VARIANTS, count_params, create_model, ops
-from strip_mlp.convert import abstract_variables
+from strip_mlp.model import abstract_variables
 
 TINY = dict(embed_dim=16, layers=(1, 1, 1, 1), img_size=32, num_classes=10)
 

@@ -222,7 +222,8 @@ def test_headless_fixture_from_state_dict_without_head_runs_at_twice_its_size(fi
   bare = {k: v for k, v in sd.items() if not k.startswith("head.")}
   variables = state_dict_to_variables(bare, model)
   assert "head" not in variables["params"]
-  assert set(variables_to_state_dict(variables)) == set(bare)
+  assert {k for k in variables_to_state_dict(variables)
+          if not k.endswith("num_batches_tracked")} == set(bare)
   dropped = torch_to_flax(str(fixtures_dir / f"{SMALL}.pth"), num_classes=0)
   assert dropped[0] == model
   x = ref["input_nchw"].transpose(0, 2, 3, 1)
@@ -250,7 +251,10 @@ def test_remat_gives_the_same_gradients():
       return jax.jit(jax.grad(loss))(variables["params"])
 
   plain, again = grads(model), grads(remat)
+  # Per leaf against the whole gradient's norm: some leaves' true gradients are ~0 (a
+  # bias ahead of training-mode BatchNorm), their own relative error is rounding noise.
+  scale = np.linalg.norm(np.concatenate([np.ravel(g) for g in jax.tree_util.tree_leaves(plain)]))
   for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(plain),
                           jax.tree_util.tree_leaves(again)):
     assert np.abs(a).max() > 0, path
-    assert rel_err(b, a) <= 1e-6, path
+    assert np.linalg.norm(np.asarray(b, np.float64) - a) <= 1e-6 * scale, path

@@ -11,13 +11,12 @@ projections' grouped (G*L, L, 1, 3) <-> (3, L, L, G). Nothing else is transforme
 import collections
 import re
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import traverse_util
 
-from strip_mlp.model import StripMLP
-from strip_mlp.torch_io import CheckpointFormatError, read_state_dict
+from strip_mlp import torch_mapping as tm
+from strip_mlp.errors import CheckpointFormatError
+from strip_mlp.model import ARCHITECTURE_KEYS, StripMLP, abstract_variables
+from strip_mlp.torch_io import read_state_dict
 
 _MODULE_RENAMES = {
     "dwsc_bn": "dwsc.conv_merge.BN",
@@ -59,55 +58,12 @@ def leaf_layout(path: tuple[str, ...], ndim: int) -> str:
   return "same"
 
 
-def _to_torch(layout: str, a: np.ndarray) -> np.ndarray:
-  if layout == "conv":
-    return a.transpose(3, 2, 0, 1)
-  if layout == "conv1x1":
-    return a.T[:, :, None, None]
-  if layout == "linear":
-    return a.T
-  if layout == "strip_kernel":
-    _, length, _, groups = a.shape
-    return a.transpose(3, 2, 1, 0).reshape(groups * length, length, 1, 3)
-  if layout == "strip_bias":
-    return a.T.reshape(-1)
-  return a
-
-
-def _to_flax(layout: str, t: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-  if layout == "conv":
-    return t.transpose(2, 3, 1, 0)
-  if layout == "conv1x1":
-    return t[:, :, 0, 0].T
-  if layout == "linear":
-    return t.T
-  if layout == "strip_kernel":
-    _, length, _, groups = shape
-    return t.reshape(groups, length, length, 3).transpose(3, 2, 1, 0)
-  if layout == "strip_bias":
-    length, groups = shape
-    return t.reshape(groups, length).T
-  return t
-
-
-def _torch_shape(layout: str, shape: tuple[int, ...]) -> tuple[int, ...]:
-  return _to_torch(layout, np.broadcast_to(np.float32(0), shape)).shape
-
-
-def abstract_variables(model: StripMLP):
-  """Shapes/dtypes of `model`'s variables without allocating them."""
-  x = jax.ShapeDtypeStruct((1, model.img_size, model.img_size, 3), jnp.float32)
-  return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros(x.shape),
-                                           train=False))
-
-
 def infer_architecture(sd: dict) -> dict:
-  """embed_dim, layers, img_size, num_classes of a Strip-MLP state dict."""
-  for key in ("patch_embed.weight", "head.weight"):
-    if key not in sd:
-      raise CheckpointFormatError(
-          f"not a Strip-MLP state dict: no {key!r} (keys start with "
-          f"{sorted(sd)[:4]}); convert weights of the official Strip-MLP code")
+  """embed_dim, layers, img_size, num_classes of a Strip-MLP state dict (0: no head)."""
+  if "patch_embed.weight" not in sd:
+    raise CheckpointFormatError(
+        f"not a Strip-MLP state dict: no 'patch_embed.weight' (keys start with "
+        f"{sorted(sd)[:4]}); convert weights of the official Strip-MLP code")
   layers = [len({int(m[1]) for k in sd if (m := re.match(rf"blocks{s}\.(\d+)\.", k))})
             for s in range(1, 5)]
   stage = next((s for s in range(4) if layers[s]), None)
@@ -117,44 +73,21 @@ def infer_architecture(sd: dict) -> dict:
   resolution = (table.shape[0] - 1) // 2
   return dict(embed_dim=int(sd["patch_embed.weight"].shape[0]), layers=tuple(layers),
               img_size=int(resolution * 4 * 2 ** stage),
-              num_classes=int(sd["head.weight"].shape[0]))
-
-
-def _limited(names, n=6):
-  names = sorted(names)
-  return ", ".join(names[:n]) + (f" (+{len(names) - n} more)" if len(names) > n else "")
+              num_classes=int(sd["head.weight"].shape[0]) if "head.weight" in sd else 0)
 
 
 def state_dict_to_variables(sd: dict, model: StripMLP) -> dict:
-  """Fills every Flax variable of `model` from `sd` ({key: array}); strict.
+  """Fills every Flax variable of `model` from `sd` ({key: array}); strict. A headless
+  model (num_classes=0) ignores the head's tensors.
 
   Raises CheckpointFormatError naming missing, unexpected and mis-shaped keys.
   """
-  flat = traverse_util.flatten_dict(abstract_variables(model))
-  sd = {k: v for k, v in sd.items() if not k.endswith("num_batches_tracked")}
-  out, missing, mismatched, used = {}, [], [], set()
-  for path, leaf in flat.items():
-    key, layout = torch_key(path), leaf_layout(path, len(leaf.shape))
-    if key not in sd:
-      missing.append(key)
-      continue
-    used.add(key)
-    want = _torch_shape(layout, leaf.shape)
-    if tuple(sd[key].shape) != want:
-      mismatched.append(f"{key} {tuple(sd[key].shape)} != {want}")
-      continue
-    out[path] = jnp.asarray(_to_flax(layout, np.asarray(sd[key], np.float32), leaf.shape))
-  unexpected = set(sd) - used
-  if missing or mismatched or unexpected:
-    problems = [f"{label}: {_limited(names)}" for label, names in
-                (("missing", missing), ("unexpected", unexpected),
-                 ("shape mismatch", mismatched)) if names]
-    raise CheckpointFormatError(
-        "state dict does not match StripMLP(" + ", ".join(
-            f"{k}={v}" for k, v in model.config_dict().items()
-            if k in ("embed_dim", "layers", "img_size", "num_classes")) + "): " +
-        "; ".join(problems))
-  return traverse_util.unflatten_dict(out)
+  sd = {k: v for k, v in sd.items() if not k.endswith("num_batches_tracked")
+        and not (model.num_classes == 0 and k.startswith("head."))}
+  arch = ", ".join(f"{k}={v}" for k, v in model.config_dict().items()
+                   if k in ARCHITECTURE_KEYS)
+  return tm.state_dict_to_variables(sd, abstract_variables(model), torch_key, _layout,
+                                    f"StripMLP({arch})")
 
 
 def variables_to_state_dict(variables) -> "collections.OrderedDict[str, np.ndarray]":
@@ -164,13 +97,15 @@ def variables_to_state_dict(variables) -> "collections.OrderedDict[str, np.ndarr
   `load_state_dict(strict=True)` accepts it.
   """
   sd = collections.OrderedDict()
-  for path, leaf in traverse_util.flatten_dict(jax.device_get(variables)).items():
-    a = np.asarray(leaf, np.float32)
-    key = torch_key(path)
-    sd[key] = np.array(_to_torch(leaf_layout(path, a.ndim), a), order="C")
+  for key, a in tm.variables_to_state_dict(variables, torch_key, _layout).items():
+    sd[key] = a
     if key.endswith("running_var"):
       sd[key[:-len("running_var")] + "num_batches_tracked"] = np.array(0, np.int64)
   return sd
+
+
+def _layout(path: tuple[str, ...], ndim: int) -> tm.Layout:
+  return tm.LAYOUTS[leaf_layout(path, ndim)]
 
 
 def flax_to_torch(variables) -> "collections.OrderedDict":
@@ -184,10 +119,13 @@ def torch_to_flax(path: str, **model_overrides):
   """Reads a released `.pth` -> (StripMLP, variables) computing the same function.
 
   The architecture is read from the weights; `model_overrides` may set other
-  StripMLP fields (dtype, drop_path_rate, depthwise_impl, patchify_impl).
+  StripMLP fields (dtype, drop_path_rate, depthwise_impl, patchify_impl, remat), and
+  num_classes=0 drops the head (a backbone; a state dict without head gives one anyway).
   """
   sd = read_state_dict(path)
   arch = infer_architecture(sd)
+  if model_overrides.get("num_classes") == 0:
+    arch["num_classes"] = model_overrides.pop("num_classes")
   clash = set(arch) & set(model_overrides)
   if clash:
     raise ValueError(f"{sorted(clash)} are read from the weights and cannot be overridden")

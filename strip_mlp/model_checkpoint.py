@@ -29,10 +29,10 @@ from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from strip_mlp import sharding, train_checkpoint
-from strip_mlp.convert import abstract_variables
+
 from strip_mlp.errors import (CheckpointMismatchError, CheckpointWriteError, EvalError,
                               NotACheckpointError)
-from strip_mlp.model import StripMLP
+from strip_mlp.model import StripMLP, abstract_variables
 from strip_mlp.storage_errors import (StorageNoiseFilter, format_bytes, is_storage_error,
                                       storage_error_reason, tree_nbytes)
 from strip_mlp.tree_diff import describe_mismatch, mismatches, shape_map, summarize

@@ -1,4 +1,4 @@
-"""Strict PyTorch state dict <-> Flax variables mapping, shared by the family converters.
+"""Strict PyTorch state dict <-> Flax variables mapping, shared by every family's converter.
 
 A family converter names, for every Flax leaf path, its state-dict key and a `Layout`: how
 the Flax array is laid out relative to the PyTorch tensor. Every Flax leaf takes exactly one
@@ -14,8 +14,41 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from strip_mlp.convert import _limited, _to_flax, _to_torch
-from strip_mlp.torch_io import CheckpointFormatError
+from strip_mlp.errors import CheckpointFormatError
+from strip_mlp.tree_diff import key_report
+
+
+def to_torch(layout: str, a: np.ndarray) -> np.ndarray:
+  """A Flax array in the layout of its PyTorch tensor (layouts: see the module doc)."""
+  if layout == "conv":
+    return a.transpose(3, 2, 0, 1)
+  if layout == "conv1x1":
+    return a.T[:, :, None, None]
+  if layout == "linear":
+    return a.T
+  if layout == "strip_kernel":
+    _, length, _, groups = a.shape
+    return a.transpose(3, 2, 1, 0).reshape(groups * length, length, 1, 3)
+  if layout == "strip_bias":
+    return a.T.reshape(-1)
+  return a
+
+
+def to_flax(layout: str, t: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+  """A PyTorch tensor in the layout of the Flax array of `shape`."""
+  if layout == "conv":
+    return t.transpose(2, 3, 1, 0)
+  if layout == "conv1x1":
+    return t[:, :, 0, 0].T
+  if layout == "linear":
+    return t.T
+  if layout == "strip_kernel":
+    _, length, _, groups = shape
+    return t.reshape(groups, length, length, 3).transpose(3, 2, 1, 0)
+  if layout == "strip_bias":
+    length, groups = shape
+    return t.reshape(groups, length).T
+  return t
 
 
 class Layout(NamedTuple):
@@ -25,13 +58,17 @@ class Layout(NamedTuple):
 
 
 def _standard(name: str) -> Layout:
-  return Layout(functools.partial(_to_flax, name), functools.partial(_to_torch, name))
+  return Layout(functools.partial(to_flax, name), functools.partial(to_torch, name))
 
 
 SAME = _standard("same")
 LINEAR = _standard("linear")     # (in, out) <-> (out, in)
 CONV = _standard("conv")         # HWIO <-> OIHW
 CONV1X1 = _standard("conv1x1")   # (in, out) <-> (out, in, 1, 1)
+STRIP_KERNEL = _standard("strip_kernel")   # (3, L, L, G) <-> grouped (G*L, L, 1, 3)
+STRIP_BIAS = _standard("strip_bias")       # (L, G) <-> (G*L,)
+LAYOUTS = {"same": SAME, "linear": LINEAR, "conv": CONV, "conv1x1": CONV1X1,
+           "strip_kernel": STRIP_KERNEL, "strip_bias": STRIP_BIAS}
 
 KeyFn = Callable[[tuple], str]
 LayoutFn = Callable[[tuple, int], Layout]
@@ -67,12 +104,9 @@ def state_dict_to_variables(sd: dict, abstract, key_fn: KeyFn, layout_fn: Layout
       continue
     out[path] = jnp.asarray(layout.to_flax(np.asarray(sd[key], np.float32), leaf.shape))
   unexpected = set(sd) - used
-  if missing or mismatched or unexpected:
-    problems = [f"{label}: {_limited(names)}" for label, names in
-                (("missing", missing), ("unexpected", unexpected),
-                 ("shape mismatch", mismatched)) if names]
-    raise CheckpointFormatError(
-        f"state dict does not match {description}: " + "; ".join(problems))
+  problems = key_report(missing, unexpected, mismatched)
+  if problems:
+    raise CheckpointFormatError(f"state dict does not match {description}: {problems}")
   return traverse_util.unflatten_dict(out)
 
 

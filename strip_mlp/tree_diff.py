@@ -1,8 +1,8 @@
 """The one description of how two trees of arrays differ in structure or shapes.
 
-Every "this checkpoint does not fit that model" message is built here, so restoring a
-training checkpoint, evaluating a converted one, fine-tuning from one and converting a
-PyTorch state dict all word a mismatch the same way.
+Every "this checkpoint does not fit that model" message is built here: trees of arrays
+(restoring a training checkpoint, evaluating a converted one, fine-tuning from one) by
+path, PyTorch state dicts (the converters) by key.
 """
 from typing import Any
 
@@ -44,3 +44,18 @@ def summarize(problems: list[str], limit: int = 3) -> str | None:
 def describe_mismatch(stored: dict, expected: dict, limit: int = 3, **names) -> str | None:
   """None when the two {path: shape} maps agree, else a short description."""
   return summarize(mismatches(stored, expected, **names), limit)
+
+
+def limited(names, n: int = 6) -> str:
+  """The first `n` names, sorted, and how many more."""
+  names = sorted(names)
+  return ", ".join(names[:n]) + (f" (+{len(names) - n} more)" if len(names) > n else "")
+
+
+def key_report(missing, unexpected, mismatched) -> str | None:
+  """None when a state dict matched, else 'missing: ...; unexpected: ...; shape mismatch:
+  ...' (the converters' accounting of state-dict keys)."""
+  problems = [f"{label}: {limited(names)}" for label, names in
+              (("missing", missing), ("unexpected", unexpected),
+               ("shape mismatch", mismatched)) if names]
+  return "; ".join(problems) or None

@@ -89,7 +89,7 @@ import sys
 import jax, numpy as np
 from strip_mlp import StripMLP, save_checkpoint
 from strip_mlp.data import digits
-from strip_mlp.convert import abstract_variables
+from strip_mlp.model import abstract_variables
 model = StripMLP(embed_dim=16, layers=(0, 0, 0, 0), img_size=32, num_classes=10)
 zeros = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), abstract_variables(model))
 save_checkpoint(sys.argv[1], model, dict(zeros))

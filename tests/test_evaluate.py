@@ -28,7 +28,8 @@ from strip_mlp import train_checkpoint  # noqa: E402
 from strip_mlp.errors import EvalError  # noqa: E402
 from strip_mlp.model_checkpoint import save_checkpoint  # noqa: E402
 from strip_mlp.steps import TrainState  # noqa: E402
-from strip_mlp.convert import abstract_variables, torch_to_flax  # noqa: E402
+from strip_mlp.convert import torch_to_flax  # noqa: E402
+from strip_mlp.model import abstract_variables  # noqa: E402
 
 
 SPLIT_SIZE = 359          # digits 'test'

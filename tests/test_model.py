@@ -8,7 +8,7 @@ import pytest
 from jax import lax
 
 from strip_mlp import StripMLP, VARIANTS, count_params, create_model, ops
-from strip_mlp.convert import abstract_variables
+from strip_mlp.model import abstract_variables
 
 TINY = dict(embed_dim=16, layers=(1, 1, 1, 1), img_size=32, num_classes=10)
 
@@ -140,22 +140,23 @@ def test_resolve_impl():
     ops.resolve_impl("depthwise", "winograd")
 
 
-def test_wrong_image_size_gives_clear_error():
+def test_wrong_image_shape_gives_clear_error():
   model, variables = tiny_variables()
-  with pytest.raises(ValueError, match=r"built for images of shape \(N, 32, 32, 3\)"):
-    model.apply(variables, jnp.zeros((1, 64, 64, 3)))
-  with pytest.raises(ValueError, match=r"looks like NCHW: transpose it") as e:
-    model.apply(variables, jnp.zeros((1, 3, 32, 32)))
-  assert "img_size=3" not in str(e.value)
+  shape = lambda x: jax.eval_shape(lambda v: model.apply(v, x), variables)
+  assert shape(jnp.zeros((1, 64, 96, 3))).shape == (1, 10)   # any multiple of 32
+  with pytest.raises(ValueError, match=r"image size 40x32 is not a multiple of 32"):
+    shape(jnp.zeros((1, 40, 32, 3)))
+  with pytest.raises(ValueError, match=r"looks like NCHW: transpose it"):
+    shape(jnp.zeros((1, 3, 32, 32)))
   with pytest.raises(ValueError, match="add a batch axis"):
-    model.apply(variables, jnp.zeros((32, 32, 3)))
+    shape(jnp.zeros((32, 32, 3)))
   with pytest.raises(ValueError, match="3 channels last"):
-    model.apply(variables, jnp.zeros((1, 32, 32, 4)))
+    shape(jnp.zeros((1, 32, 32, 4)))
 
 
 @pytest.mark.parametrize("kwargs,match", [
     (dict(img_size=48), "multiple of 32"), (dict(embed_dim=20), "multiple of 8"),
-    (dict(layers=(1, 1, 1)), "4 non-negative"), (dict(num_classes=0), "num_classes")])
+    (dict(layers=(1, 1, 1)), "4 non-negative"), (dict(num_classes=-1), "num_classes")])
 def test_invalid_architecture_is_rejected(kwargs, match):
   with pytest.raises(ValueError, match=match):
     StripMLP(**{**TINY, **kwargs})
@@ -221,7 +222,7 @@ def test_drop_path_zero_rate_is_deterministic_in_training():
 
 
 def test_drop_path_scales_kept_paths():
-  from strip_mlp.model import DropPath
+  from strip_mlp.layers import DropPath
   x = jnp.ones((2000, 1, 1, 1))
   y = DropPath(0.25).apply({}, x, train=True, rngs={"drop_path": jax.random.PRNGKey(0)})
   kept = np.asarray(y[:, 0, 0, 0])

@@ -15,7 +15,7 @@ import torch
 
 from strip_mlp import StripMLP
 from strip_mlp.mixup import mixup_cutmix
-from strip_mlp.model import GRN, spatial_l2_norm
+from strip_mlp.layers import GRN, spatial_l2_norm
 from strip_mlp.steps import soft_cross_entropy
 
 

@@ -22,7 +22,7 @@ import numpy as np
 
 from strip_mlp import ops
 from strip_mlp.errors import UserError
-from strip_mlp.model import DropPath, gelu, torch_bias_init, torch_kernel_init
+from strip_mlp.layers import DropPath, gelu, torch_bias_init, torch_kernel_init
 
 RELEASED_SHIFT_DIST = (-2, -1, 0, 1, 2)
 RELEASED_MIX_SIZE = ((1, 1, 3, 5, 7), (1, 3, 3, 5, 7), (1, 5, 5, 5, 7), (1, 7, 7, 7, 7))

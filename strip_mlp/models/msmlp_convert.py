@@ -11,11 +11,10 @@ Every Flax leaf maps to one `state_dict` key by a rename (`torch_key`: `layers_0
 import collections
 import re
 
-import jax
 import numpy as np
-from flax import traverse_util
 
-from strip_mlp.convert import _limited, _to_flax, _to_torch, abstract_variables
+from strip_mlp import torch_mapping as tm
+from strip_mlp.model import abstract_variables
 from strip_mlp.models.msmlp import MSMLP
 from strip_mlp.torch_io import CheckpointFormatError, read_state_dict
 
@@ -99,38 +98,19 @@ def state_dict_to_variables(sd: dict, model: MSMLP) -> dict:
   """Fills every Flax variable of `model` from `sd` ({key: array}); strict: each tensor
   is used exactly once. Raises CheckpointFormatError naming missing, unexpected and
   mis-shaped keys in one line."""
-  flat = traverse_util.flatten_dict(abstract_variables(model))
-  out, missing, mismatched, used = {}, [], [], set()
-  for path, leaf in flat.items():
-    key, layout = torch_key(path), leaf_layout(path, len(leaf.shape))
-    if key not in sd:
-      missing.append(key)
-      continue
-    used.add(key)
-    want = _to_torch(layout, np.broadcast_to(np.float32(0), leaf.shape)).shape
-    if tuple(sd[key].shape) != want:
-      mismatched.append(f"{key} {tuple(sd[key].shape)} != {want}")
-      continue
-    out[path] = np.array(_to_flax(layout, np.asarray(sd[key], np.float32), leaf.shape))
-  unexpected = set(sd) - used
-  if missing or mismatched or unexpected:
-    problems = [f"{label}: {_limited(names)}" for label, names in
-                (("missing", missing), ("unexpected", unexpected),
-                 ("shape mismatch", mismatched)) if names]
-    arch = ", ".join(f"{k}={v}" for k, v in model.config_dict().items()
-                     if k in _ARCHITECTURE_KEYS)
-    raise CheckpointFormatError(f"state dict does not match MSMLP({arch}): " +
-                                "; ".join(problems))
-  return jax.tree_util.tree_map(jax.numpy.asarray, traverse_util.unflatten_dict(out))
+  arch = ", ".join(f"{k}={v}" for k, v in model.config_dict().items()
+                   if k in _ARCHITECTURE_KEYS)
+  return tm.state_dict_to_variables(sd, abstract_variables(model), torch_key, _layout,
+                                    f"MSMLP({arch})")
 
 
 def variables_to_state_dict(variables) -> "collections.OrderedDict[str, np.ndarray]":
   """Flax variables -> the official code's state dict (numpy float32, PyTorch layouts)."""
-  sd = collections.OrderedDict()
-  for path, leaf in traverse_util.flatten_dict(jax.device_get(variables)).items():
-    a = np.asarray(leaf, np.float32)
-    sd[torch_key(path)] = np.array(_to_torch(leaf_layout(path, a.ndim), a), order="C")
-  return sd
+  return tm.variables_to_state_dict(variables, torch_key, _layout)
+
+
+def _layout(path: tuple[str, ...], ndim: int) -> tm.Layout:
+  return tm.LAYOUTS[leaf_layout(path, ndim)]
 
 
 def torch_to_flax(path: str, **model_overrides):

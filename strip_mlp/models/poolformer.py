@@ -19,8 +19,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from strip_mlp.errors import UserError
-from strip_mlp.model import DropPath, gelu, torch_bias_init, torch_kernel_init
-from strip_mlp.model import position_table_init as trunc_normal_02  # timm trunc_normal_(.02)
+from strip_mlp.layers import DropPath, gelu, torch_bias_init, torch_kernel_init
+from strip_mlp.layers import position_table_init as trunc_normal_02  # timm trunc_normal_(.02)
 
 _S_DIMS = (64, 128, 320, 512)
 _M_DIMS = (96, 192, 384, 768)

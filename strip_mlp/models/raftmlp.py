@@ -31,7 +31,7 @@ import numpy as np
 from jax import lax
 
 from strip_mlp.errors import UserError
-from strip_mlp.model import DropPath, dense, gelu, torch_bias_init, torch_kernel_init
+from strip_mlp.layers import DropPath, dense, gelu, torch_bias_init, torch_kernel_init
 
 _KERNELS = ((4, 8), (2, 4), (2, 4), (2,))
 VARIANTS = {  # the official code's ImageNet settings of RaftMLP-S, -M and -L

@@ -1,4 +1,5 @@
-"""Converts released PyTorch Strip-MLP weights to a Flax/orbax checkpoint (and back).
+"""Converts released PyTorch weights to a Flax/orbax checkpoint (and back): Strip-MLP, and
+PoolFormer, RaftMLP and MS-MLP (the family is read from the state dict's keys).
 
   python convert_torch_weights.py IN.pth OUT_DIR                 # .pth -> orbax checkpoint
   python convert_torch_weights.py --to-torch CKPT_DIR OUT.pth    # checkpoint -> .pth
@@ -45,7 +46,7 @@ def _check_new_file(dst: str) -> None:
 
 def _to_flax(args) -> str:
   from strip_mlp.model_checkpoint import save_checkpoint  # pylint: disable=g-import-not-at-top
-  from strip_mlp.convert import torch_to_flax  # pylint: disable=g-import-not-at-top
+  from strip_mlp.registry import torch_to_flax  # pylint: disable=g-import-not-at-top
   if args.step is not None or args.which is not None or args.ema is not None:
     raise UsageError("--step, --which and --ema select a training checkpoint: they apply to "
                      "--to-torch only")
@@ -56,14 +57,17 @@ def _to_flax(args) -> str:
   model, variables = torch_to_flax(args.src)
   dst = save_checkpoint(args.dst, model, variables)
   cfg = model.config_dict()
-  return (f"converted {args.src} -> {dst}: embed_dim={cfg['embed_dim']} layers={cfg['layers']} "
-          f"img_size={cfg['img_size']} num_classes={cfg['num_classes']}")
+  if "embed_dim" in cfg:  # Strip-MLP
+    arch = f"embed_dim={cfg['embed_dim']} layers={cfg['layers']} img_size={cfg['img_size']}"
+  else:
+    arch = type(model).__name__ + "".join(f" {k}={cfg[k]}" for k in ("img_size",) if k in cfg)
+  return f"converted {args.src} -> {dst}: {arch} num_classes={cfg['num_classes']}"
 
 
 def _to_torch(args) -> str:
   import jax  # pylint: disable=g-import-not-at-top
   from strip_mlp import model_checkpoint, sharding  # pylint: disable=g-import-not-at-top
-  from strip_mlp.convert import flax_to_torch  # pylint: disable=g-import-not-at-top
+  from strip_mlp import registry  # pylint: disable=g-import-not-at-top
   dst = os.path.abspath(args.dst)
   _check_new_file(dst)
   if os.path.isfile(args.src):
@@ -73,9 +77,14 @@ def _to_torch(args) -> str:
   mesh = sharding.create_mesh(1, jax.local_devices()[:1])
   ckpt = model_checkpoint.load_weights(args.src, step=args.step, which=args.which,
                                       ema=args.ema, mesh=mesh)
-  state_dict = flax_to_torch(ckpt.variables)
+  state_dict = _as_torch(registry.variables_to_state_dict(ckpt.model, ckpt.variables))
   write_new_file(dst, lambda f: _torch_save({"model": state_dict}, f))
   return f"wrote PyTorch state dict {dst} from {ckpt.describe()}"
+
+
+def _as_torch(state_dict):
+  import torch  # pylint: disable=g-import-not-at-top
+  return {k: torch.from_numpy(v) for k, v in state_dict.items()}
 
 
 def _torch_save(obj, f) -> None:

@@ -63,6 +63,12 @@ def define_flags(fv: flags.FlagValues, argv: list[str]) -> None:
   flags.DEFINE_string("output", None, "JSON file for the results.", flag_values=fv)
   flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Compute dtype (default: the "
                     "checkpoint's); parameters stay float32.", flag_values=fv)
+  flags.DEFINE_integer("img_size", None, "Evaluate at this image size (a multiple of 32; "
+                       "default: the config's data.image_size).", flag_values=fv)
+  flags.DEFINE_enum("resize", "windows", ["windows", "interpolate"], "Strip-MLP at another "
+                    "--img_size than it was trained at: the trained strip layers on "
+                    "overlapping windows, or its strip-length weights resampled to the new "
+                    "size.", flag_values=fv)
   cli.define_process_flags(fv)
   try:
     config_flags.DEFINE_config_file(
@@ -194,6 +200,20 @@ def _summary(metrics: dict, ckpt, config, batch_size: int, platform: str) -> dic
           "seconds": metrics["seconds"], "compile_seconds": metrics["compile_seconds"]}
 
 
+def _at_size(ckpt, img_size: int, resize: str):
+  """The checkpoint to evaluate at `img_size`: as it is (windows), or a Strip-MLP built at
+  img_size with its strip-length weights resampled (interpolate)."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  if img_size % 32:
+    raise cli.UsageError(f"--img_size={img_size} must be a multiple of 32")
+  if resize == "windows" or img_size == getattr(ckpt.model, "img_size", img_size):
+    return ckpt
+  from strip_mlp import resample  # pylint: disable=g-import-not-at-top
+  target = ckpt.model.clone(img_size=img_size)
+  variables = resample.resample_variables(ckpt.variables, ckpt.model, target)
+  return dataclasses.replace(ckpt, model=target, variables=variables)
+
+
 def run(fv: flags.FlagValues) -> dict:
   """Evaluates as the flags say; returns the result dict (also written as JSON).
 
@@ -221,7 +241,11 @@ def run(fv: flags.FlagValues) -> dict:
                                        ema=fv.ema, dtype=fv.dtype, mesh=mesh)
   if explicit_config:
     evaluate.check_config_model(ckpt.model, config, "--config")
-  evaluate.check_model_fits_data(ckpt.model, config.data, plan.read_dataset_info(config.data))
+  if fv.img_size:
+    ckpt = _at_size(ckpt, fv.img_size, fv.resize)
+    config.data.image_size = fv.img_size
+  evaluate.check_model_fits_data(ckpt.model, config.data, plan.read_dataset_info(config.data),
+                                 any_size=bool(fv.img_size) and fv.resize == "windows")
   main_process = jax.process_index() == 0
   if main_process:
     print(f"evaluating {ckpt.describe()}", flush=True)

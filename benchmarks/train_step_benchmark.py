@@ -5,7 +5,7 @@ r"""Train-step throughput of the published recipe (AdamW, mixup/cutmix, drop pat
     python benchmarks/train_step_benchmark.py --variant base --batch 128 --steps 20
 
 Synthetic images (the input pipeline is not measured), the jitted, donated train step of
-strip_mlp.train_lib on all local devices; prints a markdown table row per variant.
+strip_mlp.build (what train.py compiles) on all local devices; prints a table row per variant.
 """
 import argparse
 import os
@@ -20,7 +20,8 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import common  # noqa: E402
-from strip_mlp import count_params, sharding, train_lib  # noqa: E402
+from strip_mlp import count_params, sharding  # noqa: E402
+from strip_mlp.build import build  # noqa: E402
 
 IMAGENET = types.SimpleNamespace(num_train=1_281_167, num_eval=50_000, num_classes=1000)
 
@@ -32,16 +33,9 @@ def benchmark(variant: str, image_size: int, batch: int, steps: int, warmup: int
   config.batch_size = batch
   config.data.image_size = image_size
   config.model.dtype = dtype
-  plan = train_lib.make_plan(config, types.SimpleNamespace(**vars(IMAGENET),
-                                                           image_size=image_size))
-  model = train_lib.build_model(config, plan.num_classes, plan.image_size)
-  schedule = train_lib.build_schedule(config, plan)
-  tx = train_lib.build_optimizer(config, schedule)
   mesh = sharding.create_mesh(config.mesh.fsdp)
-  target, init = train_lib.create_train_state(config, model, tx, mesh, jax.random.key(0))
-  shardings = jax.tree_util.tree_map(lambda x: x.sharding, target)
-  step = train_lib.jit_train_step(model, tx, schedule, config, plan.num_classes, mesh,
-                                  shardings)
+  run = build(config, IMAGENET, mesh)   # exactly what train.py compiles
+  plan, init, step = run.plan, run.init, run.train_step
   rng = np.random.RandomState(0)
   data = {"image": rng.randn(batch, image_size, image_size, 3).astype(np.float32),
           "label": rng.randint(0, plan.num_classes, batch).astype(np.int32)}

@@ -32,6 +32,10 @@ def base_config() -> ml_collections.ConfigDict:
   # the fastest per backend. depthwise: auto | xla | shift; patchify: auto | xla | einsum.
   c.model.depthwise_impl = "auto"
   c.model.patchify_impl = "auto"
+  c.model.remat = False                # recompute each block in the backward pass (memory)
+  # Another family by variant name (strip_mlp.registry): poolformer_s12 ... poolformer_m48,
+  # raftmlp_s/m/l, msmlp_t/s/b; '' is Strip-MLP (model.variant / embed_dim + layers).
+  c.model.name = ""
 
   # Input pipeline keys (strip_mlp.data.config.default_data_config): source, name,
   # data_dir, image_size, augmentation, mixup/cutmix and label smoothing.
@@ -79,7 +83,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.async_checkpointing = True
   c.tensorboard = False                # metrics.jsonl always; TensorBoard events too if True
 
-  c.init_from = ""                     # fine-tune: converted checkpoint dir or .pth
+  c.init_from = ""                     # fine-tune: converted checkpoint dir, .pth or workdir
+  c.init_resize = ""                   # 'interpolate': weights of another img_size, resampled
   c.mesh = ml_collections.ConfigDict()
   c.mesh.fsdp = 1                      # > 1: shard params/optimizer state over this many devices
   return c

@@ -8,12 +8,13 @@ functions training runs. Nothing is allocated or compiled here: shapes come from
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import jax
 import optax
 
-from strip_mlp import optim, sharding, steps
+from strip_mlp import optim, registry, sharding, steps
 from strip_mlp.model import StripMLP, create_model
 from strip_mlp.plan import Plan, make_plan
 
@@ -51,7 +52,8 @@ def build(config, info, mesh, *, model=None, schedule: optax.Schedule | None = N
     model = build_model(config, plan.num_classes, plan.image_size)
   schedule = schedule or build_schedule(config, plan)
   tx = build_optimizer(config, schedule)
-  abstract, init = _state_and_init(config, model, tx, mesh, jax.random.key(int(config.seed)))
+  abstract, init = _state_and_init(config, model, tx, mesh, jax.random.key(int(config.seed)),
+                                   plan.image_size)
   shardings = jax.tree_util.tree_map(lambda x: x.sharding, abstract)
   repl = sharding.replicated(mesh)
   train_step = jax.jit(
@@ -62,11 +64,19 @@ def build(config, info, mesh, *, model=None, schedule: optax.Schedule | None = N
   return Built(plan, model, schedule, tx, abstract, init, train_step, eval_step)
 
 
-def build_model(config, num_classes: int, image_size: int) -> StripMLP:
-  """The StripMLP of `config.model` (a variant, or embed_dim/layers) for this data."""
+def build_model(config, num_classes: int, image_size: int):
+  """The model of `config.model` for this data: a Strip-MLP (a variant, or
+  embed_dim/layers), or a variant of another family by `model.name`."""
   m = config.model
+  if m.get("name"):
+    family = registry.family_of_variant(m.name)
+    kw = dict(num_classes=num_classes, drop_path_rate=m.drop_path_rate, dtype=m.dtype)
+    if "img_size" in family.model_class().__dataclass_fields__:
+      kw["img_size"] = image_size
+    return family.create(m.name, **kw)
   kw = dict(num_classes=num_classes, img_size=image_size, drop_path_rate=m.drop_path_rate,
-            dtype=m.dtype, depthwise_impl=m.depthwise_impl, patchify_impl=m.patchify_impl)
+            dtype=m.dtype, depthwise_impl=m.depthwise_impl, patchify_impl=m.patchify_impl,
+            remat=bool(m.get("remat", False)))
   if m.embed_dim:
     kw["embed_dim"] = int(m.embed_dim)
   if m.layers:
@@ -90,15 +100,16 @@ def build_optimizer(config, schedule) -> optax.GradientTransformation:
                                 weight_decay=o.weight_decay, grad_clip_norm=config.grad_clip_norm)
 
 
-def _state_and_init(config, model, tx, mesh, rng) -> tuple[Any, Callable]:
+def _state_and_init(config, model, tx, mesh, rng, image_size: int) -> tuple[Any, Callable]:
   """(abstract state carrying its shardings, init). `init(rng, pretrained=None)` runs a
   jitted init whose outputs are created directly in their shardings (replicated, or split
   over 'fsdp'); `pretrained` is as in `steps.init_state`, as global arrays."""
   ema = config.ema_decay > 0
-  abstract = jax.eval_shape(lambda k: steps.init_state(model, tx, k, ema), rng)
+  init_state = functools.partial(steps.init_state, model, tx, ema=ema, image_size=image_size)
+  abstract = jax.eval_shape(init_state, rng)
   shardings = sharding.tree_shardings(abstract, mesh)
-  fresh = jax.jit(lambda k: steps.init_state(model, tx, k, ema), out_shardings=shardings)
-  from_pretrained = jax.jit(lambda k, pre: steps.init_state(model, tx, k, ema, pre),
+  fresh = jax.jit(init_state, out_shardings=shardings)
+  from_pretrained = jax.jit(lambda k, pre: init_state(k, pretrained=pre),
                             out_shardings=shardings)
 
   def init(rng, pretrained=None):

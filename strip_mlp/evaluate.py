@@ -101,10 +101,17 @@ def evaluate_split(eval_fn: Callable, variables: Any, data_cfg, batch_size: int,
   return {k: result[k] for k in ("top1", "top5", "loss", "count")}
 
 
-def check_model_fits_data(model: StripMLP, data_cfg, info) -> None:
-  """EvalError when the model's input size or class count differs from the data's."""
+def check_model_fits_data(model, data_cfg, info, any_size: bool = False) -> None:
+  """EvalError when the model's input size or class count differs from the data's.
+
+  any_size: the model runs at the data's size whatever its img_size (Strip-MLP on
+  windows); models without img_size take any size too.
+  """
   size = int(data_cfg.image_size)
-  if model.img_size == size and model.num_classes == info.num_classes:
+  trained = getattr(model, "img_size", size)
+  if any_size:
+    trained = size
+  if trained == size and model.num_classes == info.num_classes:
     return
   fixes = []
   if model.img_size != size:

@@ -28,7 +28,7 @@ import orbax.checkpoint as ocp
 from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from strip_mlp import sharding, train_checkpoint
+from strip_mlp import registry, sharding, train_checkpoint
 
 from strip_mlp.errors import (CheckpointMismatchError, CheckpointWriteError, EvalError,
                               NotACheckpointError)
@@ -73,7 +73,7 @@ def save_checkpoint(directory: str, model: StripMLP, variables) -> str:
     checkpointer.save(os.path.join(staging, VARIABLES_DIR), variables)
     checkpointer.wait_until_finished()
     with open(os.path.join(staging, CONFIG_FILE), "w") as f:
-      json.dump({"format": FORMAT, "model": model.config_dict()}, f, indent=2)
+      json.dump({"format": FORMAT, "model": registry.model_config(model)}, f, indent=2)
     if os.path.isdir(directory):
       os.rmdir(directory)  # empty, checked above
     os.rename(staging, directory)
@@ -109,7 +109,7 @@ def load_checkpoint(directory: str, **model_overrides):
   `model_overrides` change fields that do not alter the weights' shapes, e.g.
   dtype='bfloat16', drop_path_rate=0.2, depthwise_impl='xla'.
   """
-  model = StripMLP(**{**read_model_config(directory), **model_overrides})
+  model = registry.model_from_config(read_model_config(directory), **model_overrides)
   # Restored onto this process's first device, also when several processes run.
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   target = jax.tree_util.tree_map(
@@ -139,8 +139,12 @@ class LoadedCheckpoint:
             "workdir": "training workdir"}[self.kind]
     if self.kind == "workdir":
       what += f", step {self.step}, {'EMA' if self.ema else 'raw'} weights"
-    return (f"{self.path} ({what}; embed_dim {m.embed_dim}, layers "
-            f"{','.join(map(str, m.layers))}, {m.img_size} px, {m.num_classes} classes, "
+    if isinstance(m, StripMLP):
+      arch = f"embed_dim {m.embed_dim}, layers {','.join(map(str, m.layers))}"
+    else:
+      arch = type(m).__name__
+    size = f"{m.img_size} px, " if hasattr(m, "img_size") else ""
+    return (f"{self.path} ({what}; {arch}, {size}{m.num_classes} classes, "
             f"{jnp.dtype(m.dtype).name})")
 
 
@@ -210,8 +214,7 @@ def load_weights(path: str, *, step: int | None = None, which: str | None = None
                     "--ema apply to training workdirs only")
   if kind == "pytorch":
     try:
-      from strip_mlp.convert import torch_to_flax  # pylint: disable=g-import-not-at-top
-      model, variables = torch_to_flax(root)
+      model, variables = registry.torch_to_flax(root)
     except (ImportError, ValueError, OSError) as e:
       raise EvalError(f"cannot read PyTorch weights {root}: {e}") from None
     if dtype is not None:
@@ -292,26 +295,34 @@ def _read_json(path: str) -> dict:
     raise EvalError(f"cannot read {path}: {e}") from None
 
 
-def _model(config: dict, where: str, **overrides) -> StripMLP:
+def _model(config: dict, where: str, **overrides):
   try:
-    return StripMLP(**{**config, **{k: v for k, v in overrides.items() if v is not None}})
+    return registry.model_from_config(config, **overrides)
   except (TypeError, ValueError) as e:
     raise EvalError(f"checkpoint {where} has an invalid model config {config}: {e}") from None
 
 
 # ----------------------------------------------------------------------------- fine-tuning
 
-def load_pretrained(path: str) -> tuple[dict, dict]:
+def load_pretrained(path: str, img_size: int | None = None) -> tuple[dict, dict]:
   """(model keywords, {'params', 'batch_stats'} as numpy) of pretrained weights at `path`:
   any path `load_weights` reads (a converted directory, a .pth file, a training workdir),
-  read by each process onto its first local device."""
+  read by each process onto its first local device. With `img_size` (Strip-MLP), the
+  strip-length tensors are resampled to that training resolution (`strip_mlp.resample`)."""
   if not os.path.exists(path):
     raise EvalError(
         f"init_from={path!r} does not exist; give a converted checkpoint directory "
         "(python convert_torch_weights.py IN.pth OUT_DIR), a .pth file or a training workdir")
   loaded = load_weights(path, mesh=Mesh(np.asarray(jax.local_devices()[:1]), ("data",)))
   variables = jax.tree_util.tree_map(np.asarray, dict(loaded.variables))
-  return loaded.model.config_dict(), {k: variables.get(k, {}) for k in WEIGHTS}
+  model = loaded.model
+  if img_size is not None and img_size != getattr(model, "img_size", img_size):
+    from strip_mlp import resample  # pylint: disable=g-import-not-at-top
+    target = model.clone(img_size=img_size)
+    variables = jax.tree_util.tree_map(np.asarray, resample.resample_variables(
+        {k: variables.get(k, {}) for k in WEIGHTS}, model, target))
+    model = target
+  return registry.model_config(model), {k: variables.get(k, {}) for k in WEIGHTS}
 
 
 def merge_pretrained(target: dict, pretrained: dict, *, source: str = "pretrained"
@@ -333,18 +344,20 @@ def merge_pretrained(target: dict, pretrained: dict, *, source: str = "pretraine
     raise CheckpointMismatchError(
         f"{source} weights do not fit the model ({summarize(problems, 5)}); use the variant, "
         "embed_dim, layers and model.img_size of the checkpoint (only the number of classes "
-        "may differ)")
+        "may differ), or --config.init_resize=interpolate for weights of another img_size")
   merged = {k: v if k in reinit else np.asarray(pflat[k], dtype=getattr(v, "dtype", None))
             for k, v in tflat.items()}
   return traverse_util.unflatten_dict(merged, sep="/"), reinit
 
 
-def pretrained_onto(path: str, target: dict) -> tuple[dict, list[str]]:
+def pretrained_onto(path: str, target: dict, img_size: int | None = None
+                    ) -> tuple[dict, list[str]]:
   """Pretrained {'params', 'batch_stats'} from `path` as global arrays in the shardings of
   `target` (the abstract variables being trained), None for the leaves to re-initialise
-  (the head when the class count differs), and their names. Raises
-  CheckpointMismatchError for any other difference."""
-  _, pretrained = load_pretrained(path)
+  (the head when the class count differs), and their names. `img_size`: resample the
+  weights to it first (see `load_pretrained`). Raises CheckpointMismatchError for any
+  other difference."""
+  _, pretrained = load_pretrained(path, img_size)
   merged, reinit = merge_pretrained(target, pretrained, source=path)
   flat = traverse_util.flatten_dict(merged, sep="/")
   for k in reinit:

@@ -95,6 +95,16 @@ def _errors():
 def _model_errors(c) -> list[str]:
   errs, need = _errors()
   m = c.model
+  need(c.get("init_resize", "") in ("", "interpolate"),
+       f"init_resize={c.get('init_resize')!r} must be '' or 'interpolate'")
+  if m.get("name"):
+    from strip_mlp import registry  # pylint: disable=g-import-not-at-top
+    names = sorted(registry.all_variants())
+    need(m.name in names, f"model.name={m.name!r} must be one of {names} ('': Strip-MLP)")
+    need(0.0 <= m.drop_path_rate < 1.0,
+         f"model.drop_path_rate={m.drop_path_rate} must be in [0, 1)")
+    need(m.dtype in _DTYPES, f"model.dtype={m.dtype!r} must be one of {_DTYPES}")
+    return errs
   need(m.variant in VARIANTS or (not m.variant and m.embed_dim and m.layers),
        f"model.variant={m.variant!r} must be one of {sorted(VARIANTS)} (or '' with "
        "model.embed_dim and model.layers set)")

@@ -39,14 +39,15 @@ class TrainState:
 
 
 def init_state(model, tx: optax.GradientTransformation, rng: jax.Array, ema: bool,
-               pretrained: dict | None = None) -> TrainState:
+               pretrained: dict | None = None, image_size: int | None = None) -> TrainState:
   """A fresh TrainState (call under jit with out_shardings, or inside jax.eval_shape).
 
   pretrained: optional {'params', 'batch_stats'} trees of the model's structure whose leaves
   replace the random ones; None leaves (e.g. a re-initialised head) keep the random init.
-  Under jit, XLA drops the random init of every replaced leaf.
+  Under jit, XLA drops the random init of every replaced leaf. image_size: of the
+  initialising input (default: the model's img_size).
   """
-  r = model.img_size
+  r = image_size or model.img_size
   variables = model.init({"params": rng}, jnp.zeros((1, r, r, 3), jnp.float32), train=False)
   params, batch_stats = variables["params"], variables.get("batch_stats", {})
   if pretrained is not None:

@@ -224,7 +224,7 @@ class Checkpointer:
       stored = self.read_meta(step).get("model")
       if stored is not None:
         diff = {k: (stored.get(k), v) for k, v in model_config.items()
-                if k in ARCHITECTURE_KEYS and _norm(stored.get(k)) != _norm(v)}
+                if k in ARCHITECTURE_KEYS + ("family",) and _norm(stored.get(k)) != _norm(v)}
         if diff:
           desc = ", ".join(f"{k} {a!r} in the checkpoint vs {b!r} now"
                            for k, (a, b) in sorted(diff.items()))

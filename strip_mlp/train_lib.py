@@ -19,7 +19,7 @@ from typing import Callable, Iterator
 import jax
 import ml_collections
 
-from strip_mlp import evaluate, model_checkpoint, sharding, train_checkpoint
+from strip_mlp import evaluate, model_checkpoint, registry, sharding, train_checkpoint
 from strip_mlp.build import Built, build
 from strip_mlp.errors import TrainingDivergedError
 from strip_mlp.metric_writer import MetricWriter
@@ -59,7 +59,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   ckpt = train_checkpoint.Checkpointer(
       os.path.join(workdir, train_checkpoint.CHECKPOINT_DIR), keep=config.keep_checkpoints,
       keep_best=config.keep_best, async_save=config.async_checkpointing)
-  meta = {"model": run.model.config_dict(), "num_devices": int(mesh.devices.size),
+  meta = {"model": registry.model_config(run.model), "num_devices": int(mesh.devices.size),
           "num_processes": jax.process_count()}
   state, best_top1 = _restore_or_init(config, run, ckpt)
   start_step = int(jax.device_get(state.step))
@@ -159,7 +159,7 @@ def _restore_or_init(config, run: Built, ckpt: train_checkpoint.Checkpointer):
   config.init_from's weights when given)."""
   latest = ckpt.latest_step()
   if latest is not None:
-    ckpt.check_compatible(latest, run.abstract_state, run.model.config_dict())
+    ckpt.check_compatible(latest, run.abstract_state, registry.model_config(run.model))
     state, stored = ckpt.restore(latest, run.abstract_state)
     log(f"resumed from {ckpt.directory}/{latest} (step {int(stored['step'])})")
     return state, float(stored.get("best_top1", -1.0))
@@ -168,7 +168,8 @@ def _restore_or_init(config, run: Built, ckpt: train_checkpoint.Checkpointer):
   if config.init_from:
     abstract = run.abstract_state
     pretrained, reinit = model_checkpoint.pretrained_onto(
-        config.init_from, {"params": abstract.params, "batch_stats": abstract.batch_stats})
+        config.init_from, {"params": abstract.params, "batch_stats": abstract.batch_stats},
+        img_size=run.plan.image_size if config.init_resize == "interpolate" else None)
     log(f"initialising from {config.init_from}"
         + (f"; re-initialised {', '.join(reinit)}" if reinit else ""))
   state = run.init(jax.random.key(int(config.seed)), pretrained)

@@ -11,8 +11,9 @@ path) is compiled once and timed; memory is XLA's own account of the compiled st
 is XLA's figure for this backend, plus the device's peak where it reports one, and the
 activations the forward keeps for the backward (traced, backend-independent: what remat
 controls; XLA:CPU's schedule does not turn that into a lower total, see the README).
-Part 2: the model built at the first img_size is compiled for inference at each input size (the strip layers on overlapping windows wherever the size differs): compile
-seconds, forward seconds per batch, and how many windows each stage runs.
+Part 2: the model built at the first img_size is compiled for inference at each input
+size (the strip layers on overlapping windows wherever the size differs): compile seconds,
+forward seconds per batch, and how many windows each stage runs.
 Synthetic data. The load average is printed before and after: on a shared machine the
 times move with it (the memory figures do not).
 """

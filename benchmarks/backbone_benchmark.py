@@ -8,10 +8,12 @@ Part 1, per img_size (the model trained at that size, inputs of that size) and r
 off/on: the train step (forward, backward, SGD update; training-mode BatchNorm and drop
 path) is compiled once and timed; memory is XLA's own account of the compiled step
 (`compiled.memory_analysis()`: temporaries + arguments + outputs - donated aliases), so it
-is the same figure on CPU as on an accelerator, plus the device's peak where it reports
-one. Part 2: the model built at the first img_size is compiled for inference at each
-input size (the strip layers on overlapping windows wherever the size differs): compile
-seconds, forward seconds per batch, and how many windows each stage runs.
+is XLA's figure for this backend, plus the device's peak where it reports one, and the
+activations the forward keeps for the backward (traced, backend-independent: what remat
+controls; XLA:CPU's schedule does not turn that into a lower total, see the README).
+Part 2: the model built at the first img_size is compiled for inference at each input
+size (the strip layers on overlapping windows wherever the size differs): compile seconds,
+forward seconds per batch, and how many windows each stage runs.
 Synthetic data. The load average is printed before and after: on a shared machine the
 times move with it (the memory figures do not).
 """
@@ -68,6 +70,17 @@ def _device_peak_gib():
   return None if peak is None else peak / 2**30
 
 
+def residual_gib(model, variables, x, rng):
+  """GiB the forward pass keeps for the backward (the leaves of jax.vjp's closure; traced
+  only): what remat controls, independent of how a backend schedules the step."""
+  def loss(params):
+    logits, _ = model.apply({**variables, "params": params}, x, train=True,
+                            rngs={"drop_path": rng}, mutable=["batch_stats"])
+    return jnp.sum(logits)
+  closure = jax.eval_shape(lambda p: jax.vjp(loss, p)[1], variables["params"])
+  return sum(l.size * l.dtype.itemsize for l in jax.tree_util.tree_leaves(closure)) / 2**30
+
+
 def train_step_row(args, size, remat):
   """Compile and time one SGD train step of the model trained at `size`."""
   model = create_model(args.variant, img_size=size, remat=remat, dtype=args.dtype)
@@ -86,6 +99,7 @@ def train_step_row(args, size, remat):
     return {"params": params, **state}, loss
 
   rng = jax.random.PRNGKey(2)
+  residuals = residual_gib(model, variables, x, rng)
   t = time.perf_counter()
   compiled = jax.jit(step, donate_argnums=0).lower(variables, rng).compile()
   compile_s = time.perf_counter() - t
@@ -97,7 +111,7 @@ def train_step_row(args, size, remat):
 
   step_s = _median_seconds(run, args.repeats)
   return dict(img_size=size, remat=remat, batch=args.batch, compile_s=compile_s,
-              step_s=step_s, xla_memory_gib=_memory_gib(compiled),
+              step_s=step_s, residual_gib=residuals, xla_memory_gib=_memory_gib(compiled),
               device_peak_gib=_device_peak_gib())
 
 
@@ -123,12 +137,13 @@ def main(argv=None):
         f" ({jax.default_backend()}); load average before: {os.getloadavg()}")
   train_rows = [train_step_row(args, int(s), remat) for s in args.img_sizes.split(",")
                 for remat in (False, True)]
-  print("\n| img_size | remat | compile s | step s | XLA memory GiB | device peak GiB |")
-  print("|---|---|---|---|---|---|")
+  print("\n| img_size | remat | compile s | step s | residuals GiB | XLA memory GiB | "
+        "device peak GiB |")
+  print("|---|---|---|---|---|---|---|")
   for r in train_rows:
     peak = "-" if r["device_peak_gib"] is None else f"{r['device_peak_gib']:.2f}"
     print(f"| {r['img_size']} | {r['remat']} | {r['compile_s']:.1f} | {r['step_s']:.3f} | "
-          f"{r['xla_memory_gib']:.3f} | {peak} |")
+          f"{r['residual_gib']:.3f} | {r['xla_memory_gib']:.3f} | {peak} |")
   window_rows = []
   if args.input_sizes:
     base = int(args.img_sizes.split(",")[0])

@@ -175,11 +175,12 @@ def _check_input(shape: tuple):
         f"resize the images (e.g. to {max(32, -(-h // 32) * 32)}x{max(32, -(-w // 32) * 32)})")
 
 
-def abstract_variables(model: StripMLP):
-  """Shapes/dtypes of `model`'s variables without allocating them."""
-  x = jax.ShapeDtypeStruct((1, model.img_size, model.img_size, 3), jnp.float32)
-  return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros(x.shape),
-                                           train=False))
+def abstract_variables(model):
+  """Shapes/dtypes of `model`'s variables without allocating them (any family: a model
+  without `img_size` has parameters of the same shapes at every size)."""
+  size = getattr(model, "img_size", 64)
+  x = jnp.zeros((1, size, size, 3), jnp.float32)
+  return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x, train=False))
 
 
 def validate_architecture(embed_dim, layers, img_size, num_classes):

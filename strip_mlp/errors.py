@@ -54,3 +54,16 @@ class CheckpointWriteError(UserError, OSError):
 class CheckpointSaveError(UserError, OSError):
   """Writing a training checkpoint failed; the message names the step, the directory, the
   cause, the size needed and the intact checkpoint a rerun resumes from (or none)."""
+
+
+class DatasetNotFoundError(UserError, FileNotFoundError):
+  """A dataset is missing or not prepared; the message says what to download and where."""
+
+
+class EmptyClassFolderError(UserError, ValueError):
+  """A class folder of an image-folder dataset holds no image (torchvision"s ImageFolder
+  refuses those too); the message names the folder."""
+
+
+class UndecodableImageError(UserError, ValueError):
+  """Image files of a folder dataset that TF cannot decode; the message names the first."""

@@ -8,9 +8,8 @@ place, so a crash never leaves a half-written DIR); `load_checkpoint` reads it.
 `locate_checkpoint` is the one place that decides what a path names (a converted
 directory, a PyTorch .pth file, a training workdir, its checkpoints/ directory or one step
 directory); `load_weights` reads the model and {'params', 'batch_stats'} from any of them
-straight onto the devices of a mesh (replicated). Fine-tuning (train.py
---config.init_from) reads the same paths with `load_pretrained` and fits them to the model
-being trained with `merge_pretrained`. Every problem is a UserError with one line.
+straight onto the devices of a mesh (replicated); `strip_mlp.finetune` reads the same paths
+for train.py --config.init_from. Every problem is a UserError with one line.
 """
 from __future__ import annotations
 
@@ -25,22 +24,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
-from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from strip_mlp import registry, sharding, train_checkpoint
+from strip_mlp import registry, train_checkpoint
 
-from strip_mlp.errors import (CheckpointMismatchError, CheckpointWriteError, EvalError,
-                              NotACheckpointError)
+from strip_mlp.errors import CheckpointWriteError, EvalError, NotACheckpointError
 from strip_mlp.model import StripMLP, abstract_variables
 from strip_mlp.storage_errors import (StorageNoiseFilter, format_bytes, is_storage_error,
                                       storage_error_reason, tree_nbytes)
-from strip_mlp.tree_diff import describe_mismatch, mismatches, shape_map, summarize
+from strip_mlp.tree_diff import describe_mismatch, shape_map
 
 FORMAT = "strip_mlp.model/1"
 CONFIG_FILE = "config.json"
 VARIABLES_DIR = "variables"
-HEAD = "head"  # name of the classifier in the model's params
 WEIGHTS = ("params", "batch_stats")
 
 
@@ -300,71 +296,3 @@ def _model(config: dict, where: str, **overrides):
     return registry.model_from_config(config, **overrides)
   except (TypeError, ValueError) as e:
     raise EvalError(f"checkpoint {where} has an invalid model config {config}: {e}") from None
-
-
-# ----------------------------------------------------------------------------- fine-tuning
-
-def load_pretrained(path: str, img_size: int | None = None) -> tuple[dict, dict]:
-  """(model keywords, {'params', 'batch_stats'} as numpy) of pretrained weights at `path`:
-  any path `load_weights` reads (a converted directory, a .pth file, a training workdir),
-  read by each process onto its first local device. With `img_size` (Strip-MLP), the
-  strip-length tensors are resampled to that training resolution (`strip_mlp.resample`)."""
-  if not os.path.exists(path):
-    raise EvalError(
-        f"init_from={path!r} does not exist; give a converted checkpoint directory "
-        "(python convert_torch_weights.py IN.pth OUT_DIR), a .pth file or a training workdir")
-  loaded = load_weights(path, mesh=Mesh(np.asarray(jax.local_devices()[:1]), ("data",)))
-  variables = jax.tree_util.tree_map(np.asarray, dict(loaded.variables))
-  model = loaded.model
-  if img_size is not None and img_size != getattr(model, "img_size", img_size):
-    from strip_mlp import resample  # pylint: disable=g-import-not-at-top
-    target = model.clone(img_size=img_size)
-    variables = jax.tree_util.tree_map(np.asarray, resample.resample_variables(
-        {k: variables.get(k, {}) for k in WEIGHTS}, model, target))
-    model = target
-  return registry.model_config(model), {k: variables.get(k, {}) for k in WEIGHTS}
-
-
-def merge_pretrained(target: dict, pretrained: dict, *, source: str = "pretrained"
-                     ) -> tuple[dict, list[str]]:
-  """Takes every leaf of `target` ({'params', 'batch_stats'}, numpy or jax) from
-  `pretrained` when the shapes agree; the classifier `head` is kept from `target` (freshly
-  initialised) when the class counts differ. Any other mismatch raises with what to change.
-
-  Returns (merged, names of the re-initialised leaves).
-  """
-  tflat = traverse_util.flatten_dict(target, sep="/")
-  pflat = traverse_util.flatten_dict(pretrained, sep="/")
-  problems = mismatches(shape_map(pretrained), shape_map(target), f"{source}",
-                        "in the model")
-  reinit = sorted(k for k in tflat if k.split("/")[1:2] == [HEAD]
-                  and (k not in pflat or np.shape(pflat[k]) != np.shape(tflat[k])))
-  problems = [p for p in problems if p.split(" ")[0] not in reinit]
-  if problems:
-    raise CheckpointMismatchError(
-        f"{source} weights do not fit the model ({summarize(problems, 5)}); use the variant, "
-        "embed_dim, layers and model.img_size of the checkpoint (only the number of classes "
-        "may differ), or --config.init_resize=interpolate for weights of another img_size")
-  merged = {k: v if k in reinit else np.asarray(pflat[k], dtype=getattr(v, "dtype", None))
-            for k, v in tflat.items()}
-  return traverse_util.unflatten_dict(merged, sep="/"), reinit
-
-
-def pretrained_onto(path: str, target: dict, img_size: int | None = None
-                    ) -> tuple[dict, list[str]]:
-  """Pretrained {'params', 'batch_stats'} from `path` as global arrays in the shardings of
-  `target` (the abstract variables being trained), None for the leaves to re-initialise
-  (the head when the class count differs), and their names. `img_size`: resample the
-  weights to it first (see `load_pretrained`). Raises CheckpointMismatchError for any
-  other difference."""
-  _, pretrained = load_pretrained(path, img_size)
-  merged, reinit = merge_pretrained(target, pretrained, source=path)
-  flat = traverse_util.flatten_dict(merged, sep="/")
-  for k in reinit:
-    flat[k] = None
-  merged = traverse_util.unflatten_dict(flat, sep="/")
-  shardings = jax.tree_util.tree_map(lambda x: x.sharding, target)
-  placed = jax.tree_util.tree_map(
-      lambda x, s: None if x is None else sharding.put_global(x, s), merged, shardings,
-      is_leaf=lambda x: x is None)
-  return placed, reinit

@@ -96,24 +96,6 @@ def make_train_step(model, tx: optax.GradientTransformation, schedule: optax.Sch
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-  def accumulated(state, images, targets, drop_rng):
-    def split(x):  # (B, ...) -> (k, B/k, ...): micro-batch j = examples j, j+k, j+2k, ...
-      x = x.reshape((x.shape[0] // accum, accum) + x.shape[1:]).swapaxes(0, 1)
-      return jax.lax.with_sharding_constraint(x, micro_sharding)
-
-    def micro(carry, xs):
-      grads, loss, batch_stats = carry
-      imgs, tgts, i = xs
-      (l, batch_stats), g = grad_fn(state.params, batch_stats, imgs, tgts,
-                                    jax.random.fold_in(drop_rng, i))
-      return (jax.tree_util.tree_map(jnp.add, grads, g), loss + l, batch_stats), None
-
-    zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
-    (grads, loss, batch_stats), _ = jax.lax.scan(
-        micro, (zeros, jnp.zeros((), jnp.float32), state.batch_stats),
-        (split(images), split(targets), jnp.arange(accum)))
-    return (loss / accum, batch_stats), jax.tree_util.tree_map(lambda g: g / accum, grads)
-
   def train_step(state: TrainState, batch: dict):
     rng = jax.random.fold_in(base_key, state.step)
     mix_rng, drop_rng = jax.random.split(rng)
@@ -125,7 +107,8 @@ def make_train_step(model, tx: optax.GradientTransformation, schedule: optax.Sch
       (loss, batch_stats), grads = grad_fn(state.params, state.batch_stats, images, targets,
                                            drop_rng)
     else:
-      (loss, batch_stats), grads = accumulated(state, images, targets, drop_rng)
+      (loss, batch_stats), grads = accumulated_grads(
+          grad_fn, state, images, targets, drop_rng, accum, micro_sharding)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     ema = state.ema
@@ -138,6 +121,29 @@ def make_train_step(model, tx: optax.GradientTransformation, schedule: optax.Sch
     return new_state, metrics
 
   return train_step
+
+
+def accumulated_grads(grad_fn, state: TrainState, images, targets, drop_rng, accum: int,
+                      micro_sharding):
+  """((mean loss, batch_stats), mean grads) of `grad_fn` over `accum` micro-batches
+  (micro-batch j = examples j, j+k, j+2k, ..., each spread over all devices), BatchNorm
+  statistics carried from one micro-batch to the next."""
+  def split(x):  # (B, ...) -> (k, B/k, ...)
+    x = x.reshape((x.shape[0] // accum, accum) + x.shape[1:]).swapaxes(0, 1)
+    return jax.lax.with_sharding_constraint(x, micro_sharding)
+
+  def micro(carry, xs):
+    grads, loss, batch_stats = carry
+    imgs, tgts, i = xs
+    (l, batch_stats), g = grad_fn(state.params, batch_stats, imgs, tgts,
+                                  jax.random.fold_in(drop_rng, i))
+    return (jax.tree_util.tree_map(jnp.add, grads, g), loss + l, batch_stats), None
+
+  zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
+  (grads, loss, batch_stats), _ = jax.lax.scan(
+      micro, (zeros, jnp.zeros((), jnp.float32), state.batch_stats),
+      (split(images), split(targets), jnp.arange(accum)))
+  return (loss / accum, batch_stats), jax.tree_util.tree_map(lambda g: g / accum, grads)
 
 
 def make_eval_step(model) -> Callable:

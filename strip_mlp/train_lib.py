@@ -19,7 +19,7 @@ from typing import Callable, Iterator
 import jax
 import ml_collections
 
-from strip_mlp import evaluate, model_checkpoint, registry, sharding, train_checkpoint
+from strip_mlp import evaluate, finetune, registry, sharding, train_checkpoint
 from strip_mlp.build import Built, build
 from strip_mlp.errors import TrainingDivergedError
 from strip_mlp.metric_writer import MetricWriter
@@ -167,7 +167,7 @@ def _restore_or_init(config, run: Built, ckpt: train_checkpoint.Checkpointer):
   pretrained = None
   if config.init_from:
     abstract = run.abstract_state
-    pretrained, reinit = model_checkpoint.pretrained_onto(
+    pretrained, reinit = finetune.pretrained_onto(
         config.init_from, {"params": abstract.params, "batch_stats": abstract.batch_stats},
         img_size=run.plan.image_size if config.init_resize == "interpolate" else None)
     log(f"initialising from {config.init_from}"

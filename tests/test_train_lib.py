@@ -18,7 +18,7 @@ import pytest
 
 import train_test_utils as utils  # noqa: E402
 
-from strip_mlp import model_checkpoint, sharding, train_lib  # noqa: E402
+from strip_mlp import finetune, sharding, train_lib  # noqa: E402
 from strip_mlp.data import pipeline  # noqa: E402
 from strip_mlp.build import build  # noqa: E402
 from strip_mlp.errors import ConfigError, TrainingDivergedError  # noqa: E402
@@ -190,7 +190,7 @@ def test_fine_tune_from_converted_pytorch_weights(fixtures_dir, tmp_path):
   mesh = one_device_mesh()
   built = build(config, pipeline.get_dataset_info(config.data), mesh)
   target = built.abstract_state
-  pretrained, reinit = model_checkpoint.pretrained_onto(
+  pretrained, reinit = finetune.pretrained_onto(
       converted, {"params": target.params, "batch_stats": target.batch_stats})
   assert sorted(reinit) == ["params/head/bias", "params/head/kernel"]
   state = jax.device_get(built.init(jax.random.key(0), pretrained))

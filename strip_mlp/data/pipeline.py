@@ -34,7 +34,7 @@ import jax
 import numpy as np
 import tensorflow as tf
 
-from strip_mlp.data import digits, sources, transforms
+from strip_mlp.data import digits, folders, sources, transforms
 from strip_mlp.data.config import (EMBEDDED_DATASETS, IMAGE_DTYPES, JPEG_DCT_METHOD, SOURCES,
                                    local_batch_size)
 
@@ -68,7 +68,7 @@ class DatasetInfo:
 def _open_source(source: str, name: str, data_dir, manual_dir, prepare: bool, folder_root,
                  image_key: str, label_key: str):
   if source == 'folder':
-    return sources.FolderSource(folder_root)
+    return folders.FolderSource(folder_root)
   if source == 'embedded' or (source == 'tfds' and name in EMBEDDED_DATASETS):
     return sources.TfdsSource(digits.load_builder(name, data_dir), image_key, label_key)
   if source == 'tfds':

@@ -245,3 +245,9 @@ def rand_augment(image: tf.Tensor, seed: tf.Tensor,
     image = tf.cond(uniform(s_apply) <= spec.prob,
                     lambda: tf.switch_case(op, branches), lambda: image)
   return image
+
+
+def randint_inclusive(u: tf.Tensor, high: tf.Tensor) -> tf.Tensor:
+  """Maps uniforms u in [0, 1) to integers in [0, high] (like random.randint(0, high))."""
+  high = tf.cast(high, tf.float32)
+  return tf.cast(tf.minimum(tf.floor(u * (high + 1.0)), high), tf.int32)

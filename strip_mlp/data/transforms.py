@@ -25,18 +25,13 @@ from typing import Callable
 import tensorflow as tf
 
 from strip_mlp.data import pil_resize
-from strip_mlp.data.config import (DEFAULT_RANDAUGMENT, ERASING_MODES, IMAGENET_MEAN,
-                                   IMAGENET_STD, JPEG_DCT_METHOD, JPEG_DCT_METHODS)
-from strip_mlp.data.rand_augment import rand_augment, split_seed, uniform
+from strip_mlp.data.config import (DEFAULT_RANDAUGMENT, IMAGENET_MEAN, IMAGENET_STD,
+                                   JPEG_DCT_METHOD, JPEG_DCT_METHODS)
+from strip_mlp.data.erasing import random_erasing
+from strip_mlp.data.rand_augment import rand_augment, randint_inclusive, split_seed, uniform
 
 
 # ----------------------------------------------------------------------------- rng
-
-def _randint_inclusive(u: tf.Tensor, high: tf.Tensor) -> tf.Tensor:
-  """Maps uniforms u in [0, 1) to integers in [0, high] (like random.randint(0, high))."""
-  high = tf.cast(high, tf.float32)
-  return tf.cast(tf.minimum(tf.floor(u * (high + 1.0)), high), tf.int32)
-
 
 # ----------------------------------------------------------------------------- decoding
 
@@ -157,8 +152,8 @@ def random_resized_crop_window(shape_hw: tf.Tensor, seed: tf.Tensor,
   any_ok = tf.reduce_any(ok)
   h_sel = tf.cast(h[first], tf.int32)
   w_sel = tf.cast(w[first], tf.int32)
-  top = _randint_inclusive(uniform(s_top), tf.cast(height, tf.int32) - h_sel)
-  left = _randint_inclusive(uniform(s_left), tf.cast(width, tf.int32) - w_sel)
+  top = randint_inclusive(uniform(s_top), tf.cast(height, tf.int32) - h_sel)
+  left = randint_inclusive(uniform(s_left), tf.cast(width, tf.int32) - w_sel)
 
   # Fallback: central crop with the aspect ratio clamped into `ratio`.
   in_ratio = width / height
@@ -187,8 +182,8 @@ def pad_and_random_crop(image: tf.Tensor, seed: tf.Tensor, size: int,
   image = tf.pad(image, [[padding, padding], [padding, padding], [0, 0]])
   shape = tf.shape(image)
   s_top, s_left = split_seed(seed, 2)
-  top = _randint_inclusive(uniform(s_top), shape[0] - size)
-  left = _randint_inclusive(uniform(s_left), shape[1] - size)
+  top = randint_inclusive(uniform(s_top), shape[0] - size)
+  left = randint_inclusive(uniform(s_left), shape[1] - size)
   out = image[top:top + size, left:left + size]
   out.set_shape([size, size, 3])
   return out
@@ -238,51 +233,6 @@ def normalize(image: tf.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> tf.Tens
 
 
 # ----------------------------------------------------------------------------- random erasing
-
-def random_erasing(image: tf.Tensor, seed: tf.Tensor, prob: float = 0.25, mode: str = 'pixel',
-                   count: int = 1, min_area: float = 0.02, max_area: float = 1 / 3,
-                   min_aspect: float = 0.3, attempts: int = 10) -> tf.Tensor:
-  """timm RandomErasing on a normalised float (H, W, C) image.
-
-  With probability `prob`, `count` rectangles (area U(min_area, max_area)/count of the image,
-  log-uniform aspect in [min_aspect, 1/min_aspect], first of 10 attempts that fits) are
-  replaced by N(0, 1) noise per pixel ('pixel'), per channel ('rand') or zeros ('const').
-  """
-  if mode not in ERASING_MODES:
-    raise ValueError(f"random_erasing_mode must be one of {ERASING_MODES}, got {mode!r}")
-  shape = tf.shape(image)
-  height, width, chans = shape[0], shape[1], shape[2]
-  hf, wf = tf.cast(height, tf.float32), tf.cast(width, tf.float32)
-  s_apply, *s_boxes = split_seed(seed, 1 + count)
-
-  def erase(img):
-    for s_box in s_boxes:
-      s_area, s_ratio, s_top, s_left, s_noise = split_seed(s_box, 5)
-      target = uniform(s_area, [attempts], min_area, max_area) * hf * wf / count
-      aspect = tf.exp(uniform(s_ratio, [attempts], math.log(min_aspect), -math.log(min_aspect)))
-      h = tf.cast(tf.round(tf.sqrt(target * aspect)), tf.int32)
-      w = tf.cast(tf.round(tf.sqrt(target / aspect)), tf.int32)
-      ok = tf.logical_and(w < width, h < height)
-      first = tf.argmax(tf.cast(ok, tf.int32), output_type=tf.int32)
-      h_sel = tf.where(tf.reduce_any(ok), h[first], 0)
-      w_sel = tf.where(tf.reduce_any(ok), w[first], 0)
-      top = _randint_inclusive(uniform(s_top), height - h_sel)
-      left = _randint_inclusive(uniform(s_left), width - w_sel)
-      rows = tf.range(height)[:, None]
-      cols = tf.range(width)[None, :]
-      box = ((rows >= top) & (rows < top + h_sel) & (cols >= left) & (cols < left + w_sel))
-      if mode == 'pixel':
-        fill = tf.random.stateless_normal(shape, s_noise, dtype=img.dtype)
-      elif mode == 'rand':
-        fill = (tf.random.stateless_normal([1, 1, chans], s_noise, dtype=img.dtype)
-                + tf.zeros_like(img))
-      else:
-        fill = tf.zeros_like(img)
-      img = tf.where(box[..., None], fill, img)
-    return img
-
-  return tf.cond(uniform(s_apply) < prob, lambda: erase(image), lambda: image)
-
 
 # ----------------------------------------------------------------------------- full transforms
 

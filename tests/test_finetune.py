@@ -1,4 +1,4 @@
-"""Model checkpoints (strip_mlp/model_checkpoint.py): fitting pretrained weights to the model
+"""Fine-tuning (strip_mlp/finetune.py): fitting pretrained weights to the model
 being fine-tuned. Reading and writing converted directories is tested with the converter
 (tests/test_convert.py) and reading any path with evaluation (tests/test_evaluate.py)."""
 import jax
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import train_test_utils
-from strip_mlp import model_checkpoint, sharding
+from strip_mlp import finetune, sharding
 from strip_mlp.build import build
 from strip_mlp.errors import CheckpointMismatchError
 
@@ -18,14 +18,14 @@ def test_merge_pretrained_reinitialises_only_the_head():
   pre = {"params": {"head": {"kernel": np.ones((8, 100)), "bias": np.ones(100)},
                     "stem": {"kernel": np.full((3, 8), 2.0)}},
          "batch_stats": {"norm": {"mean": np.full(8, 3.0)}}}
-  merged, reinit = model_checkpoint.merge_pretrained(target, pre)
+  merged, reinit = finetune.merge_pretrained(target, pre)
   assert sorted(reinit) == ["params/head/bias", "params/head/kernel"]
   np.testing.assert_array_equal(merged["params"]["stem"]["kernel"], 2.0)
   np.testing.assert_array_equal(merged["batch_stats"]["norm"]["mean"], 3.0)
   np.testing.assert_array_equal(merged["params"]["head"]["kernel"], 0.0)
   pre["params"]["stem"]["kernel"] = np.ones((3, 9))
   with pytest.raises(CheckpointMismatchError, match="stem/kernel.*only the number of classes"):
-    model_checkpoint.merge_pretrained(target, pre)
+    finetune.merge_pretrained(target, pre)
 
 
 def test_pretrained_of_another_architecture_is_refused(fixtures_dir):
@@ -35,4 +35,4 @@ def test_pretrained_of_another_architecture_is_refused(fixtures_dir):
   target = build(config, train_test_utils.dataset_info(10), mesh).abstract_state  # 16 wide
   target = {"params": target.params, "batch_stats": target.batch_stats}
   with pytest.raises(CheckpointMismatchError, match="use the variant, embed_dim, layers"):
-    model_checkpoint.pretrained_onto(config.init_from, target)
+    finetune.pretrained_onto(config.init_from, target)

@@ -13,6 +13,7 @@ workdir (also its checkpoints/ or one step directory), whose latest checkpoint (
 Nothing that exists is overwritten, and a failed run leaves no partial output. Errors are
 one line on stderr: exit code 1 (2 for a wrong command line).
 """
+
 import argparse
 import os
 import sys
@@ -40,20 +41,26 @@ class _Parser(argparse.ArgumentParser):
 def _check_new_file(dst: str) -> None:
   if os.path.lexists(dst):
     kind = "a directory" if os.path.isdir(dst) else "a file"
-    raise ConvertError(f"{dst} already exists ({kind}); choose a new output file (nothing is "
-                       "overwritten) or delete it first")
+    raise ConvertError(
+        f"{dst} already exists ({kind}); choose a new output file (nothing is "
+        "overwritten) or delete it first"
+    )
 
 
 def _to_flax(args) -> str:
   from strip_mlp.model_checkpoint import save_checkpoint  # pylint: disable=g-import-not-at-top
   from strip_mlp.registry import torch_to_flax  # pylint: disable=g-import-not-at-top
+
   if args.step is not None or args.which is not None or args.ema is not None:
-    raise UsageError("--step, --which and --ema select a training checkpoint: they apply to "
-                     "--to-torch only")
+    raise UsageError(
+        "--step, --which and --ema select a training checkpoint: they apply to " "--to-torch only"
+    )
   if os.path.isdir(args.src):
-    raise ConvertError(f"{args.src} is a directory, not a PyTorch .pth file; to export a "
-                       f"checkpoint directory or train.py workdir to .pth use --to-torch "
-                       f"{args.src} OUT.pth")
+    raise ConvertError(
+        f"{args.src} is a directory, not a PyTorch .pth file; to export a "
+        f"checkpoint directory or train.py workdir to .pth use --to-torch "
+        f"{args.src} OUT.pth"
+    )
   model, variables = torch_to_flax(args.src)
   dst = save_checkpoint(args.dst, model, variables)
   cfg = model.config_dict()
@@ -68,15 +75,19 @@ def _to_torch(args) -> str:
   import jax  # pylint: disable=g-import-not-at-top
   from strip_mlp import model_checkpoint, sharding  # pylint: disable=g-import-not-at-top
   from strip_mlp import registry  # pylint: disable=g-import-not-at-top
+
   dst = os.path.abspath(args.dst)
   _check_new_file(dst)
   if os.path.isfile(args.src):
-    raise ConvertError(f"{args.src} is a file; --to-torch exports a checkpoint directory (from "
-                       "this script) or a train.py workdir; to convert a .pth file to a "
-                       "checkpoint directory, drop --to-torch")
+    raise ConvertError(
+        f"{args.src} is a file; --to-torch exports a checkpoint directory (from "
+        "this script) or a train.py workdir; to convert a .pth file to a "
+        "checkpoint directory, drop --to-torch"
+    )
   mesh = sharding.create_mesh(1, jax.local_devices()[:1])
-  ckpt = model_checkpoint.load_weights(args.src, step=args.step, which=args.which,
-                                      ema=args.ema, mesh=mesh)
+  ckpt = model_checkpoint.load_weights(
+      args.src, step=args.step, which=args.which, ema=args.ema, mesh=mesh
+  )
   state_dict = _as_torch(registry.variables_to_state_dict(ckpt.model, ckpt.variables))
   write_new_file(dst, lambda f: _torch_save({"model": state_dict}, f))
   return f"wrote PyTorch state dict {dst} from {ckpt.describe()}"
@@ -84,11 +95,13 @@ def _to_torch(args) -> str:
 
 def _as_torch(state_dict):
   import torch  # pylint: disable=g-import-not-at-top
+
   return {k: torch.from_numpy(v) for k, v in state_dict.items()}
 
 
 def _torch_save(obj, f) -> None:
   import torch  # pylint: disable=g-import-not-at-top
+
   torch.save(obj, f)
 
 
@@ -103,8 +116,9 @@ def write_new_file(dst: str, write) -> None:
     os.makedirs(parent, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(dst)}.tmp-", dir=parent)
   except OSError as e:
-    raise ConvertError(f"cannot write {dst}: {e.strerror}; choose a writable output "
-                       "location") from None
+    raise ConvertError(
+        f"cannot write {dst}: {e.strerror}; choose a writable output " "location"
+    ) from None
   try:
     with os.fdopen(fd, "wb") as f:
       write(f)
@@ -118,27 +132,49 @@ def write_new_file(dst: str, write) -> None:
       os.remove(tmp)
     if isinstance(e, (OSError, RuntimeError)) and not isinstance(e, UserError):
       from strip_mlp.storage_errors import storage_error_reason  # pylint: disable=g-import-not-at-top
-      raise ConvertError(f"cannot write {dst}: {storage_error_reason(e)[1]}; nothing was "
-                         "written: free up space or choose another output location") from e
+
+      raise ConvertError(
+          f"cannot write {dst}: {storage_error_reason(e)[1]}; nothing was "
+          "written: free up space or choose another output location"
+      ) from e
     raise
 
 
 def main(argv=None) -> int:
-  parser = _Parser(prog=PROG, description=__doc__.splitlines()[0],
-                   formatter_class=argparse.RawDescriptionHelpFormatter,
-                   epilog="\n".join(__doc__.splitlines()[2:]))
-  parser.add_argument("src", help="IN.pth (or, with --to-torch, a checkpoint directory or a "
-                      "train.py workdir)")
+  parser = _Parser(
+      prog=PROG,
+      description=__doc__.splitlines()[0],
+      formatter_class=argparse.RawDescriptionHelpFormatter,
+      epilog="\n".join(__doc__.splitlines()[2:]),
+  )
+  parser.add_argument(
+      "src", help="IN.pth (or, with --to-torch, a checkpoint directory or a " "train.py workdir)"
+  )
   parser.add_argument("dst", help="OUT_DIR for the orbax checkpoint (or OUT.pth)")
-  parser.add_argument("--to-torch", action="store_true",
-                      help="export a checkpoint directory or training workdir to a .pth file")
-  parser.add_argument("--step", type=int, default=None,
-                      help="training workdirs: export this step (default: the latest)")
-  parser.add_argument("--which", choices=["latest", "best"], default=None,
-                      help="training workdirs without --step: the latest checkpoint "
-                      "(default) or the best by eval top-1")
-  parser.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None,
-                      help="training workdirs: export the EMA weights (default: the raw ones)")
+  parser.add_argument(
+      "--to-torch",
+      action="store_true",
+      help="export a checkpoint directory or training workdir to a .pth file",
+  )
+  parser.add_argument(
+      "--step",
+      type=int,
+      default=None,
+      help="training workdirs: export this step (default: the latest)",
+  )
+  parser.add_argument(
+      "--which",
+      choices=["latest", "best"],
+      default=None,
+      help="training workdirs without --step: the latest checkpoint "
+      "(default) or the best by eval top-1",
+  )
+  parser.add_argument(
+      "--ema",
+      action=argparse.BooleanOptionalAction,
+      default=None,
+      help="training workdirs: export the EMA weights (default: the raw ones)",
+  )
   try:
     args = parser.parse_args(argv)
     print((_to_torch if args.to_torch else _to_flax)(args))
@@ -151,5 +187,6 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
   from absl import logging  # pylint: disable=g-import-not-at-top
+
   logging.set_verbosity(logging.ERROR)  # orbax's INFO/WARNING chatter
   sys.exit(main())

@@ -20,6 +20,7 @@ the checkpoint against --config and the dataset (splits, classes) before any com
 written after the evaluation, the results go to the default location instead (or are
 printed as JSON when that fails too) and the exit code is 1. Ctrl-C exits with 130.
 """
+
 import json
 import os
 import signal
@@ -36,8 +37,7 @@ from ml_collections import config_flags  # noqa: E402
 from strip_mlp import cli, data  # noqa: E402
 from strip_mlp.errors import EvalError  # noqa: E402
 
-DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs",
-                              "default.py")
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "default.py")
 _STDERR_FD = os.dup(2)  # stderr even while TensorFlow's import notices are redirected
 
 
@@ -50,39 +50,76 @@ def _on_sigint(signum, frame):
 
 def define_flags(fv: flags.FlagValues, argv: list[str]) -> None:
   """eval.py's flags on `fv`; config_flags applies the --config.* overrides of `argv`."""
-  flags.DEFINE_string("checkpoint", None, "Training workdir, converted checkpoint directory "
-                      "or PyTorch .pth file.", flag_values=fv)
+  flags.DEFINE_string(
+      "checkpoint",
+      None,
+      "Training workdir, converted checkpoint directory " "or PyTorch .pth file.",
+      flag_values=fv,
+  )
   flags.DEFINE_integer("step", None, "Training workdirs: evaluate this step.", flag_values=fv)
-  flags.DEFINE_enum("which", None, ["latest", "best"], "Training workdirs without --step: "
-                    "the latest checkpoint (default) or the best by eval top-1.", flag_values=fv)
-  flags.DEFINE_boolean("ema", False, "Training workdirs: evaluate the EMA weights "
-                       "(--ema / --no-ema).", flag_values=fv)
-  flags.DEFINE_integer("batch_size", None, "Global eval batch size (default: the config's "
-                       "eval_batch_size or batch_size, rounded up to a multiple of the "
-                       "device count).", flag_values=fv)
+  flags.DEFINE_enum(
+      "which",
+      None,
+      ["latest", "best"],
+      "Training workdirs without --step: "
+      "the latest checkpoint (default) or the best by eval top-1.",
+      flag_values=fv,
+  )
+  flags.DEFINE_boolean(
+      "ema",
+      False,
+      "Training workdirs: evaluate the EMA weights " "(--ema / --no-ema).",
+      flag_values=fv,
+  )
+  flags.DEFINE_integer(
+      "batch_size",
+      None,
+      "Global eval batch size (default: the config's "
+      "eval_batch_size or batch_size, rounded up to a multiple of the "
+      "device count).",
+      flag_values=fv,
+  )
   flags.DEFINE_string("output", None, "JSON file for the results.", flag_values=fv)
-  flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Compute dtype (default: the "
-                    "checkpoint's); parameters stay float32.", flag_values=fv)
-  flags.DEFINE_integer("img_size", None, "Evaluate at this image size (a multiple of 32; "
-                       "default: the config's data.image_size).", flag_values=fv)
-  flags.DEFINE_enum("resize", "windows", ["windows", "interpolate"], "Strip-MLP at another "
-                    "--img_size than it was trained at: the trained strip layers on "
-                    "overlapping windows, or its strip-length weights resampled to the new "
-                    "size.", flag_values=fv)
+  flags.DEFINE_enum(
+      "dtype",
+      None,
+      ["float32", "bfloat16"],
+      "Compute dtype (default: the " "checkpoint's); parameters stay float32.",
+      flag_values=fv,
+  )
+  flags.DEFINE_integer(
+      "img_size",
+      None,
+      "Evaluate at this image size (a multiple of 32; " "default: the config's data.image_size).",
+      flag_values=fv,
+  )
+  flags.DEFINE_enum(
+      "resize",
+      "windows",
+      ["windows", "interpolate"],
+      "Strip-MLP at another "
+      "--img_size than it was trained at: the trained strip layers on "
+      "overlapping windows, or its strip-length weights resampled to the new "
+      "size.",
+      flag_values=fv,
+  )
   cli.define_process_flags(fv)
   try:
     config_flags.DEFINE_config_file(
-        "config", DEFAULT_CONFIG, "Config file (configs/<name>.py[:arg]) for the data; "
+        "config",
+        DEFAULT_CONFIG,
+        "Config file (configs/<name>.py[:arg]) for the data; "
         "default: the config saved in a training workdir, else configs/default.py.",
-        flag_values=fv, sys_argv=argv)
+        flag_values=fv,
+        sys_argv=argv,
+    )
   except (AttributeError, KeyError) as e:
     raise cli.UsageError(cli.unknown_key_message(e, argv)) from None
 
 
 def _normalize(argv: list[str]) -> list[str]:
   """--no-ema, as the docs spell it, is absl's --noema."""
-  return [a.replace("--no-ema", "--noema") if a.split("=")[0] == "--no-ema" else a
-          for a in argv]
+  return [a.replace("--no-ema", "--noema") if a.split("=")[0] == "--no-ema" else a for a in argv]
 
 
 def _config(fv: flags.FlagValues) -> tuple[ml_collections.ConfigDict, bool]:
@@ -98,6 +135,7 @@ def _config(fv: flags.FlagValues) -> tuple[ml_collections.ConfigDict, bool]:
 def _workdir_config(path: str) -> ml_collections.ConfigDict | None:
   from configs import common  # pylint: disable=g-import-not-at-top
   from strip_mlp import model_checkpoint, train_checkpoint  # pylint: disable=g-import-not-at-top
+
   try:
     kind, root, _ = model_checkpoint.locate_checkpoint(path)
     if kind != "workdir":
@@ -119,6 +157,7 @@ def _workdir_config(path: str) -> ml_collections.ConfigDict | None:
           node[k] = tuple(v) if isinstance(v, list) else v
         except TypeError:
           pass  # keep the default rather than fail on a type change
+
   merge(config, resolved)
   return config
 
@@ -155,8 +194,10 @@ def _check_output(output: str):
   """--output must name a file in a directory that takes files: checked before loading."""
   path = os.path.abspath(output)
   if os.path.isdir(path):
-    raise cli.UsageError(f"--output={output} is a directory; give a file name, e.g. "
-                         f"{os.path.join(output, 'eval.json')}")
+    raise cli.UsageError(
+        f"--output={output} is a directory; give a file name, e.g. "
+        f"{os.path.join(output, 'eval.json')}"
+    )
   cli.check_writable_dir(os.path.dirname(path), "the --output directory")
 
 
@@ -178,37 +219,50 @@ def write_results(result: dict, output: str | None, default: str) -> str:
       continue
     print(f"wrote {path}", flush=True)
     if output and path != output:
-      raise EvalError(f"cannot write --output {failed[0]}; the results were written to "
-                      f"{path} instead")
+      raise EvalError(
+          f"cannot write --output {failed[0]}; the results were written to " f"{path} instead"
+      )
     if failed:
       print(f"note: cannot write {failed[0]}; wrote {path} instead", flush=True)
     return path
   print(json.dumps(result, indent=2), flush=True)
-  raise EvalError(f"cannot write the results to {' nor '.join(failed)}; they are printed "
-                  "above as JSON")
+  raise EvalError(
+      f"cannot write the results to {' nor '.join(failed)}; they are printed " "above as JSON"
+  )
 
 
 def _summary(metrics: dict, ckpt, config, batch_size: int, platform: str) -> dict:
-  keys = ("top1", "top5", "loss", "count", "images_per_sec", "num_examples", "dataset",
-          "split")
-  return {**{k: metrics[k] for k in keys},
-          "checkpoint": ckpt.path, "kind": ckpt.kind, "step": ckpt.step, "ema": ckpt.ema,
-          "dtype": str(ckpt.model.config_dict()["dtype"]), "model": ckpt.model.config_dict(),
-          "image_size": int(config.data.image_size), "batch_size": batch_size,
-          "num_batches": metrics["num_batches"], "num_devices": metrics["num_devices"],
-          "num_processes": metrics["num_processes"], "platform": platform,
-          "seconds": metrics["seconds"], "compile_seconds": metrics["compile_seconds"]}
+  keys = ("top1", "top5", "loss", "count", "images_per_sec", "num_examples", "dataset", "split")
+  return {
+      **{k: metrics[k] for k in keys},
+      "checkpoint": ckpt.path,
+      "kind": ckpt.kind,
+      "step": ckpt.step,
+      "ema": ckpt.ema,
+      "dtype": str(ckpt.model.config_dict()["dtype"]),
+      "model": ckpt.model.config_dict(),
+      "image_size": int(config.data.image_size),
+      "batch_size": batch_size,
+      "num_batches": metrics["num_batches"],
+      "num_devices": metrics["num_devices"],
+      "num_processes": metrics["num_processes"],
+      "platform": platform,
+      "seconds": metrics["seconds"],
+      "compile_seconds": metrics["compile_seconds"],
+  }
 
 
 def _at_size(ckpt, img_size: int, resize: str):
   """The checkpoint to evaluate at `img_size`: as it is (windows), or a Strip-MLP built at
   img_size with its strip-length weights resampled (interpolate)."""
   import dataclasses  # pylint: disable=g-import-not-at-top
+
   if img_size % 32:
     raise cli.UsageError(f"--img_size={img_size} must be a multiple of 32")
   if resize == "windows" or img_size == getattr(ckpt.model, "img_size", img_size):
     return ckpt
   from strip_mlp import resample  # pylint: disable=g-import-not-at-top
+
   target = ckpt.model.clone(img_size=img_size)
   variables = resample.resample_variables(ckpt.variables, ckpt.model, target)
   return dataclasses.replace(ckpt, model=target, variables=variables)
@@ -224,6 +278,7 @@ def run(fv: flags.FlagValues) -> dict:
     raise cli.UsageError("--checkpoint=DIR is required")
   import jax  # pylint: disable=g-import-not-at-top
   from strip_mlp import evaluate, model_checkpoint, plan, sharding  # pylint: disable=g-import-not-at-top
+
   config, explicit_config = _config(fv)
   plan.validate_data_config(config.data)
   if fv.output:
@@ -237,36 +292,44 @@ def run(fv: flags.FlagValues) -> dict:
     batch_size = -(-batch_size // n_dev) * n_dev
   evaluate.check_batch_size(batch_size, n_dev, jax.process_count())
   mesh = sharding.create_mesh()
-  ckpt = model_checkpoint.load_weights(fv.checkpoint, step=fv.step, which=fv.which,
-                                       ema=fv.ema, dtype=fv.dtype, mesh=mesh)
+  ckpt = model_checkpoint.load_weights(
+      fv.checkpoint, step=fv.step, which=fv.which, ema=fv.ema, dtype=fv.dtype, mesh=mesh
+  )
   if explicit_config:
     evaluate.check_config_model(ckpt.model, config, "--config")
   if fv.img_size:
     ckpt = _at_size(ckpt, fv.img_size, fv.resize)
     config.data.image_size = fv.img_size
-  evaluate.check_model_fits_data(ckpt.model, config.data, plan.read_dataset_info(config.data),
-                                 any_size=bool(fv.img_size) and fv.resize == "windows")
+  evaluate.check_model_fits_data(
+      ckpt.model,
+      config.data,
+      plan.read_dataset_info(config.data),
+      any_size=bool(fv.img_size) and fv.resize == "windows",
+  )
   main_process = jax.process_index() == 0
   if main_process:
     print(f"evaluating {ckpt.describe()}", flush=True)
   metrics = evaluate.evaluate(ckpt.model, ckpt.variables, config.data, batch_size, mesh)
   result = _summary(metrics, ckpt, config, batch_size, jax.devices()[0].platform)
   if main_process:
-    print(f"{metrics['dataset']}:{metrics['split']}  top-1 {100 * metrics['top1']:.2f}%  "
-          f"top-5 {100 * metrics['top5']:.2f}%  loss {metrics['loss']:.4f}  "
-          f"count {metrics['count']} (split size {metrics['num_examples']})  "
-          f"{metrics['images_per_sec']:.1f} images/s on {metrics['num_devices']} "
-          f"{result['platform']} device(s), {metrics['num_processes']} process(es), batch "
-          f"{batch_size}", flush=True)
-    result["output"] = write_results(result, fv.output,
-                                     _default_output(ckpt, metrics["split"]))
+    print(
+        f"{metrics['dataset']}:{metrics['split']}  top-1 {100 * metrics['top1']:.2f}%  "
+        f"top-5 {100 * metrics['top5']:.2f}%  loss {metrics['loss']:.4f}  "
+        f"count {metrics['count']} (split size {metrics['num_examples']})  "
+        f"{metrics['images_per_sec']:.1f} images/s on {metrics['num_devices']} "
+        f"{result['platform']} device(s), {metrics['num_processes']} process(es), batch "
+        f"{batch_size}",
+        flush=True,
+    )
+    result["output"] = write_results(result, fv.output, _default_output(ckpt, metrics["split"]))
   return result
 
 
 def _guarded_run(fv: flags.FlagValues) -> int:
   cli.quiet_logging(fv)
-  return cli.guarded(PROG, run, fv, out_of_memory_fix="lower --batch_size or use "
-                     "--dtype=bfloat16")
+  return cli.guarded(
+      PROG, run, fv, out_of_memory_fix="lower --batch_size or use " "--dtype=bfloat16"
+  )
 
 
 def main(argv) -> int:

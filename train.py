@@ -15,6 +15,7 @@ Every problem with the flags, the config, the data or the workdir is reported as
 Ctrl-C prints where to resume (exit code 130). Compiled programs are kept in a persistent
 cache (--compilation_cache_dir), so a rerun skips most of the compile time.
 """
+
 import json
 import os
 import signal
@@ -46,8 +47,7 @@ from strip_mlp import cli, data  # noqa: E402
 
 data.import_tensorflow_quietly()  # the data pipeline's, with its start-up notices dropped
 
-_DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs",
-                               "default.py")
+_DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "default.py")
 
 
 def _fail(message: str):
@@ -57,13 +57,16 @@ def _fail(message: str):
 
 try:  # With a default config file, config_flags applies the overrides already here.
   _CONFIG = config_flags.DEFINE_config_file(
-      "config", _DEFAULT_CONFIG, "Training config file (configs/<name>.py[:arg]).",
-      lock_config=True)
+      "config", _DEFAULT_CONFIG, "Training config file (configs/<name>.py[:arg]).", lock_config=True
+  )
 except (AttributeError, KeyError) as e:
   _fail(cli.unknown_key_message(e, sys.argv))
 _WORKDIR = flags.DEFINE_string(
-    "workdir", None, "Directory for checkpoints and metrics; rerunning with the same one "
-    "resumes. Default: workdirs/<config name>.")
+    "workdir",
+    None,
+    "Directory for checkpoints and metrics; rerunning with the same one "
+    "resumes. Default: workdirs/<config name>.",
+)
 cli.define_process_flags()
 
 
@@ -83,6 +86,7 @@ def _default_workdir() -> str:
 def _resume_point(workdir: str) -> str:
   """What a rerun will do, from the files in the workdir (for the Ctrl-C message)."""
   from strip_mlp import train_checkpoint  # pylint: disable=g-import-not-at-top
+
   step, saved = None, []
   try:
     with open(os.path.join(workdir, train_checkpoint.METRICS_FILE)) as f:
@@ -92,14 +96,19 @@ def _resume_point(workdir: str) -> str:
   except (OSError, ValueError, KeyError):
     pass
   try:
-    saved = [int(s) for s in os.listdir(os.path.join(workdir, train_checkpoint.CHECKPOINT_DIR))
-             if s.isdigit()]
+    saved = [
+        int(s)
+        for s in os.listdir(os.path.join(workdir, train_checkpoint.CHECKPOINT_DIR))
+        if s.isdigit()
+    ]
   except OSError:
     pass
   where = f"at step {step}" if step is not None else "before the first logged step"
   if saved:
-    return (f"interrupted {where}; rerun the same command to resume from the checkpoint "
-            f"of step {max(saved)}")
+    return (
+        f"interrupted {where}; rerun the same command to resume from the checkpoint "
+        f"of step {max(saved)}"
+    )
   return f"interrupted {where}, before any checkpoint; rerun the same command to start again"
 
 
@@ -119,6 +128,7 @@ _on_sigint.seen = False
 def _train(config, workdir: str):
   import jax  # pylint: disable=g-import-not-at-top
   from strip_mlp import plan, train_lib  # pylint: disable=g-import-not-at-top
+
   plan.validate_config(config, check_devices=False)  # before a (blocking) multi-process start
   cli.start_processes()
   plan.make_plan(config, plan.read_dataset_info(config.data))  # the data, before the workdir
@@ -138,11 +148,15 @@ def main(argv):
   workdir = _WORKDIR.value or _default_workdir()
   try:
     return cli.guarded(
-        PROG, _train, _CONFIG.value, workdir,
+        PROG,
+        _train,
+        _CONFIG.value,
+        workdir,
         out_of_memory_fix="lower batch_size, or raise grad_accum_steps or mesh.fsdp, or use "
         "model.dtype=bfloat16",
         os_error_suffix="; fix it and rerun the same command to resume from the newest "
-        "checkpoint")
+        "checkpoint",
+    )
   except KeyboardInterrupt:
     try:
       _say(_resume_point(workdir))

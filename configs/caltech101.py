@@ -1,8 +1,9 @@
 """Strip-MLP on caltech101 as in the paper (224 px, same recipe); the argument picks the variant.
 
-    python train.py --config configs/caltech101.py:small --workdir DIR   # default variant: tiny_light
-    (folder source: add --config.data.folder_root=/path/to/101_OCategories_Split82)
+python train.py --config configs/caltech101.py:small --workdir DIR   # default variant: tiny_light
+(folder source: add --config.data.folder_root=/path/to/101_OCategories_Split82)
 """
+
 from configs import common
 
 

@@ -8,6 +8,7 @@ Durations are given in epochs and can be given in steps instead: a `*_steps` key
 set (not None) wins over its `*_epochs` twin. One step = one optimizer update on
 `batch_size` images (the global batch over all devices and processes).
 """
+
 import ml_collections
 from ml_collections import config_dict
 
@@ -21,18 +22,18 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 0
 
   c.model = ml_collections.ConfigDict()
-  c.model.variant = "tiny_light"       # tiny_light | tiny | small | base | '' (embed_dim+layers)
-  c.model.embed_dim = config_dict.placeholder(int)    # overrides the variant's
-  c.model.layers = config_dict.placeholder(tuple)     # e.g. '(2,2,6,2)'
+  c.model.variant = "tiny_light"  # tiny_light | tiny | small | base | '' (embed_dim+layers)
+  c.model.embed_dim = config_dict.placeholder(int)  # overrides the variant's
+  c.model.layers = config_dict.placeholder(tuple)  # e.g. '(2,2,6,2)'
   c.model.num_classes = config_dict.placeholder(int)  # None: from the dataset
-  c.model.img_size = config_dict.placeholder(int)     # None: data.image_size
-  c.model.drop_path_rate = 0.1         # released trainer: 0.1 in every block
-  c.model.dtype = "float32"            # compute dtype: float32 | bfloat16 (params stay f32)
+  c.model.img_size = config_dict.placeholder(int)  # None: data.image_size
+  c.model.drop_path_rate = 0.1  # released trainer: 0.1 in every block
+  c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (params stay f32)
   # Formulation of the ops (same parameters, same function; strip_mlp.ops): 'auto' picks
   # the fastest per backend. depthwise: auto | xla | shift; patchify: auto | xla | einsum.
   c.model.depthwise_impl = "auto"
   c.model.patchify_impl = "auto"
-  c.model.remat = False                # recompute each block in the backward pass (memory)
+  c.model.remat = False  # recompute each block in the backward pass (memory)
   # Another family by variant name (strip_mlp.registry): poolformer_s12 ... poolformer_m48,
   # raftmlp_s/m/l, msmlp_t/s/b; '' is Strip-MLP (model.variant / embed_dim + layers).
   c.model.name = ""
@@ -44,12 +45,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.name = "imagenet2012"
   c.data.image_size = 224
 
-  c.batch_size = 1024                  # global (all devices/processes), per optimizer update
-  c.eval_batch_size = config_dict.placeholder(int)    # None: batch_size
-  c.grad_accum_steps = 1               # micro-batches per update (same update, less memory)
+  c.batch_size = 1024  # global (all devices/processes), per optimizer update
+  c.eval_batch_size = config_dict.placeholder(int)  # None: batch_size
+  c.grad_accum_steps = 1  # micro-batches per update (same update, less memory)
 
   c.num_epochs = 300.0
-  c.num_steps = config_dict.placeholder(int)          # set: wins over num_epochs
+  c.num_steps = config_dict.placeholder(int)  # set: wins over num_epochs
   c.warmup_epochs = 20.0
   c.warmup_steps = config_dict.placeholder(int)
 
@@ -58,35 +59,35 @@ def base_config() -> ml_collections.ConfigDict:
   c.optimizer.b1 = 0.9
   c.optimizer.b2 = 0.999
   c.optimizer.eps = 1e-8
-  c.optimizer.weight_decay = 0.05      # not on 1-D params and biases
-  c.grad_clip_norm = 5.0               # global norm; 0 disables
+  c.optimizer.weight_decay = 0.05  # not on 1-D params and biases
+  c.grad_clip_norm = 5.0  # global norm; 0 disables
 
   c.lr = ml_collections.ConfigDict()
   c.lr.base = 5e-4
-  c.lr.warmup = 5e-7                   # lr at step 0, ramped linearly to base
-  c.lr.min = 5e-6                      # end of the cosine
+  c.lr.warmup = 5e-7  # lr at step 0, ramped linearly to base
+  c.lr.min = 5e-6  # end of the cosine
   # Each of base/warmup/min is multiplied by the rule's factor of batch_size:
   # 'linear_300' (released script: x batch/300), 'linear_512' (Swin), 'sqrt_N', 'none'.
   c.lr.scaling = "linear_300"
-  c.lr.schedule = "cosine"             # cosine | constant (after the warmup)
-  c.lr.warmup_prefix = False           # timm default: cosine phase measured from step 0
+  c.lr.schedule = "cosine"  # cosine | constant (after the warmup)
+  c.lr.warmup_prefix = False  # timm default: cosine phase measured from step 0
 
-  c.ema_decay = 0.0                    # > 0: EMA of params and BN stats, evaluated too
+  c.ema_decay = 0.0  # > 0: EMA of params and BN stats, evaluated too
 
   c.log_every_steps = 100
   c.eval_every_epochs = 1.0
   c.eval_every_steps = config_dict.placeholder(int)
-  c.checkpoint_every_epochs = 20.0     # released trainer: every 20 epochs and the last
+  c.checkpoint_every_epochs = 20.0  # released trainer: every 20 epochs and the last
   c.checkpoint_every_steps = config_dict.placeholder(int)
-  c.keep_checkpoints = 3               # newest K
-  c.keep_best = True                   # also keep the best by eval top-1
+  c.keep_checkpoints = 3  # newest K
+  c.keep_best = True  # also keep the best by eval top-1
   c.async_checkpointing = True
-  c.tensorboard = False                # metrics.jsonl always; TensorBoard events too if True
+  c.tensorboard = False  # metrics.jsonl always; TensorBoard events too if True
 
-  c.init_from = ""                     # fine-tune: converted checkpoint dir, .pth or workdir
-  c.init_resize = ""                   # 'interpolate': weights of another img_size, resampled
+  c.init_from = ""  # fine-tune: converted checkpoint dir, .pth or workdir
+  c.init_resize = ""  # 'interpolate': weights of another img_size, resampled
   c.mesh = ml_collections.ConfigDict()
-  c.mesh.fsdp = 1                      # > 1: shard params/optimizer state over this many devices
+  c.mesh.fsdp = 1  # > 1: shard params/optimizer state over this many devices
   return c
 
 
@@ -105,15 +106,17 @@ def small_data_config(name: str, variant: str) -> ml_collections.ConfigDict:
   seed 1024, as a folder), same recipe otherwise (paper, Sec. 4)."""
   variant = variant or "tiny_light"
   if variant not in VARIANTS:
-    raise ValueError(f"unknown variant {variant!r}; choose one of {tuple(VARIANTS)} "
-                     "(e.g. --config configs/cifar10.py:small)")
+    raise ValueError(
+        f"unknown variant {variant!r}; choose one of {tuple(VARIANTS)} "
+        "(e.g. --config configs/cifar10.py:small)"
+    )
   c = base_config()
   c.model.variant = variant
   c.data.image_size = 224
-  c.data.small_image_size = 0          # the 224 px upscale gets the ImageNet augmentation
+  c.data.small_image_size = 0  # the 224 px upscale gets the ImageNet augmentation
   if name == "caltech101":
-    c.data.source = "folder"           # root/train/<class>/*, root/val/<class>/* as written by
-    c.data.name = "caltech101"         # the released categories101_train_val_split.py
+    c.data.source = "folder"  # root/train/<class>/*, root/val/<class>/* as written by
+    c.data.name = "caltech101"  # the released categories101_train_val_split.py
   else:
     c.data.name = name
   c.batch_size = 256

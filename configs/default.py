@@ -6,20 +6,21 @@ warmup + cosine, clipping, label smoothing; lighter augmentation for 32 px digit
 
     python train.py --workdir /tmp/strip_mlp_demo          # this config is the default
 """
+
 from configs import common
 
 
 def get_config():
   c = common.base_config()
-  c.model.variant = ""                 # custom size: 4 stages of one block
+  c.model.variant = ""  # custom size: 4 stages of one block
   c.model.embed_dim = 16
   c.model.layers = (1, 1, 1, 1)
   c.model.drop_path_rate = 0.0
 
   c.data.source = "embedded"
-  c.data.name = "digits"               # 1,438 train / 359 test, 10 classes, 32x32
+  c.data.name = "digits"  # 1,438 train / 359 test, 10 classes, 32x32
   c.data.image_size = 32
-  c.data.hflip_prob = 0.0              # digits are not mirror-symmetric
+  c.data.hflip_prob = 0.0  # digits are not mirror-symmetric
   c.data.randaugment = ""
   c.data.random_erasing_prob = 0.0
   c.data.mixup_alpha = 0.0

@@ -3,6 +3,7 @@
     python train.py --config configs/imagenet_tiny_light.py --workdir DIR \
         --config.data.data_dir=/path/to/tensorflow_datasets
 """
+
 from configs import common
 
 

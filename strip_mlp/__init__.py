@@ -6,8 +6,15 @@
 
 Importing the package needs neither TensorFlow nor PyTorch.
 """
+
 from strip_mlp.model_checkpoint import load_checkpoint, save_checkpoint
 from strip_mlp.model import VARIANTS, StripMLP, count_params, create_model
 
-__all__ = ["VARIANTS", "StripMLP", "count_params", "create_model", "load_checkpoint",
-           "save_checkpoint"]
+__all__ = [
+    "VARIANTS",
+    "StripMLP",
+    "count_params",
+    "create_model",
+    "load_checkpoint",
+    "save_checkpoint",
+]

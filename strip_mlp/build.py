@@ -5,6 +5,7 @@ optimizer, abstract train state and jitted steps from `build`, so they run exact
 functions training runs. Nothing is allocated or compiled here: shapes come from
 `jax.eval_shape`, and the jitted functions compile on first call (or `.lower().compile()`).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -28,6 +29,7 @@ class Built:
     those shardings. train_step(state, batch) -> (state, metrics): state donated, batch
     split over all devices, metrics replicated. eval_step(variables, batch) -> sums.
   """
+
   plan: Plan
   model: Any
   schedule: optax.Schedule
@@ -42,8 +44,7 @@ class Built:
     return jax.tree_util.tree_map(lambda x: x.sharding, self.abstract_state)
 
 
-def build(config, info, mesh, *, model=None, schedule: optax.Schedule | None = None
-          ) -> Built:
+def build(config, info, mesh, *, model=None, schedule: optax.Schedule | None = None) -> Built:
   """Builds a run of `config` on dataset `info` (num_train, num_eval, num_classes) and
   `mesh`. `model` (any module with `img_size` and the StripMLP call signature) and
   `schedule` replace the config's (tests of the step on small stand-ins)."""
@@ -52,14 +53,17 @@ def build(config, info, mesh, *, model=None, schedule: optax.Schedule | None = N
     model = build_model(config, plan.num_classes, plan.image_size)
   schedule = schedule or build_schedule(config, plan)
   tx = build_optimizer(config, schedule)
-  abstract, init = _state_and_init(config, model, tx, mesh, jax.random.key(int(config.seed)),
-                                   plan.image_size)
+  abstract, init = _state_and_init(
+      config, model, tx, mesh, jax.random.key(int(config.seed)), plan.image_size
+  )
   shardings = jax.tree_util.tree_map(lambda x: x.sharding, abstract)
   repl = sharding.replicated(mesh)
   train_step = jax.jit(
       steps.make_train_step(model, tx, schedule, config, plan.num_classes, mesh),
-      in_shardings=(shardings, sharding.batch_sharding(mesh)), out_shardings=(shardings, repl),
-      donate_argnums=(0,))
+      in_shardings=(shardings, sharding.batch_sharding(mesh)),
+      out_shardings=(shardings, repl),
+      donate_argnums=(0,),
+  )
   eval_step = jax.jit(steps.make_eval_step(model), out_shardings=repl)
   return Built(plan, model, schedule, tx, abstract, init, train_step, eval_step)
 
@@ -74,9 +78,15 @@ def build_model(config, num_classes: int, image_size: int):
     if "img_size" in family.model_class().__dataclass_fields__:
       kw["img_size"] = image_size
     return family.create(m.name, **kw)
-  kw = dict(num_classes=num_classes, img_size=image_size, drop_path_rate=m.drop_path_rate,
-            dtype=m.dtype, depthwise_impl=m.depthwise_impl, patchify_impl=m.patchify_impl,
-            remat=bool(m.get("remat", False)))
+  kw = dict(
+      num_classes=num_classes,
+      img_size=image_size,
+      drop_path_rate=m.drop_path_rate,
+      dtype=m.dtype,
+      depthwise_impl=m.depthwise_impl,
+      patchify_impl=m.patchify_impl,
+      remat=bool(m.get("remat", False)),
+  )
   if m.embed_dim:
     kw["embed_dim"] = int(m.embed_dim)
   if m.layers:
@@ -89,15 +99,26 @@ def build_model(config, num_classes: int, image_size: int):
 def build_schedule(config, plan: Plan) -> optax.Schedule:
   if config.lr.schedule == "constant":
     return optim.constant_schedule(plan.base_lr, plan.warmup_lr, plan.warmup_steps)
-  return optim.warmup_cosine_schedule(plan.base_lr, plan.warmup_lr, plan.min_lr,
-                                      plan.total_steps, plan.warmup_steps,
-                                      warmup_prefix=config.lr.warmup_prefix)
+  return optim.warmup_cosine_schedule(
+      plan.base_lr,
+      plan.warmup_lr,
+      plan.min_lr,
+      plan.total_steps,
+      plan.warmup_steps,
+      warmup_prefix=config.lr.warmup_prefix,
+  )
 
 
 def build_optimizer(config, schedule) -> optax.GradientTransformation:
   o = config.optimizer
-  return optim.create_optimizer(schedule, b1=o.b1, b2=o.b2, eps=o.eps,
-                                weight_decay=o.weight_decay, grad_clip_norm=config.grad_clip_norm)
+  return optim.create_optimizer(
+      schedule,
+      b1=o.b1,
+      b2=o.b2,
+      eps=o.eps,
+      weight_decay=o.weight_decay,
+      grad_clip_norm=config.grad_clip_norm,
+  )
 
 
 def _state_and_init(config, model, tx, mesh, rng, image_size: int) -> tuple[Any, Callable]:
@@ -109,9 +130,9 @@ def _state_and_init(config, model, tx, mesh, rng, image_size: int) -> tuple[Any,
   abstract = jax.eval_shape(init_state, rng)
   shardings = sharding.tree_shardings(abstract, mesh)
   fresh = jax.jit(init_state, out_shardings=shardings)
-  from_pretrained = jax.jit(lambda k, pre: init_state(k, pretrained=pre),
-                            out_shardings=shardings)
+  from_pretrained = jax.jit(lambda k, pre: init_state(k, pretrained=pre), out_shardings=shardings)
 
   def init(rng, pretrained=None):
     return fresh(rng) if pretrained is None else from_pretrained(rng, pretrained)
+
   return sharding.with_shardings(abstract, shardings), init

@@ -5,6 +5,7 @@ messages for bad flags, config keys and config files, the checks of output direc
 and `guarded`, which turns every error a user can cause into `<prog>: error: <line>` with
 exit code 1. TensorFlow is never imported here unless a program asks for it.
 """
+
 import difflib
 import os
 import re
@@ -18,8 +19,9 @@ import ml_collections
 
 from strip_mlp.errors import NotWritableError, UserError
 
-DEFAULT_COMPILATION_CACHE = os.path.join(os.environ.get("XDG_CACHE_HOME") or "~/.cache",
-                                         "strip_mlp", "jax_compilation_cache")
+DEFAULT_COMPILATION_CACHE = os.path.join(
+    os.environ.get("XDG_CACHE_HOME") or "~/.cache", "strip_mlp", "jax_compilation_cache"
+)
 CONFIG_KEYS_DOC = "configs/common.py"
 
 
@@ -29,24 +31,30 @@ class UsageError(UserError, ValueError):
 
 # ----------------------------------------------------------------------------- flags
 
+
 def define_process_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
   """--coordinator_address/--num_processes/--process_id and --compilation_cache_dir."""
-  flags.DEFINE_string("coordinator_address", None,
-                      "host:port of process 0 for multi-process runs.", flag_values=fv)
+  flags.DEFINE_string(
+      "coordinator_address", None, "host:port of process 0 for multi-process runs.", flag_values=fv
+  )
   flags.DEFINE_integer("num_processes", None, "Number of processes.", flag_values=fv)
   flags.DEFINE_integer("process_id", None, "Index of this process.", flag_values=fv)
   flags.DEFINE_string(
-      "compilation_cache_dir", None, "Persistent JAX compilation cache ('' turns it off; "
+      "compilation_cache_dir",
+      None,
+      "Persistent JAX compilation cache ('' turns it off; "
       "shared by train.py and eval.py). Default: $JAX_COMPILATION_CACHE_DIR, else "
-      f"{DEFAULT_COMPILATION_CACHE}.", flag_values=fv)
+      f"{DEFAULT_COMPILATION_CACHE}.",
+      flag_values=fv,
+  )
 
 
 def start_processes(fv: flags.FlagValues = flags.FLAGS) -> None:
   """Starts JAX's distributed runtime (when several processes run) and the persistent
   compilation cache, as the process flags say."""
   from strip_mlp import sharding  # pylint: disable=g-import-not-at-top  (imports jax)
-  sharding.maybe_initialize_distributed(fv.coordinator_address, fv.num_processes,
-                                        fv.process_id)
+
+  sharding.maybe_initialize_distributed(fv.coordinator_address, fv.num_processes, fv.process_id)
   sharding.enable_compilation_cache(compilation_cache_dir(fv.compilation_cache_dir))
 
 
@@ -63,8 +71,9 @@ def quiet_logging(fv: flags.FlagValues = flags.FLAGS) -> None:
     logging.set_verbosity(logging.WARNING)
 
 
-def parse_flags(argv: list[str], fv: flags.FlagValues = flags.FLAGS,
-                config_flag: str = "config") -> list[str]:
+def parse_flags(
+    argv: list[str], fv: flags.FlagValues = flags.FLAGS, config_flag: str = "config"
+) -> list[str]:
   """Parses `argv` into `fv`; UsageError (one line) for an unknown or malformed flag, an
   unknown config key (with the closest key) and a config file that cannot be loaded.
   Returns the positional arguments (argv[0] included)."""
@@ -78,8 +87,9 @@ def parse_flags(argv: list[str], fv: flags.FlagValues = flags.FLAGS,
     raise UsageError(describe_config_load_error(config_path(fv, config_flag), e)) from None
   value = fv[config_flag].value
   if not isinstance(value, ml_collections.ConfigDict):
-    raise UsageError(describe_config_load_error(config_path(fv, config_flag),
-                                                getattr(value, "_error", None)))
+    raise UsageError(
+        describe_config_load_error(config_path(fv, config_flag), getattr(value, "_error", None))
+    )
   if len(rest) > 1:
     raise UsageError(f"unexpected arguments: {' '.join(rest[1:])} (flags are --name=value)")
   return rest
@@ -87,6 +97,7 @@ def parse_flags(argv: list[str], fv: flags.FlagValues = flags.FLAGS,
 
 def config_path(fv: flags.FlagValues = flags.FLAGS, name: str = "config") -> str:
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+
   try:
     return config_flags.get_config_filename(fv[name])
   except (AttributeError, TypeError, KeyError):
@@ -99,15 +110,17 @@ def unknown_key_message(error: Exception, argv: list[str], config=None) -> str:
   what = str(error).strip("'\"").replace("\\'", "'").replace("\\n", " ").replace("\n", " ")
   hint = re.search(r'Did you mean "(\w+)"', str(error))
   guess = hint.group(1) if hint else _closest_key(bad, config)
-  return (f"unknown config key {what} (in {' '.join(bad)})"
-          + (f" (did you mean {guess!r}?)" if guess else "")
-          + f"; the keys and their meaning are in {CONFIG_KEYS_DOC}")
+  return (
+      f"unknown config key {what} (in {' '.join(bad)})"
+      + (f" (did you mean {guess!r}?)" if guess else "")
+      + f"; the keys and their meaning are in {CONFIG_KEYS_DOC}"
+  )
 
 
 def _closest_key(bad: list[str], config) -> str | None:
   if not bad or not isinstance(config, ml_collections.ConfigDict):
     return None
-  node, parts = config, bad[0][len("--config."):].split(".")
+  node, parts = config, bad[0][len("--config.") :].split(".")
   for p in parts[:-1]:
     node = node.get(p) if isinstance(node, ml_collections.ConfigDict) else None
   if not isinstance(node, ml_collections.ConfigDict):
@@ -116,13 +129,14 @@ def _closest_key(bad: list[str], config) -> str | None:
   return close[0] if close else None
 
 
-def apply_overrides(config: ml_collections.ConfigDict, fv: flags.FlagValues,
-                    name: str = "config") -> ml_collections.ConfigDict:
+def apply_overrides(
+    config: ml_collections.ConfigDict, fv: flags.FlagValues, name: str = "config"
+) -> ml_collections.ConfigDict:
   """`config` with the value of every `--config.<key>` given on the command line."""
   prefix = name + "."
   for flag_name in list(fv):
     if flag_name.startswith(prefix) and fv[flag_name].present:
-      node, parts = config, flag_name[len(prefix):].split(".")
+      node, parts = config, flag_name[len(prefix) :].split(".")
       for p in parts[:-1]:
         node = node[p]
       node[parts[-1]] = fv[flag_name].value
@@ -157,6 +171,7 @@ def describe_config_load_error(path: str, error: BaseException | None) -> str:
 
 # ----------------------------------------------------------------------------- checks
 
+
 def check_writable_dir(path: str, what: str) -> None:
   """Creates directory `path` if needed and writes (and removes) a file in it.
 
@@ -171,25 +186,28 @@ def check_writable_dir(path: str, what: str) -> None:
   try:
     os.makedirs(path, exist_ok=True)
   except OSError as e:
-    raise NotWritableError(f"cannot create {what} {path} ({e.strerror or e}); give a "
-                           "writable directory") from None
+    raise NotWritableError(
+        f"cannot create {what} {path} ({e.strerror or e}); give a " "writable directory"
+    ) from None
   try:
     fd, probe = tempfile.mkstemp(prefix=".write_test_", dir=path)
     os.close(fd)
     os.remove(probe)
   except OSError as e:
-    raise NotWritableError(f"{what} {path} is not writable (writing a file there failed: "
-                           f"{e.strerror or e}); give a writable directory") from None
+    raise NotWritableError(
+        f"{what} {path} is not writable (writing a file there failed: "
+        f"{e.strerror or e}); give a writable directory"
+    ) from None
 
 
 # ----------------------------------------------------------------------------- errors
+
 
 def one_line(text) -> str:
   return " ".join(str(text).split())
 
 
-def error_line(e: BaseException, out_of_memory_fix: str, os_error_suffix: str = ""
-               ) -> str | None:
+def error_line(e: BaseException, out_of_memory_fix: str, os_error_suffix: str = "") -> str | None:
   """The one line for an error a user can cause (UserError, a full disk or missing
   permission, an unreadable data file, device memory exhausted); None for a bug."""
   if isinstance(e, UserError):
@@ -200,8 +218,9 @@ def error_line(e: BaseException, out_of_memory_fix: str, os_error_suffix: str = 
   if type(e).__module__.startswith("tensorflow") and hasattr(e, "message"):
     return one_line(f"reading the data failed: {e.message}")  # tf.errors.OpError of tf.data
   if isinstance(e, RuntimeError) and "RESOURCE_EXHAUSTED" in str(e):
-    return one_line(f"out of device memory ({str(e).strip().splitlines()[0][:300]}); "
-                    f"{out_of_memory_fix}")
+    return one_line(
+        f"out of device memory ({str(e).strip().splitlines()[0][:300]}); " f"{out_of_memory_fix}"
+    )
   return None
 
 

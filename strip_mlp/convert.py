@@ -8,6 +8,7 @@ Every Flax leaf maps to one `state_dict` key by a rename (`torch_key`) and a lay
 (`leaf_layout`): OIHW convs <-> HWIO, linear/1x1 (out, in) <-> (in, out), and the strip
 projections' grouped (G*L, L, 1, 3) <-> (3, L, L, G). Nothing else is transformed.
 """
+
 import collections
 import re
 
@@ -28,8 +29,12 @@ _MODULE_RENAMES = {
     "reweight_fc1": "reweight.fc1",
     "reweight_fc2": "reweight.fc2",
 }
-_LEAF_RENAMES = {"kernel": "weight", "scale": "weight", "mean": "running_mean",
-                 "var": "running_var"}
+_LEAF_RENAMES = {
+    "kernel": "weight",
+    "scale": "weight",
+    "mean": "running_mean",
+    "var": "running_var",
+}
 _BLOCK = re.compile(r"blocks(\d)_(\d+)$")
 
 
@@ -63,17 +68,23 @@ def infer_architecture(sd: dict) -> dict:
   if "patch_embed.weight" not in sd:
     raise CheckpointFormatError(
         f"not a Strip-MLP state dict: no 'patch_embed.weight' (keys start with "
-        f"{sorted(sd)[:4]}); convert weights of the official Strip-MLP code")
-  layers = [len({int(m[1]) for k in sd if (m := re.match(rf"blocks{s}\.(\d+)\.", k))})
-            for s in range(1, 5)]
+        f"{sorted(sd)[:4]}); convert weights of the official Strip-MLP code"
+    )
+  layers = [
+      len({int(m[1]) for k in sd if (m := re.match(rf"blocks{s}\.(\d+)\.", k))})
+      for s in range(1, 5)
+  ]
   stage = next((s for s in range(4) if layers[s]), None)
   if stage is None:
     raise CheckpointFormatError("state dict has no blocks: cannot tell its image size")
   table = sd[f"blocks{stage + 1}.0.token_mixing.smlp_block.relate_pos_h.embeddings_table"]
   resolution = (table.shape[0] - 1) // 2
-  return dict(embed_dim=int(sd["patch_embed.weight"].shape[0]), layers=tuple(layers),
-              img_size=int(resolution * 4 * 2 ** stage),
-              num_classes=int(sd["head.weight"].shape[0]) if "head.weight" in sd else 0)
+  return dict(
+      embed_dim=int(sd["patch_embed.weight"].shape[0]),
+      layers=tuple(layers),
+      img_size=int(resolution * 4 * 2**stage),
+      num_classes=int(sd["head.weight"].shape[0]) if "head.weight" in sd else 0,
+  )
 
 
 def state_dict_to_variables(sd: dict, model: StripMLP) -> dict:
@@ -82,12 +93,16 @@ def state_dict_to_variables(sd: dict, model: StripMLP) -> dict:
 
   Raises CheckpointFormatError naming missing, unexpected and mis-shaped keys.
   """
-  sd = {k: v for k, v in sd.items() if not k.endswith("num_batches_tracked")
-        and not (model.num_classes == 0 and k.startswith("head."))}
-  arch = ", ".join(f"{k}={v}" for k, v in model.config_dict().items()
-                   if k in ARCHITECTURE_KEYS)
-  return tm.state_dict_to_variables(sd, abstract_variables(model), torch_key, _layout,
-                                    f"StripMLP({arch})")
+  sd = {
+      k: v
+      for k, v in sd.items()
+      if not k.endswith("num_batches_tracked")
+      and not (model.num_classes == 0 and k.startswith("head."))
+  }
+  arch = ", ".join(f"{k}={v}" for k, v in model.config_dict().items() if k in ARCHITECTURE_KEYS)
+  return tm.state_dict_to_variables(
+      sd, abstract_variables(model), torch_key, _layout, f"StripMLP({arch})"
+  )
 
 
 def variables_to_state_dict(variables) -> "collections.OrderedDict[str, np.ndarray]":
@@ -100,7 +115,7 @@ def variables_to_state_dict(variables) -> "collections.OrderedDict[str, np.ndarr
   for key, a in tm.variables_to_state_dict(variables, torch_key, _layout).items():
     sd[key] = a
     if key.endswith("running_var"):
-      sd[key[:-len("running_var")] + "num_batches_tracked"] = np.array(0, np.int64)
+      sd[key[: -len("running_var")] + "num_batches_tracked"] = np.array(0, np.int64)
   return sd
 
 
@@ -111,8 +126,10 @@ def _layout(path: tuple[str, ...], ndim: int) -> tm.Layout:
 def flax_to_torch(variables) -> "collections.OrderedDict":
   """Flax variables -> a PyTorch state dict (torch tensors) for the official model."""
   import torch  # pylint: disable=g-import-not-at-top
+
   return collections.OrderedDict(
-      (k, torch.from_numpy(v)) for k, v in variables_to_state_dict(variables).items())
+      (k, torch.from_numpy(v)) for k, v in variables_to_state_dict(variables).items()
+  )
 
 
 def torch_to_flax(path: str, **model_overrides):

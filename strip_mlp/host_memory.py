@@ -21,6 +21,7 @@ another process's work ran at half speed.
 Both the tunables and LD_PRELOAD are read when a process starts, hence `reexec_with`.
 glibc < 2.35 ignores `hugetlb`.
 """
+
 import ctypes.util
 import os
 import sys
@@ -28,20 +29,26 @@ from typing import NamedTuple
 
 
 class Setting(NamedTuple):
-  tunables: tuple = ()      # GLIBC_TUNABLES entries
-  preload: str = ""         # allocator library to preload (name without 'lib')
-  environ: tuple = ()       # further (variable, value) pairs
+  tunables: tuple = ()  # GLIBC_TUNABLES entries
+  preload: str = ""  # allocator library to preload (name without 'lib')
+  environ: tuple = ()  # further (variable, value) pairs
 
 
-_RESIDENT = ("glibc.malloc.arena_max=1", "glibc.malloc.mmap_max=0",
-             "glibc.malloc.trim_threshold=1099511627776", "glibc.malloc.tcache_count=4000")
+_RESIDENT = (
+    "glibc.malloc.arena_max=1",
+    "glibc.malloc.mmap_max=0",
+    "glibc.malloc.trim_threshold=1099511627776",
+    "glibc.malloc.tcache_count=4000",
+)
 SETTINGS = {
     "default": Setting(),
     "hugepages": Setting(tunables=("glibc.malloc.hugetlb=1",)),
     "resident": Setting(tunables=_RESIDENT),
     # tcmalloc reports every allocation over 1 GiB on stderr unless told otherwise.
-    "tcmalloc": Setting(preload="tcmalloc_minimal",
-                        environ=(("TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD", str(1 << 40)),)),
+    "tcmalloc": Setting(
+        preload="tcmalloc_minimal",
+        environ=(("TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD", str(1 << 40)),),
+    ),
 }
 
 
@@ -49,8 +56,10 @@ def preload_path(library: str) -> str:
   """The loadable file name of lib`library` (e.g. 'libtcmalloc_minimal.so.4')."""
   found = ctypes.util.find_library(library)
   if not found:
-    raise ValueError(f"lib{library} is not installed; install it (Debian/Ubuntu: apt-get "
-                     f"install libtcmalloc-minimal4) or pick another malloc setting")
+    raise ValueError(
+        f"lib{library} is not installed; install it (Debian/Ubuntu: apt-get "
+        f"install libtcmalloc-minimal4) or pick another malloc setting"
+    )
   return found
 
 
@@ -77,8 +86,7 @@ def environ_with(setting: str, environ=None) -> dict:
   chosen = _setting(setting)
   env = dict(os.environ if environ is None else environ)
   tunables = _entries(env, "GLIBC_TUNABLES")
-  _set_entries(env, "GLIBC_TUNABLES", tunables + [t for t in chosen.tunables
-                                                   if t not in tunables])
+  _set_entries(env, "GLIBC_TUNABLES", tunables + [t for t in chosen.tunables if t not in tunables])
   if chosen.preload:
     preload, path = _entries(env, "LD_PRELOAD"), preload_path(chosen.preload)
     _set_entries(env, "LD_PRELOAD", preload if path in preload else [path] + preload)

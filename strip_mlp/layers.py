@@ -7,6 +7,7 @@ Parameters are float32; `dtype` sets the compute dtype (e.g. jnp.bfloat16). Ever
 works on maps of any size; the strip layers, whose weights are tied to the strip length
 they were trained at, go through `strip_mlp.windows` on maps of another size.
 """
+
 import math
 from typing import Any
 
@@ -18,7 +19,7 @@ from jax import lax
 
 from strip_mlp import ops, windows
 
-BN_MOMENTUM = 0.9   # PyTorch momentum 0.1
+BN_MOMENTUM = 0.9  # PyTorch momentum 0.1
 BN_EPS = 1e-5
 LN_EPS = 1e-5
 
@@ -26,15 +27,15 @@ LN_EPS = 1e-5
 # ----------------------------------------------------------------------------- init
 def torch_kernel_init(in_axis=-2, out_axis=-1, batch_axis=()):
   """PyTorch's default conv/linear init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
-  return nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform", in_axis=in_axis,
-                                          out_axis=out_axis, batch_axis=batch_axis)
+  return nn.initializers.variance_scaling(
+      1 / 3, "fan_in", "uniform", in_axis=in_axis, out_axis=out_axis, batch_axis=batch_axis
+  )
 
 
 def torch_bias_init(fan_in: int):
   """PyTorch's default bias init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
   bound = 1 / math.sqrt(fan_in)
-  return lambda key, shape, dtype=jnp.float32: jax.random.uniform(
-      key, shape, dtype, -bound, bound)
+  return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
 def position_table_init(key, shape, dtype=jnp.float32):
@@ -51,18 +52,31 @@ def gelu(x):
 
 def dense(features, in_features, use_bias=True, dtype=jnp.float32, name=None):
   """A 1x1 conv / linear layer with PyTorch's initialisation."""
-  return nn.Dense(features, use_bias=use_bias, dtype=dtype, kernel_init=torch_kernel_init(),
-                  bias_init=torch_bias_init(in_features), name=name)
+  return nn.Dense(
+      features,
+      use_bias=use_bias,
+      dtype=dtype,
+      kernel_init=torch_kernel_init(),
+      bias_init=torch_bias_init(in_features),
+      name=name,
+  )
 
 
 def batch_norm(train, dtype, name=None):
-  return nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPS,
-                      dtype=dtype, use_fast_variance=False, name=name)
+  return nn.BatchNorm(
+      use_running_average=not train,
+      momentum=BN_MOMENTUM,
+      epsilon=BN_EPS,
+      dtype=dtype,
+      use_fast_variance=False,
+      name=name,
+  )
 
 
 # ----------------------------------------------------------------------------- layers
 class DepthwiseConv(nn.Module):
   """Depthwise 'same' conv, no bias. (N, H, W, C) -> (N, H, W, C)."""
+
   kernel_size: tuple[int, int]
   impl: str = "auto"
   dtype: Any = jnp.float32
@@ -78,6 +92,7 @@ class PatchConv(nn.Module):
 
   (N, H, W, I) -> (N, H/patch, W/patch, features).
   """
+
   features: int
   patch: int
   groups: int = 1
@@ -93,13 +108,15 @@ class PatchConv(nn.Module):
 
 class RelativePosition(nn.Module):
   """Learned relative-position embedding: returns pos (L, L, D), pos[i, j] = table[j - i + L]."""
+
   length: int
   features: int
 
   @nn.compact
   def __call__(self):
-    table = self.param("embeddings_table", position_table_init,
-                       (2 * self.length + 1, self.features))
+    table = self.param(
+        "embeddings_table", position_table_init, (2 * self.length + 1, self.features)
+    )
     idx = np.arange(self.length)[None, :] - np.arange(self.length)[:, None] + self.length
     return table[idx]
 
@@ -109,6 +126,7 @@ class StripProjection(nn.Module):
 
   (N, L, L, P, G) -> (N, L, L, P, G); see `ops.strip_mix` for the exact sum.
   """
+
   length: int
   groups: int
   along: str
@@ -117,8 +135,7 @@ class StripProjection(nn.Module):
   @nn.compact
   def __call__(self, x):
     shape = (3, self.length, self.length, self.groups)
-    kernel = self.param("kernel", torch_kernel_init(in_axis=1, out_axis=2, batch_axis=(3,)),
-                        shape)
+    kernel = self.param("kernel", torch_kernel_init(in_axis=1, out_axis=2, batch_axis=(3,)), shape)
     bias = self.param("bias", torch_bias_init(3 * self.length), (self.length, self.groups))
     return ops.strip_mix(x, kernel.astype(self.dtype), bias.astype(self.dtype), self.along)
 
@@ -136,6 +153,7 @@ class StripMixing(nn.Module):
   L x L windows of `strip_mlp.windows` (at H == W == L on x itself), `fuse_w` on the map.
   In training, `bn` takes its batch statistics over the windows (as MLP-DINO).
   """
+
   channels: int
   resolution: int
   dtype: Any = jnp.float32
@@ -162,12 +180,14 @@ class StripMixing(nn.Module):
 
     z = windows.windowed(strips, x, length)
     return dense(d, 2 * d, use_bias=False, dtype=self.dtype, name="fuse_w")(
-        jnp.concatenate([x, z], axis=-1))
+        jnp.concatenate([x, z], axis=-1)
+    )
 
 
 class StripMLPBlock(nn.Module):
   """`smlp_block`: 1x1 mlp, then strip mixing on one half, re-weighted local
   3x7/7x3 mixing on the other half, then a 1x1 fuse. (N, H, W, C) -> same."""
+
   resolution: int
   depthwise_impl: str = "auto"
   dtype: Any = jnp.float32
@@ -192,11 +212,13 @@ class StripMLPBlock(nn.Module):
     x2 = x_h * att[..., 0] + x_w * att[..., 1] + x2 * att[..., 2]
 
     return dense(c, c, use_bias=False, dtype=self.dtype, name="fuse")(
-        jnp.concatenate([x1, x2], axis=-1))
+        jnp.concatenate([x1, x2], axis=-1)
+    )
 
 
 class TokenMixing(nn.Module):
   """BN -> GELU -> depthwise 3x3 (`dwsc`), then `smlp_block`. (N, H, W, C) -> same."""
+
   resolution: int
   depthwise_impl: str = "auto"
   dtype: Any = jnp.float32
@@ -205,8 +227,9 @@ class TokenMixing(nn.Module):
   def __call__(self, x, train: bool):
     x = gelu(batch_norm(train, self.dtype, name="dwsc_bn")(x))
     x = DepthwiseConv((3, 3), self.depthwise_impl, self.dtype, name="dwsc")(x)
-    return StripMLPBlock(self.resolution, self.depthwise_impl, self.dtype,
-                         name="smlp_block")(x, train)
+    return StripMLPBlock(self.resolution, self.depthwise_impl, self.dtype, name="smlp_block")(
+        x, train
+    )
 
 
 def spatial_l2_norm(x: jax.Array) -> jax.Array:
@@ -216,14 +239,16 @@ def spatial_l2_norm(x: jax.Array) -> jax.Array:
   channel, a 1x1 map with one zero, bfloat16 underflow). There it is 0, as torch.norm's,
   so such a zero never turns the gradients NaN; the values are those of the plain sqrt.
   """
-  sq = jnp.sum(jnp.square(x.astype(jnp.promote_types(x.dtype, jnp.float32))), axis=(1, 2),
-               keepdims=True)
+  sq = jnp.sum(
+      jnp.square(x.astype(jnp.promote_types(x.dtype, jnp.float32))), axis=(1, 2), keepdims=True
+  )
   nonzero = sq > 0
   return jnp.where(nonzero, jnp.sqrt(jnp.where(nonzero, sq, 1.0)), 0.0)
 
 
 class GRN(nn.Module):
   """Global response normalisation over (H, W). (N, H, W, C) -> same."""
+
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -238,6 +263,7 @@ class GRN(nn.Module):
 
 class ChannelMixing(nn.Module):
   """Depthwise 7x7 -> LayerNorm -> fc1 (C->aC) -> GELU -> GRN -> fc2. (N,H,W,C) -> same."""
+
   alpha: int = 3
   depthwise_impl: str = "auto"
   dtype: Any = jnp.float32
@@ -246,8 +272,9 @@ class ChannelMixing(nn.Module):
   def __call__(self, x):
     c = x.shape[-1]
     x = DepthwiseConv((7, 7), self.depthwise_impl, self.dtype, name="conv_77")(x)
-    x = nn.LayerNorm(epsilon=LN_EPS, dtype=self.dtype, use_fast_variance=False,
-                     name="layer_norm")(x)
+    x = nn.LayerNorm(epsilon=LN_EPS, dtype=self.dtype, use_fast_variance=False, name="layer_norm")(
+        x
+    )
     x = gelu(dense(self.alpha * c, c, dtype=self.dtype, name="fc1")(x))
     x = GRN(self.dtype, name="grn")(x)
     return dense(c, self.alpha * c, dtype=self.dtype, name="fc2")(x)
@@ -255,6 +282,7 @@ class ChannelMixing(nn.Module):
 
 class DropPath(nn.Module):
   """Stochastic depth per example (timm semantics: kept paths scaled by 1/keep)."""
+
   rate: float
 
   @nn.compact
@@ -271,6 +299,7 @@ class Block(nn.Module):
 
   resolution: the strip length L the block's strip layers are trained at.
   """
+
   resolution: int
   drop_path_rate: float = 0.1
   depthwise_impl: str = "auto"
@@ -279,8 +308,12 @@ class Block(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool):
     drop = DropPath(self.drop_path_rate)
-    x = x + drop(TokenMixing(self.resolution, self.depthwise_impl, self.dtype,
-                             name="token_mixing")(x, train), train)
-    return x + drop(ChannelMixing(3, self.depthwise_impl, self.dtype,
-                                  name="channel_mixing")(x), train)
-
+    x = x + drop(
+        TokenMixing(self.resolution, self.depthwise_impl, self.dtype, name="token_mixing")(
+            x, train
+        ),
+        train,
+    )
+    return x + drop(
+        ChannelMixing(3, self.depthwise_impl, self.dtype, name="channel_mixing")(x), train
+    )

@@ -3,6 +3,7 @@
 Only process 0 writes. Rows of steps after the step a run resumes from are dropped when
 the file is opened, so every step appears once and the file plots as one run.
 """
+
 import json
 import os
 
@@ -29,6 +30,7 @@ class MetricWriter:
     self._file = open(path, "a")
     if tensorboard:
       from strip_mlp.data import tensorboard as tb  # pylint: disable=g-import-not-at-top
+
       self._tb = tb.ScalarWriter(workdir)
 
   def write(self, step: int, kind: str, values: dict):
@@ -60,5 +62,8 @@ def _truncate_metrics(path: str, last_step: int):
   with open(tmp, "w") as f:
     f.writelines(keep)
   os.replace(tmp, path)
-  print(f"metrics: dropped {len(lines) - len(keep)} row(s) after step {last_step} from {path} "
-      "(logged after the checkpoint this run resumes from)", flush=True)
+  print(
+      f"metrics: dropped {len(lines) - len(keep)} row(s) after step {last_step} from {path} "
+      "(logged after the checkpoint this run resumes from)",
+      flush=True,
+  )

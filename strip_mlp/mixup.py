@@ -7,6 +7,7 @@ batch reversed, as timm's x.flip(0)). CutMix pastes the partner's box of side
 pasted area. Targets: lam * smooth(y) + (1 - lam) * smooth(y_reversed), with smooth(y) =
 one_hot * (1 - s) + s / num_classes, so each row sums to 1.
 """
+
 from __future__ import annotations
 
 import jax
@@ -34,9 +35,17 @@ def cutmix_box(rng: jax.Array, height: int, width: int, lam: jax.Array):
   return y0, y1, x0, x1
 
 
-def mixup_cutmix(rng: jax.Array, images: jax.Array, labels: jax.Array, num_classes: int,
-                 mixup_alpha: float = 0.8, cutmix_alpha: float = 1.0, switch_prob: float = 0.5,
-                 label_smoothing: float = 0.1, mix_prob: float = 1.0):
+def mixup_cutmix(
+    rng: jax.Array,
+    images: jax.Array,
+    labels: jax.Array,
+    num_classes: int,
+    mixup_alpha: float = 0.8,
+    cutmix_alpha: float = 1.0,
+    switch_prob: float = 0.5,
+    label_smoothing: float = 0.1,
+    mix_prob: float = 1.0,
+):
   """Mixes a batch and returns soft targets.
 
   Args:
@@ -59,8 +68,12 @@ def mixup_cutmix(rng: jax.Array, images: jax.Array, labels: jax.Array, num_class
     use_cutmix = jax.random.uniform(k_switch) < switch_prob
   else:
     use_cutmix = jnp.asarray(cutmix_alpha > 0)
-  lam_mix = jax.random.beta(k_mix, mixup_alpha, mixup_alpha) if mixup_alpha > 0 else jnp.float32(1.0)
-  lam_cut = jax.random.beta(k_cut, cutmix_alpha, cutmix_alpha) if cutmix_alpha > 0 else jnp.float32(1.0)
+  lam_mix = (
+      jax.random.beta(k_mix, mixup_alpha, mixup_alpha) if mixup_alpha > 0 else jnp.float32(1.0)
+  )
+  lam_cut = (
+      jax.random.beta(k_cut, cutmix_alpha, cutmix_alpha) if cutmix_alpha > 0 else jnp.float32(1.0)
+  )
   lam = jnp.where(use_cutmix, lam_cut, lam_mix).astype(jnp.float32)
   lam = jnp.where(jax.random.uniform(k_apply) < mix_prob, lam, 1.0)
 
@@ -73,8 +86,9 @@ def mixup_cutmix(rng: jax.Array, images: jax.Array, labels: jax.Array, num_class
 
   partner = images[::-1]
   cut_images = jnp.where(box[None, :, :, None], partner, images)
-  mix_images = (images.astype(jnp.float32) * lam
-                + partner.astype(jnp.float32) * (1.0 - lam)).astype(images.dtype)
+  mix_images = (
+      images.astype(jnp.float32) * lam + partner.astype(jnp.float32) * (1.0 - lam)
+  ).astype(images.dtype)
   out = jnp.where(use_cutmix, cut_images, mix_images)
   lam = jnp.where(use_cutmix, lam_box, lam)
   targets = targets * lam + targets[::-1] * (1.0 - lam)

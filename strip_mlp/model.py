@@ -11,6 +11,7 @@ strip layers then run on overlapping windows, see `strip_mlp.windows`). At exact
 img_size x img_size the function is the one the released PyTorch weights compute.
 The layers live in `strip_mlp.layers`; parameter names mirror the PyTorch `state_dict`.
 """
+
 import dataclasses
 from typing import Any, Sequence
 
@@ -23,10 +24,10 @@ from strip_mlp.errors import UserError
 from strip_mlp.layers import BN_EPS, BN_MOMENTUM, Block, PatchConv, dense, strip_patch
 
 VARIANTS = {
-    "tiny_light": dict(embed_dim=80, layers=(2, 2, 6, 2)),   # Strip-MLP-T*
-    "tiny": dict(embed_dim=80, layers=(2, 2, 12, 2)),        # Strip-MLP-T
-    "small": dict(embed_dim=96, layers=(2, 2, 18, 2)),       # Strip-MLP-S
-    "base": dict(embed_dim=112, layers=(2, 2, 18, 2)),       # Strip-MLP-B
+    "tiny_light": dict(embed_dim=80, layers=(2, 2, 6, 2)),  # Strip-MLP-T*
+    "tiny": dict(embed_dim=80, layers=(2, 2, 12, 2)),  # Strip-MLP-T
+    "small": dict(embed_dim=96, layers=(2, 2, 18, 2)),  # Strip-MLP-S
+    "base": dict(embed_dim=112, layers=(2, 2, 18, 2)),  # Strip-MLP-B
 }
 # The constructor keywords that fix the shapes of the parameters.
 ARCHITECTURE_KEYS = ("embed_dim", "layers", "img_size", "num_classes")
@@ -52,6 +53,7 @@ class StripMLP(nn.Module):
   values and gradients, less memory; see REMAT_POLICY). Initialise with `model.init(key,
   images)` (the full forward), then call any entry point with `method=`.
   """
+
   embed_dim: int = 80
   layers: Sequence[int] = (2, 2, 6, 2)
   img_size: int = 224
@@ -69,8 +71,11 @@ class StripMLP(nn.Module):
 
   def config_dict(self) -> dict:
     """JSON-able constructor keywords: `StripMLP(**model.config_dict())` rebuilds it."""
-    d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-         if f.name not in ("parent", "name")}
+    d = {
+        f.name: getattr(self, f.name)
+        for f in dataclasses.fields(self)
+        if f.name not in ("parent", "name")
+    }
     d["layers"] = list(d["layers"])
     d["dtype"] = jnp.dtype(d["dtype"]).name
     return d
@@ -78,8 +83,10 @@ class StripMLP(nn.Module):
   @property
   def feature_info(self) -> tuple[dict, ...]:
     """Per stage: channels, reduction (input px per feature px) and the sown name."""
-    return tuple(dict(num_chs=self.embed_dim * 2 ** s, reduction=4 * 2 ** s,
-                      module=f"stage{s + 1}") for s in range(4))
+    return tuple(
+        dict(num_chs=self.embed_dim * 2**s, reduction=4 * 2**s, module=f"stage{s + 1}")
+        for s in range(4)
+    )
 
   def setup(self):
     dtype = jnp.dtype(self.dtype)
@@ -94,12 +101,15 @@ class StripMLP(nn.Module):
     self.merging3 = patch(8 * e, 2)
     block = nn.remat(Block, static_argnums=(2,), policy=REMAT_POLICY) if self.remat else Block
     for s, count in enumerate(self.layers):  # attribute blocks{s} -> modules blocks{s}_{i}
-      length = self.img_size // 4 // 2 ** s
-      setattr(self, f"blocks{s + 1}", [
-          block(length, self.drop_path_rate, self.depthwise_impl, dtype)
-          for _ in range(count)])
-    self.norm = nn.BatchNorm(momentum=BN_MOMENTUM, epsilon=BN_EPS, dtype=dtype,
-                             use_fast_variance=False)
+      length = self.img_size // 4 // 2**s
+      setattr(
+          self,
+          f"blocks{s + 1}",
+          [block(length, self.drop_path_rate, self.depthwise_impl, dtype) for _ in range(count)],
+      )
+    self.norm = nn.BatchNorm(
+        momentum=BN_MOMENTUM, epsilon=BN_EPS, dtype=dtype, use_fast_variance=False
+    )
     if self.num_classes:
       self.head = dense(self.num_classes, 8 * e, dtype=dtype)
 
@@ -164,15 +174,17 @@ def _check_input(shape: tuple):
   if len(shape) != 4:
     raise ModelInputError(f"{want}; give a batch of NHWC images (add a batch axis for one)")
   if shape[1] in (1, 3) and shape[3] not in (1, 3):
-    raise ModelInputError(f"{want}, which looks like NCHW: transpose it with "
-                          "x.transpose(0, 2, 3, 1)")
+    raise ModelInputError(
+        f"{want}, which looks like NCHW: transpose it with " "x.transpose(0, 2, 3, 1)"
+    )
   if shape[3] != 3:
     raise ModelInputError(f"{want}; give RGB images with 3 channels last")
   h, w = shape[1:3]
   if h <= 0 or w <= 0 or h % 32 or w % 32:
     raise ModelInputError(
         f"image size {h}x{w} is not a multiple of 32 in both height and width; pad or "
-        f"resize the images (e.g. to {max(32, -(-h // 32) * 32)}x{max(32, -(-w // 32) * 32)})")
+        f"resize the images (e.g. to {max(32, -(-h // 32) * 32)}x{max(32, -(-w // 32) * 32)})"
+    )
 
 
 def abstract_variables(model):
@@ -192,18 +204,21 @@ def validate_architecture(embed_dim, layers, img_size, num_classes):
   if num_classes < 0:
     raise ValueError(f"num_classes must be positive (or 0 for no head), got {num_classes}")
   for s in range(4):
-    c = embed_dim * 2 ** s
+    c = embed_dim * 2**s
     if c <= 0 or (c // 2) % strip_patch(c) or c % 4:
       raise ValueError(
           f"embed_dim={embed_dim} gives {c} channels in stage {s + 1}, which the strip "
-          "layer cannot split into groups; use a multiple of 8 (e.g. 16, 40, 80, 96, 112)")
+          "layer cannot split into groups; use a multiple of 8 (e.g. 16, 40, 80, 96, 112)"
+      )
 
 
 def create_model(variant: str = "tiny_light", **overrides) -> StripMLP:
   """A StripMLP of a named variant ('tiny_light', 'tiny', 'small', 'base') with overrides."""
   if variant not in VARIANTS:
-    raise ValueError(f"unknown variant {variant!r}; choose one of {sorted(VARIANTS)} or "
-                     "build StripMLP(embed_dim=..., layers=...) directly")
+    raise ValueError(
+        f"unknown variant {variant!r}; choose one of {sorted(VARIANTS)} or "
+        "build StripMLP(embed_dim=..., layers=...) directly"
+    )
   return StripMLP(**{**VARIANTS[variant], **overrides})
 
 

@@ -11,6 +11,7 @@ directory); `load_weights` reads the model and {'params', 'batch_stats'} from an
 straight onto the devices of a mesh (replicated); `strip_mlp.finetune` reads the same paths
 for train.py --config.init_from. Every problem is a UserError with one line.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -30,8 +31,13 @@ from strip_mlp import registry, train_checkpoint
 
 from strip_mlp.errors import CheckpointWriteError, EvalError, NotACheckpointError
 from strip_mlp.model import StripMLP, abstract_variables
-from strip_mlp.storage_errors import (StorageNoiseFilter, format_bytes, is_storage_error,
-                                      storage_error_reason, tree_nbytes)
+from strip_mlp.storage_errors import (
+    StorageNoiseFilter,
+    format_bytes,
+    is_storage_error,
+    storage_error_reason,
+    tree_nbytes,
+)
 from strip_mlp.tree_diff import describe_mismatch, shape_map
 
 FORMAT = "strip_mlp.model/1"
@@ -48,11 +54,15 @@ def save_checkpoint(directory: str, model: StripMLP, variables) -> str:
   """
   directory = os.path.abspath(directory)
   if os.path.lexists(directory) and not os.path.isdir(directory):
-    raise CheckpointWriteError(f"{directory} already exists and is not a directory; choose a "
-                               "new output directory (existing files are never overwritten)")
+    raise CheckpointWriteError(
+        f"{directory} already exists and is not a directory; choose a "
+        "new output directory (existing files are never overwritten)"
+    )
   if os.path.isdir(directory) and os.listdir(directory):
-    raise CheckpointWriteError(f"{directory} already exists and is not empty; "
-                               "choose a new output directory or delete it first")
+    raise CheckpointWriteError(
+        f"{directory} already exists and is not empty; "
+        "choose a new output directory or delete it first"
+    )
   parent = os.path.dirname(directory)
   try:
     os.makedirs(parent, exist_ok=True)
@@ -61,8 +71,9 @@ def save_checkpoint(directory: str, model: StripMLP, variables) -> str:
     os.umask(umask)
     os.chmod(staging, 0o777 & ~umask)
   except OSError as e:
-    raise CheckpointWriteError(f"cannot write to {parent}: {e.strerror}; choose a writable "
-                               "output directory") from None
+    raise CheckpointWriteError(
+        f"cannot write to {parent}: {e.strerror}; choose a writable " "output directory"
+    ) from None
   noise = StorageNoiseFilter(staging).attach()
   try:
     checkpointer = ocp.StandardCheckpointer()
@@ -79,7 +90,8 @@ def save_checkpoint(directory: str, model: StripMLP, variables) -> str:
       raise CheckpointWriteError(
           f"cannot write {directory}: {storage_error_reason(e)[1]} (the weights need about "
           f"{format_bytes(tree_nbytes(variables))}); nothing was written: free up space or "
-          "choose another output directory") from e
+          "choose another output directory"
+      ) from e
     noise.detach()
     raise
   noise.detach()
@@ -92,7 +104,8 @@ def read_model_config(directory: str) -> dict:
   if not os.path.isfile(path):
     raise NotACheckpointError(
         f"{directory} is not a Strip-MLP checkpoint (no {CONFIG_FILE}); create one with "
-        "`python convert_torch_weights.py IN.pth OUT_DIR`")
+        "`python convert_torch_weights.py IN.pth OUT_DIR`"
+    )
   meta = _read_json(path)
   if meta.get("format") != FORMAT:
     raise EvalError(f"{path}: unknown format {meta.get('format')!r}, expected {FORMAT!r}")
@@ -109,30 +122,36 @@ def load_checkpoint(directory: str, **model_overrides):
   # Restored onto this process's first device, also when several processes run.
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   target = jax.tree_util.tree_map(
-      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
-      abstract_variables(model))
+      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract_variables(model)
+  )
   variables = ocp.StandardCheckpointer().restore(
-      os.path.join(os.path.abspath(directory), VARIABLES_DIR), target)
+      os.path.join(os.path.abspath(directory), VARIABLES_DIR), target
+  )
   return model, variables
 
 
 # ----------------------------------------------------------------------------- any path
 
+
 @dataclasses.dataclass
 class LoadedCheckpoint:
   """What `load_weights` read."""
+
   model: StripMLP
-  variables: Any            # {'params', 'batch_stats'}
-  kind: str                 # 'converted' | 'pytorch' | 'workdir'
-  path: str                 # the converted dir / .pth / training workdir
-  step: int | None = None   # training checkpoints only
+  variables: Any  # {'params', 'batch_stats'}
+  kind: str  # 'converted' | 'pytorch' | 'workdir'
+  path: str  # the converted dir / .pth / training workdir
+  step: int | None = None  # training checkpoints only
   ema: bool = False
-  train_config: dict | None = None   # the resolved config a training workdir saved
+  train_config: dict | None = None  # the resolved config a training workdir saved
 
   def describe(self) -> str:
     m = self.model
-    what = {"converted": "converted checkpoint", "pytorch": "PyTorch weights",
-            "workdir": "training workdir"}[self.kind]
+    what = {
+        "converted": "converted checkpoint",
+        "pytorch": "PyTorch weights",
+        "workdir": "training workdir",
+    }[self.kind]
     if self.kind == "workdir":
       what += f", step {self.step}, {'EMA' if self.ema else 'raw'} weights"
     if isinstance(m, StripMLP):
@@ -140,8 +159,10 @@ class LoadedCheckpoint:
     else:
       arch = type(m).__name__
     size = f"{m.img_size} px, " if hasattr(m, "img_size") else ""
-    return (f"{self.path} ({what}; {arch}, {size}{m.num_classes} classes, "
-            f"{jnp.dtype(m.dtype).name})")
+    return (
+        f"{self.path} ({what}; {arch}, {size}{m.num_classes} classes, "
+        f"{jnp.dtype(m.dtype).name})"
+    )
 
 
 def locate_checkpoint(path: str) -> tuple[str, str, int | None]:
@@ -156,8 +177,10 @@ def locate_checkpoint(path: str) -> tuple[str, str, int | None]:
   if os.path.isfile(path):
     if path.endswith((".pth", ".pt", ".bin")):
       return "pytorch", path, None
-    raise EvalError(f"{path} is a file, not a checkpoint: give a converted checkpoint "
-                    "directory, a training workdir or a PyTorch .pth file")
+    raise EvalError(
+        f"{path} is a file, not a checkpoint: give a converted checkpoint "
+        "directory, a training workdir or a PyTorch .pth file"
+    )
   if os.path.isdir(os.path.join(path, checkpoints)):
     return "workdir", os.path.join(path, checkpoints), None
   if train_checkpoint.is_step_dir(path):
@@ -167,18 +190,28 @@ def locate_checkpoint(path: str) -> tuple[str, str, int | None]:
     if "format" in meta:
       return "converted", path, None
     if "config" in meta:
-      raise EvalError(f"training workdir {path} has no checkpoints yet ({checkpoints}/ "
-                      "is missing); train longer or point --checkpoint at another run")
+      raise EvalError(
+          f"training workdir {path} has no checkpoints yet ({checkpoints}/ "
+          "is missing); train longer or point --checkpoint at another run"
+      )
   if any(train_checkpoint.is_step_dir(os.path.join(path, d)) for d in os.listdir(path)):
     return "workdir", path, None
-  raise EvalError(f"{path} is not a checkpoint: expected a converted checkpoint (config.json "
-                  "+ variables/, from convert_torch_weights.py) or a training workdir "
-                  f"({checkpoints}/<step>/, from train.py)")
+  raise EvalError(
+      f"{path} is not a checkpoint: expected a converted checkpoint (config.json "
+      "+ variables/, from convert_torch_weights.py) or a training workdir "
+      f"({checkpoints}/<step>/, from train.py)"
+  )
 
 
-def load_weights(path: str, *, step: int | None = None, which: str | None = None,
-                 ema: bool | None = None, dtype: str | None = None,
-                 mesh: Mesh | None = None) -> LoadedCheckpoint:
+def load_weights(
+    path: str,
+    *,
+    step: int | None = None,
+    which: str | None = None,
+    ema: bool | None = None,
+    dtype: str | None = None,
+    mesh: Mesh | None = None,
+) -> LoadedCheckpoint:
   """Reads the model and its {'params', 'batch_stats'} from any checkpoint path.
 
   Args:
@@ -206,8 +239,10 @@ def load_weights(path: str, *, step: int | None = None, which: str | None = None
     step = step if step is not None else step_in_path
     return _load_workdir(root, step, which or "latest", bool(ema), dtype, mesh)
   if step is not None or which not in (None, "latest") or ema:
-    raise EvalError(f"{root} holds one set of weights ({kind}); --step, --which=best and "
-                    "--ema apply to training workdirs only")
+    raise EvalError(
+        f"{root} holds one set of weights ({kind}); --step, --which=best and "
+        "--ema apply to training workdirs only"
+    )
   if kind == "pytorch":
     try:
       model, variables = registry.torch_to_flax(root)
@@ -220,35 +255,52 @@ def load_weights(path: str, *, step: int | None = None, which: str | None = None
   if not os.path.isdir(os.path.join(root, VARIABLES_DIR)):
     raise EvalError(f"{root} is not a complete checkpoint: {VARIABLES_DIR}/ is missing")
   abstract = dict(abstract_variables(model))
-  variables = restore_onto(os.path.join(root, VARIABLES_DIR), abstract, mesh, None, root,
-                           "the checkpoint is damaged; convert the .pth file again")
+  variables = restore_onto(
+      os.path.join(root, VARIABLES_DIR),
+      abstract,
+      mesh,
+      None,
+      root,
+      "the checkpoint is damaged; convert the .pth file again",
+  )
   return LoadedCheckpoint(model, variables, "converted", root)
 
 
-def _load_workdir(checkpoints_dir: str, step: int | None, which: str, ema: bool,
-                  dtype: str | None, mesh: Mesh) -> LoadedCheckpoint:
+def _load_workdir(
+    checkpoints_dir: str, step: int | None, which: str, ema: bool, dtype: str | None, mesh: Mesh
+) -> LoadedCheckpoint:
   workdir = os.path.dirname(checkpoints_dir)
   step, meta = train_checkpoint.select_step(checkpoints_dir, step, which)
   where = os.path.join(checkpoints_dir, str(step))
   if "model" not in meta:
-    raise EvalError(f"checkpoint {where} does not record its model (no 'model' in "
-                    f"{train_checkpoint.META}); it was not written by train.py")
+    raise EvalError(
+        f"checkpoint {where} does not record its model (no 'model' in "
+        f"{train_checkpoint.META}); it was not written by train.py"
+    )
   model = _model(meta["model"], where, dtype=dtype)
   state_dir = os.path.join(where, train_checkpoint.STATE)
   if ema and not _tree_metadata(state_dir).get("ema"):
-    raise EvalError(f"checkpoint {where} has no EMA weights (trained with ema_decay=0); "
-                    "evaluate the raw weights: drop --ema")
+    raise EvalError(
+        f"checkpoint {where} has no EMA weights (trained with ema_decay=0); "
+        "evaluate the raw weights: drop --ema"
+    )
   abstract = {k: v for k, v in abstract_variables(model).items() if k in WEIGHTS}
-  variables = restore_onto(state_dir, abstract, mesh, "ema" if ema else None, where,
-                           "the checkpoint is damaged or was written by another version "
-                           "of train.py")
+  variables = restore_onto(
+      state_dir,
+      abstract,
+      mesh,
+      "ema" if ema else None,
+      where,
+      "the checkpoint is damaged or was written by another version " "of train.py",
+  )
   cfg_path = os.path.join(workdir, train_checkpoint.CONFIG_FILE)
   train_config = _read_json(cfg_path).get("config") if os.path.isfile(cfg_path) else None
   return LoadedCheckpoint(model, variables, "workdir", workdir, step, ema, train_config)
 
 
-def restore_onto(directory: str, abstract: dict, mesh: Mesh, key: str | None, where: str,
-                 hint: str) -> dict:
+def restore_onto(
+    directory: str, abstract: dict, mesh: Mesh, key: str | None, where: str, hint: str
+) -> dict:
   """{'params', 'batch_stats'} read from the orbax tree in `directory` (at `key` of it, or
   at its top) straight into arrays replicated over `mesh`; other entries (optimizer state,
   the other weights) are not read. Checks the stored shapes against `abstract` first
@@ -256,25 +308,29 @@ def restore_onto(directory: str, abstract: dict, mesh: Mesh, key: str | None, wh
   shardings come from `mesh`, not from the checkpoint)."""
   stored = _tree_metadata(directory)
   stored = stored.get(key, {}) if key else stored
-  problem = describe_mismatch(shape_map({k: stored.get(k, {}) for k in abstract}),
-                              shape_map(abstract))
+  problem = describe_mismatch(
+      shape_map({k: stored.get(k, {}) for k in abstract}), shape_map(abstract)
+  )
   if problem:
     raise EvalError(f"checkpoint {where} does not match its model config: {problem}; {hint}")
   repl = NamedSharding(mesh, PartitionSpec())
   target = jax.tree_util.tree_map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl), abstract)
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl), abstract
+  )
   if key:
     target = {key: target}
   restore_args = jax.tree_util.tree_map(lambda _: ocp.ArrayRestoreArgs(sharding=repl), target)
   restored = ocp.Checkpointer(ocp.PyTreeCheckpointHandler()).restore(
-      directory, args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args,
-                                             partial_restore=True))
+      directory,
+      args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True),
+  )
   variables = restored[key] if key else restored
   return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
 
 
 def _tree_metadata(directory: str) -> dict:
   from etils import epath  # pylint: disable=g-import-not-at-top
+
   try:
     md = ocp.PyTreeCheckpointHandler().metadata(epath.Path(directory))
   except (OSError, ValueError, FileNotFoundError) as e:

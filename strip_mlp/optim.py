@@ -9,6 +9,7 @@ Facts reproduced (the released Swin-style PyTorch trainer of the official code):
   default (`warmup_prefix=False`) measures `t` from step 0, not from the end of the warmup.
 * the global-norm gradient clip (5.0) runs before AdamW.
 """
+
 from __future__ import annotations
 
 import math
@@ -39,9 +40,14 @@ def lr_scale_factor(rule: str, global_batch_size: int) -> float:
   return math.sqrt(global_batch_size / int(m.group(3)))
 
 
-def warmup_cosine_schedule(base_lr: float, warmup_lr: float, min_lr: float,
-                           total_steps: int, warmup_steps: int,
-                           warmup_prefix: bool = False) -> optax.Schedule:
+def warmup_cosine_schedule(
+    base_lr: float,
+    warmup_lr: float,
+    min_lr: float,
+    total_steps: int,
+    warmup_steps: int,
+    warmup_prefix: bool = False,
+) -> optax.Schedule:
   """lr(step) of timm's CosineLRScheduler stepped per update (one cycle).
 
   warmup_prefix=False (the released default): cosine over [0, total_steps) with the first
@@ -50,8 +56,9 @@ def warmup_cosine_schedule(base_lr: float, warmup_lr: float, min_lr: float,
   if total_steps <= 0:
     raise ValueError(f"total_steps must be positive, got {total_steps}")
   if not 0 <= warmup_steps < total_steps:
-    raise ValueError(f"warmup ({warmup_steps} steps) must be shorter than training "
-                     f"({total_steps} steps)")
+    raise ValueError(
+        f"warmup ({warmup_steps} steps) must be shorter than training " f"({total_steps} steps)"
+    )
 
   def schedule(step):
     t = jnp.asarray(step, jnp.float32)
@@ -69,10 +76,12 @@ def warmup_cosine_schedule(base_lr: float, warmup_lr: float, min_lr: float,
 
 def constant_schedule(base_lr: float, warmup_lr: float, warmup_steps: int) -> optax.Schedule:
   """Linear warmup, then constant `base_lr` (for quick experiments)."""
+
   def schedule(step):
     t = jnp.asarray(step, jnp.float32)
     ramp = warmup_lr + t * (base_lr - warmup_lr) / max(warmup_steps, 1)
     return jnp.where(t < warmup_steps, ramp, base_lr)
+
   return schedule
 
 
@@ -83,17 +92,25 @@ def weight_decay_mask(params: Any) -> Any:
   the strip layers' biases are stored 2-D here (L, G) but are named 'bias', the GRN
   gamma/beta (1, 1, 1, C) and the position tables (2L+1, D) decay as in PyTorch.
   """
+
   def decays(path, leaf):
     last = path[-1]
     name = getattr(last, "key", getattr(last, "name", None))
     return bool(jnp.ndim(leaf) > 1 and name != "bias")
+
   return jax.tree_util.tree_map_with_path(decays, params)
 
 
-def create_optimizer(schedule: optax.Schedule, *, b1: float = 0.9, b2: float = 0.999,
-                     eps: float = 1e-8, weight_decay: float = 0.05,
-                     grad_clip_norm: float = 5.0, mask: Any = None
-                     ) -> optax.GradientTransformation:
+def create_optimizer(
+    schedule: optax.Schedule,
+    *,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.05,
+    grad_clip_norm: float = 5.0,
+    mask: Any = None,
+) -> optax.GradientTransformation:
   """clip_by_global_norm(grad_clip_norm) -> AdamW(schedule) with decoupled decay on `mask`.
 
   optax's adamw is PyTorch's AdamW: p -= lr * (m_hat / (sqrt(v_hat) + eps) + wd * p).
@@ -102,8 +119,16 @@ def create_optimizer(schedule: optax.Schedule, *, b1: float = 0.9, b2: float = 0
   parts = []
   if grad_clip_norm and grad_clip_norm > 0:
     parts.append(optax.clip_by_global_norm(grad_clip_norm))
-  parts.append(optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
-                           mask=weight_decay_mask if mask is None else mask))
+  parts.append(
+      optax.adamw(
+          schedule,
+          b1=b1,
+          b2=b2,
+          eps=eps,
+          weight_decay=weight_decay,
+          mask=weight_decay_mask if mask is None else mask,
+      )
+  )
   return optax.chain(*parts)
 
 

@@ -8,6 +8,7 @@ dataset's sizes are known. All raise `UserError` subclasses (mostly `ConfigError
 one line that says what to change. This module does not import TensorFlow when it is
 imported.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -26,6 +27,7 @@ from strip_mlp.model import VARIANTS, validate_architecture
 @dataclasses.dataclass(frozen=True)
 class Plan:
   """Durations and sizes derived from the config and the dataset."""
+
   num_classes: int
   image_size: int
   num_train: int
@@ -51,12 +53,23 @@ _DTYPES = ("float32", "bfloat16", "float16")
 
 def _raise_first(errs: list[str]) -> None:
   if errs:
-    raise ConfigError(errs[0] + (f" (and {len(errs) - 1} more problem(s): "
-                                 + " | ".join(errs[1:]) + ")" if len(errs) > 1 else ""))
+    raise ConfigError(
+        errs[0]
+        + (
+            f" (and {len(errs) - 1} more problem(s): " + " | ".join(errs[1:]) + ")"
+            if len(errs) > 1
+            else ""
+        )
+    )
 
 
-def validate_config(config: ml_collections.ConfigDict, num_devices: int | None = None,
-                    num_processes: int | None = None, *, check_devices: bool = True) -> None:
+def validate_config(
+    config: ml_collections.ConfigDict,
+    num_devices: int | None = None,
+    num_processes: int | None = None,
+    *,
+    check_devices: bool = True,
+) -> None:
   """Raises ConfigError with one clear line when a value cannot work.
 
   Checks only what is known without reading data or compiling (unknown keys are refused
@@ -73,8 +86,10 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
   errs += _data_errors(config.data)
   if config.init_from:
     if not os.path.exists(config.init_from):
-      errs.append(f"init_from={config.init_from!r} does not exist; give a converted "
-                  "checkpoint directory or a .pth file")
+      errs.append(
+          f"init_from={config.init_from!r} does not exist; give a converted "
+          "checkpoint directory or a .pth file"
+      )
   _raise_first(errs)
 
 
@@ -89,30 +104,41 @@ def _errors():
   def need(ok, msg):
     if not ok:
       errs.append(msg)
+
   return errs, need
 
 
 def _model_errors(c) -> list[str]:
   errs, need = _errors()
   m = c.model
-  need(c.get("init_resize", "") in ("", "interpolate"),
-       f"init_resize={c.get('init_resize')!r} must be '' or 'interpolate'")
+  need(
+      c.get("init_resize", "") in ("", "interpolate"),
+      f"init_resize={c.get('init_resize')!r} must be '' or 'interpolate'",
+  )
   if m.get("name"):
     from strip_mlp import registry  # pylint: disable=g-import-not-at-top
+
     names = sorted(registry.all_variants())
     need(m.name in names, f"model.name={m.name!r} must be one of {names} ('': Strip-MLP)")
-    need(0.0 <= m.drop_path_rate < 1.0,
-         f"model.drop_path_rate={m.drop_path_rate} must be in [0, 1)")
+    need(
+        0.0 <= m.drop_path_rate < 1.0, f"model.drop_path_rate={m.drop_path_rate} must be in [0, 1)"
+    )
     need(m.dtype in _DTYPES, f"model.dtype={m.dtype!r} must be one of {_DTYPES}")
     return errs
-  need(m.variant in VARIANTS or (not m.variant and m.embed_dim and m.layers),
-       f"model.variant={m.variant!r} must be one of {sorted(VARIANTS)} (or '' with "
-       "model.embed_dim and model.layers set)")
+  need(
+      m.variant in VARIANTS or (not m.variant and m.embed_dim and m.layers),
+      f"model.variant={m.variant!r} must be one of {sorted(VARIANTS)} (or '' with "
+      "model.embed_dim and model.layers set)",
+  )
   if m.layers is not None:
-    need(len(m.layers) == 4 and all(isinstance(n, int) and n >= 0 for n in m.layers),
-         f"model.layers={tuple(m.layers)} must be 4 block counts, e.g. '(2,2,6,2)'")
-  need(m.embed_dim is None or m.embed_dim > 0,
-       f"model.embed_dim={m.embed_dim} must be positive, e.g. 80 (or None: the variant's)")
+    need(
+        len(m.layers) == 4 and all(isinstance(n, int) and n >= 0 for n in m.layers),
+        f"model.layers={tuple(m.layers)} must be 4 block counts, e.g. '(2,2,6,2)'",
+    )
+  need(
+      m.embed_dim is None or m.embed_dim > 0,
+      f"model.embed_dim={m.embed_dim} must be positive, e.g. 80 (or None: the variant's)",
+  )
   need(0.0 <= m.drop_path_rate < 1.0, f"model.drop_path_rate={m.drop_path_rate} must be in [0, 1)")
   need(m.dtype in _DTYPES, f"model.dtype={m.dtype!r} must be one of {_DTYPES}")
   for kind in ("depthwise", "patchify"):
@@ -120,19 +146,26 @@ def _model_errors(c) -> list[str]:
     choices = ("auto",) + ops._CHOICES[kind]  # pylint: disable=protected-access
     need(impl in choices, f"model.{kind}_impl={impl!r} must be one of {choices}")
   img = m.img_size or c.data.image_size
-  need(img and img > 0 and img % 32 == 0, f"image size {img} (model.img_size / "
-       "data.image_size) must be a positive multiple of 32")
-  need(m.img_size is None or m.img_size == c.data.image_size,
-       f"model.img_size={m.img_size} differs from data.image_size={c.data.image_size}; set "
-       "data.image_size (the model follows it)")
-  need(m.num_classes is None or m.num_classes > 0,
-       f"model.num_classes={m.num_classes} must be positive (or None: from the dataset)")
+  need(
+      img and img > 0 and img % 32 == 0,
+      f"image size {img} (model.img_size / " "data.image_size) must be a positive multiple of 32",
+  )
+  need(
+      m.img_size is None or m.img_size == c.data.image_size,
+      f"model.img_size={m.img_size} differs from data.image_size={c.data.image_size}; set "
+      "data.image_size (the model follows it)",
+  )
+  need(
+      m.num_classes is None or m.num_classes > 0,
+      f"model.num_classes={m.num_classes} must be positive (or None: from the dataset)",
+  )
   if not errs:  # the sizes the model will have: can the strip layers split them?
     arch = dict(VARIANTS.get(m.variant, {}))
     arch.update({k: m[k] for k in ("embed_dim", "layers") if m[k]})
     try:
-      validate_architecture(int(arch["embed_dim"]), tuple(arch["layers"]), int(img),
-                            int(m.num_classes or 1))
+      validate_architecture(
+          int(arch["embed_dim"]), tuple(arch["layers"]), int(img), int(m.num_classes or 1)
+      )
     except ValueError as e:
       errs.append(f"model.{e}")
   return errs
@@ -142,41 +175,60 @@ def _training_errors(c, n_dev: int | None, n_proc: int | None) -> list[str]:
   """The training keys; with n_dev/n_proc None, only what does not depend on them."""
   errs, need = _errors()
   need(c.batch_size > 0, f"batch_size={c.batch_size} must be positive")
-  need(c.grad_accum_steps >= 1 and c.batch_size % c.grad_accum_steps == 0,
-       f"grad_accum_steps={c.grad_accum_steps} must be >= 1 and divide batch_size="
-       f"{c.batch_size}")
+  need(
+      c.grad_accum_steps >= 1 and c.batch_size % c.grad_accum_steps == 0,
+      f"grad_accum_steps={c.grad_accum_steps} must be >= 1 and divide batch_size="
+      f"{c.batch_size}",
+  )
   eb = c.eval_batch_size or c.batch_size
   need(eb > 0, f"eval_batch_size={eb} must be positive")
   need(c.mesh.fsdp >= 1, f"mesh.fsdp={c.mesh.fsdp} must be >= 1")
   if n_dev is not None and not errs:
-    need(c.batch_size % n_dev == 0,
-         f"batch_size={c.batch_size} must be a positive multiple of the device count ({n_dev})")
-    need(c.batch_size % n_proc == 0,
-         f"batch_size={c.batch_size} must be a multiple of the process count ({n_proc})")
+    need(
+        c.batch_size % n_dev == 0,
+        f"batch_size={c.batch_size} must be a positive multiple of the device count ({n_dev})",
+    )
+    need(
+        c.batch_size % n_proc == 0,
+        f"batch_size={c.batch_size} must be a multiple of the process count ({n_proc})",
+    )
     if c.grad_accum_steps > 1 and c.batch_size % n_dev == 0:
-      need(c.batch_size % (c.grad_accum_steps * n_dev) == 0,
-           f"grad_accum_steps={c.grad_accum_steps} must split batch_size={c.batch_size} into "
-           f"micro-batches that are multiples of the device count ({n_dev})")
-    need(eb % n_dev == 0,
-         f"eval_batch_size={eb} must be a positive multiple of the device count ({n_dev})")
-    need(n_dev % c.mesh.fsdp == 0,
-         f"mesh.fsdp={c.mesh.fsdp} must be >= 1 and divide the device count ({n_dev})")
+      need(
+          c.batch_size % (c.grad_accum_steps * n_dev) == 0,
+          f"grad_accum_steps={c.grad_accum_steps} must split batch_size={c.batch_size} into "
+          f"micro-batches that are multiples of the device count ({n_dev})",
+      )
+    need(
+        eb % n_dev == 0,
+        f"eval_batch_size={eb} must be a positive multiple of the device count ({n_dev})",
+    )
+    need(
+        n_dev % c.mesh.fsdp == 0,
+        f"mesh.fsdp={c.mesh.fsdp} must be >= 1 and divide the device count ({n_dev})",
+    )
 
   if c.num_steps is not None:
-    need(c.num_steps > 0, f"num_steps={c.num_steps} must be positive (or None: num_epochs "
-         "sets the length)")
+    need(
+        c.num_steps > 0,
+        f"num_steps={c.num_steps} must be positive (or None: num_epochs " "sets the length)",
+    )
   else:
     need(c.num_epochs > 0, f"num_epochs={c.num_epochs} must be positive (or set num_steps)")
   need(c.warmup_epochs >= 0, f"warmup_epochs={c.warmup_epochs} must be >= 0")
-  need(c.warmup_steps is None or c.warmup_steps >= 0,
-       f"warmup_steps={c.warmup_steps} must be >= 0 (or None: warmup_epochs)")
+  need(
+      c.warmup_steps is None or c.warmup_steps >= 0,
+      f"warmup_steps={c.warmup_steps} must be >= 0 (or None: warmup_epochs)",
+  )
   for key in ("eval_every", "checkpoint_every"):
     steps, epochs = c[f"{key}_steps"], c[f"{key}_epochs"]
     if steps is not None:
       need(steps > 0, f"{key}_steps={steps} must be positive (or None: {key}_epochs)")
     else:
-      need(epochs > 0, f"{key}_epochs={epochs} must be positive (or set {key}_steps); the "
-           "end of training is always evaluated and saved")
+      need(
+          epochs > 0,
+          f"{key}_epochs={epochs} must be positive (or set {key}_steps); the "
+          "end of training is always evaluated and saved",
+      )
   need(c.log_every_steps >= 1, f"log_every_steps={c.log_every_steps} must be >= 1")
   need(c.keep_checkpoints >= 1, f"keep_checkpoints={c.keep_checkpoints} must be >= 1")
 
@@ -187,8 +239,10 @@ def _training_errors(c, n_dev: int | None, n_proc: int | None) -> list[str]:
   need(o.weight_decay >= 0, f"optimizer.weight_decay={o.weight_decay} must be >= 0")
   need(c.grad_clip_norm >= 0, f"grad_clip_norm={c.grad_clip_norm} must be >= 0 (0: off)")
   need(c.lr.base > 0, f"lr.base={c.lr.base} must be positive")
-  need(c.lr.warmup >= 0 and c.lr.min >= 0,
-       f"lr.warmup/lr.min must be >= 0, got {c.lr.warmup}/{c.lr.min}")
+  need(
+      c.lr.warmup >= 0 and c.lr.min >= 0,
+      f"lr.warmup/lr.min must be >= 0, got {c.lr.warmup}/{c.lr.min}",
+  )
   need(c.lr.schedule in _SCHEDULES, f"lr.schedule={c.lr.schedule!r} must be one of {_SCHEDULES}")
   try:
     optim.lr_scale_factor(c.lr.scaling, 1)
@@ -204,20 +258,32 @@ def _data_errors(d) -> list[str]:
   dc = data_config
   need(d.source in dc.SOURCES, f"data.source={d.source!r} must be one of {dc.SOURCES}")
   if d.source == "embedded":
-    need(d.name in dc.EMBEDDED_DATASETS,
-         f"data.name={d.name!r} is not an embedded dataset ({', '.join(dc.EMBEDDED_DATASETS)});"
-         " for a TFDS dataset set --config.data.source=tfds")
-  need(d.source != "folder" or d.folder_root,
-       "data.source='folder' needs --config.data.folder_root=/path/with/train/and/val")
+    need(
+        d.name in dc.EMBEDDED_DATASETS,
+        f"data.name={d.name!r} is not an embedded dataset ({', '.join(dc.EMBEDDED_DATASETS)});"
+        " for a TFDS dataset set --config.data.source=tfds",
+    )
+  need(
+      d.source != "folder" or d.folder_root,
+      "data.source='folder' needs --config.data.folder_root=/path/with/train/and/val",
+  )
   need(d.image_size > 0, f"data.image_size={d.image_size} must be positive")
-  need(d.image_dtype in dc.IMAGE_DTYPES,
-       f"data.image_dtype={d.image_dtype!r} must be one of {dc.IMAGE_DTYPES}")
-  need(d.interpolation in dc.INTERPOLATIONS,
-       f"data.interpolation={d.interpolation!r} must be one of {dc.INTERPOLATIONS}")
-  need(d.get("jpeg_dct_method", "") in dc.JPEG_DCT_METHODS,
-       f"data.jpeg_dct_method={d.get('jpeg_dct_method')!r} must be one of {dc.JPEG_DCT_METHODS}")
-  need(d.random_erasing_mode in dc.ERASING_MODES,
-       f"data.random_erasing_mode={d.random_erasing_mode!r} must be one of {dc.ERASING_MODES}")
+  need(
+      d.image_dtype in dc.IMAGE_DTYPES,
+      f"data.image_dtype={d.image_dtype!r} must be one of {dc.IMAGE_DTYPES}",
+  )
+  need(
+      d.interpolation in dc.INTERPOLATIONS,
+      f"data.interpolation={d.interpolation!r} must be one of {dc.INTERPOLATIONS}",
+  )
+  need(
+      d.get("jpeg_dct_method", "") in dc.JPEG_DCT_METHODS,
+      f"data.jpeg_dct_method={d.get('jpeg_dct_method')!r} must be one of {dc.JPEG_DCT_METHODS}",
+  )
+  need(
+      d.random_erasing_mode in dc.ERASING_MODES,
+      f"data.random_erasing_mode={d.random_erasing_mode!r} must be one of {dc.ERASING_MODES}",
+  )
   for key in ("hflip_prob", "random_erasing_prob", "mixup_prob", "mixup_switch_prob"):
     need(0 <= d[key] <= 1, f"data.{key}={d[key]} must be in [0, 1]")
   need(0 <= d.label_smoothing < 1, f"data.label_smoothing={d.label_smoothing} must be in [0, 1)")
@@ -225,10 +291,14 @@ def _data_errors(d) -> list[str]:
   need(d.eval_resize_ratio > 0, f"data.eval_resize_ratio={d.eval_resize_ratio} must be positive")
   for key in ("rrc_scale", "rrc_ratio"):
     lo_hi = tuple(d[key])
-    need(len(lo_hi) == 2 and 0 < lo_hi[0] <= lo_hi[1],
-         f"data.{key}={lo_hi} must be (low, high) with 0 < low <= high")
-  need(len(d.mean) == 3 and len(d.std) == 3 and all(s > 0 for s in d.std),
-       f"data.mean/std must be 3 values each (RGB), std positive; got {d.mean}/{d.std}")
+    need(
+        len(lo_hi) == 2 and 0 < lo_hi[0] <= lo_hi[1],
+        f"data.{key}={lo_hi} must be (low, high) with 0 < low <= high",
+    )
+  need(
+      len(d.mean) == 3 and len(d.std) == 3 and all(s > 0 for s in d.std),
+      f"data.mean/std must be 3 values each (RGB), std positive; got {d.mean}/{d.std}",
+  )
   if d.randaugment:
     try:
       dc.parse_rand_augment(d.randaugment)
@@ -244,6 +314,7 @@ def read_dataset_info(data: ml_collections.ConfigDict):
   The source is cached by the input pipeline, so training opens it only once.
   """
   from strip_mlp.data import pipeline  # pylint: disable=g-import-not-at-top
+
   try:
     return pipeline.get_dataset_info(data)
   except UserError:
@@ -251,8 +322,11 @@ def read_dataset_info(data: ml_collections.ConfigDict):
   except (ValueError, KeyError, OSError, pipeline.ReadError) as e:
     what = getattr(e, "message", None) or str(e)
     what = " ".join(what.split()) or type(e).__name__
-    where = (f"data.folder_root={data.folder_root!r}" if data.source == "folder"
-             else f"data.source={data.source!r}, data.name={data.name!r}")
+    where = (
+        f"data.folder_root={data.folder_root!r}"
+        if data.source == "folder"
+        else f"data.source={data.source!r}, data.name={data.name!r}"
+    )
     raise ConfigError(f"cannot open the dataset ({where}): {what}") from None
 
 
@@ -267,34 +341,51 @@ def make_plan(config, info) -> Plan:
   c = config
   steps_per_epoch = info.num_train / c.batch_size
   if steps_per_epoch < 1:
-    raise ConfigError(f"batch_size={c.batch_size} is larger than the training split "
-                      f"({info.num_train} examples); lower it")
+    raise ConfigError(
+        f"batch_size={c.batch_size} is larger than the training split "
+        f"({info.num_train} examples); lower it"
+    )
   if c.num_steps is not None and c.num_steps <= 0:
-    raise ConfigError(f"num_steps={c.num_steps} must be positive (or None: num_epochs sets "
-                      "the length)")
+    raise ConfigError(
+        f"num_steps={c.num_steps} must be positive (or None: num_epochs sets " "the length)"
+    )
   total = int(c.num_steps) if c.num_steps else int(math.ceil(c.num_epochs * steps_per_epoch))
   if total <= 0:
     raise ConfigError(f"num_epochs={c.num_epochs} gives {total} steps; it must be positive")
-  warmup = (int(c.warmup_steps) if c.warmup_steps is not None
-            else int(round(c.warmup_epochs * steps_per_epoch)))
+  warmup = (
+      int(c.warmup_steps)
+      if c.warmup_steps is not None
+      else int(round(c.warmup_epochs * steps_per_epoch))
+  )
   if warmup >= total:
-    raise ConfigError(f"warmup ({warmup} steps) must be shorter than training ({total} steps); "
-                      "lower warmup_epochs/warmup_steps or train longer")
+    raise ConfigError(
+        f"warmup ({warmup} steps) must be shorter than training ({total} steps); "
+        "lower warmup_epochs/warmup_steps or train longer"
+    )
   n = c.model.num_classes
   if n is not None and n < info.num_classes:
     name = getattr(info, "name", "the dataset")
     raise ConfigError(
         f"model.num_classes={n} is smaller than the {info.num_classes} classes of {name}: "
         f"labels {n}..{info.num_classes - 1} would have no logit (NaN loss); leave "
-        f"model.num_classes unset (None: the dataset's count) or set it >= {info.num_classes}")
+        f"model.num_classes unset (None: the dataset's count) or set it >= {info.num_classes}"
+    )
   factor = optim.lr_scale_factor(c.lr.scaling, c.batch_size)
   return Plan(
       num_classes=int(c.model.num_classes or info.num_classes),
       image_size=int(c.model.img_size or c.data.image_size),
-      num_train=int(info.num_train), num_eval=int(info.num_eval),
-      steps_per_epoch=steps_per_epoch, total_steps=total, warmup_steps=warmup,
+      num_train=int(info.num_train),
+      num_eval=int(info.num_eval),
+      steps_per_epoch=steps_per_epoch,
+      total_steps=total,
+      warmup_steps=warmup,
       eval_every=_interval(c.eval_every_steps, c.eval_every_epochs, steps_per_epoch),
-      checkpoint_every=_interval(c.checkpoint_every_steps, c.checkpoint_every_epochs,
-                                 steps_per_epoch),
-      base_lr=c.lr.base * factor, warmup_lr=c.lr.warmup * factor, min_lr=c.lr.min * factor,
-      lr_factor=factor, eval_batch_size=int(c.eval_batch_size or c.batch_size))
+      checkpoint_every=_interval(
+          c.checkpoint_every_steps, c.checkpoint_every_epochs, steps_per_epoch
+      ),
+      base_lr=c.lr.base * factor,
+      warmup_lr=c.lr.warmup * factor,
+      min_lr=c.lr.min * factor,
+      lr_factor=factor,
+      eval_batch_size=int(c.eval_batch_size or c.batch_size),
+  )

@@ -8,6 +8,7 @@
 Strip-MLP's configs carry no "family" key (checkpoints written before the relatives
 existed read as Strip-MLP); every other family's does.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -24,6 +25,7 @@ class Family:
   """Where a family lives: its model class and creator, and its converter module
   (infer_architecture, state_dict_to_variables, variables_to_state_dict and, except for
   Strip-MLP, is_<family>_state_dict)."""
+
   name: str
   model_module: str
   class_name: str
@@ -46,15 +48,33 @@ class Family:
     return getattr(self.module(), self.create_name)(variant, **overrides)
 
 
-FAMILIES = {f.name: f for f in (
-    Family(STRIP_MLP, "strip_mlp.model", "StripMLP", "create_model", "strip_mlp.convert"),
-    Family("poolformer", "strip_mlp.models.poolformer", "PoolFormer", "create_poolformer",
-           "strip_mlp.models.poolformer_convert"),
-    Family("raftmlp", "strip_mlp.models.raftmlp", "RaftMLP", "create_raftmlp",
-           "strip_mlp.models.raftmlp_convert"),
-    Family("msmlp", "strip_mlp.models.msmlp", "MSMLP", "create_msmlp",
-           "strip_mlp.models.msmlp_convert"),
-)}
+FAMILIES = {
+    f.name: f
+    for f in (
+        Family(STRIP_MLP, "strip_mlp.model", "StripMLP", "create_model", "strip_mlp.convert"),
+        Family(
+            "poolformer",
+            "strip_mlp.models.poolformer",
+            "PoolFormer",
+            "create_poolformer",
+            "strip_mlp.models.poolformer_convert",
+        ),
+        Family(
+            "raftmlp",
+            "strip_mlp.models.raftmlp",
+            "RaftMLP",
+            "create_raftmlp",
+            "strip_mlp.models.raftmlp_convert",
+        ),
+        Family(
+            "msmlp",
+            "strip_mlp.models.msmlp",
+            "MSMLP",
+            "create_msmlp",
+            "strip_mlp.models.msmlp_convert",
+        ),
+    )
+}
 
 
 def all_variants() -> dict[str, str]:
@@ -115,8 +135,9 @@ def state_dict_to_model(state_dict: dict, **model_overrides):
   arch = conv.infer_architecture(state_dict)
   clash = set(arch) & set(model_overrides)
   if clash:
-    raise CheckpointFormatError(f"{sorted(clash)} are read from the weights and cannot be "
-                                "overridden")
+    raise CheckpointFormatError(
+        f"{sorted(clash)} are read from the weights and cannot be " "overridden"
+    )
   model = family.model_class()(**arch, **model_overrides)
   return model, conv.state_dict_to_variables(state_dict, model)
 
@@ -124,6 +145,7 @@ def state_dict_to_model(state_dict: dict, **model_overrides):
 def torch_to_flax(path: str, **model_overrides):
   """Reads a `.pth` of any registered family -> (model, variables)."""
   from strip_mlp.torch_io import read_state_dict  # pylint: disable=g-import-not-at-top
+
   return state_dict_to_model(read_state_dict(path), **model_overrides)
 
 

@@ -17,6 +17,7 @@ trained ones instead of ringing on their non-smooth (input, output) structure.
 A position table is interpolated along its offset axis, offset o' reading o' * L / L'
 (the offsets of the half-pixel position map), values unscaled (they are added).
 """
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -75,8 +76,10 @@ def _resample_leaf(path: tuple, value: np.ndarray, shape: tuple) -> np.ndarray:
     return resample_strip_bias(value, shape[0])
   if parent in ("relate_pos_h", "relate_pos_w") and leaf == "embeddings_table":
     return resample_position_table(value, (shape[0] - 1) // 2)
-  raise ResampleError(f"{'/'.join(path)} has shape {value.shape}, the target model "
-                      f"{shape}, and is not a strip-length tensor")
+  raise ResampleError(
+      f"{'/'.join(path)} has shape {value.shape}, the target model "
+      f"{shape}, and is not a strip-length tensor"
+  )
 
 
 def resample_variables(variables, src_model: StripMLP, dst_model: StripMLP) -> dict:
@@ -87,11 +90,13 @@ def resample_variables(variables, src_model: StripMLP, dst_model: StripMLP) -> d
   """
   same = ("embed_dim", "layers")
   if any(getattr(src_model, k) != getattr(dst_model, k) for k in same) or (
-      dst_model.num_classes not in (0, src_model.num_classes)):
+      dst_model.num_classes not in (0, src_model.num_classes)
+  ):
     raise ResampleError(
         "resampling changes only img_size (and may drop the head): the weights are "
         f"embed_dim={src_model.embed_dim}, layers={src_model.layers}, "
-        f"num_classes={src_model.num_classes}; build the target model with those")
+        f"num_classes={src_model.num_classes}; build the target model with those"
+    )
   flat = traverse_util.flatten_dict(jax.device_get(variables))
   out = {}
   for path, want in traverse_util.flatten_dict(abstract_variables(dst_model)).items():

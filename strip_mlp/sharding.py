@@ -8,10 +8,12 @@ The batch is split over both axes, so every device holds batch / device_count ex
 BatchNorm statistics inside a jitted step are then means over the global batch: XLA
 inserts the cross-device reductions.
 """
+
 from __future__ import annotations
 
+import collections
 import os
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import jax
 import numpy as np
@@ -26,44 +28,58 @@ except ImportError:  # pragma: no cover
 
 DATA_AXES = ("data", "fsdp")
 # Leaves smaller than this stay replicated under FSDP (sharding them costs more than it saves).
-FSDP_MIN_SIZE = 2 ** 12
+FSDP_MIN_SIZE = 2**12
 
 
 def _check_process_flags(coordinator_address, num_processes, process_id, cluster: bool):
   """DistributedSetupError (one line) for flag combinations jax.distributed cannot use."""
-  flags = " ".join(f"--{k}={v}" for k, v in (("coordinator_address", coordinator_address),
-                                             ("num_processes", num_processes),
-                                             ("process_id", process_id)) if v is not None)
+  flags = " ".join(
+      f"--{k}={v}"
+      for k, v in (
+          ("coordinator_address", coordinator_address),
+          ("num_processes", num_processes),
+          ("process_id", process_id),
+      )
+      if v is not None
+  )
   if num_processes is not None and num_processes < 1:
     raise DistributedSetupError(f"--num_processes={num_processes} must be >= 1")
   if cluster:
     return  # SLURM / Open MPI / TPU pods / a launcher provide what is missing
   if process_id is not None and num_processes is None and coordinator_address is None:
-    raise DistributedSetupError(f"{flags}: --process_id needs --num_processes and "
-                                "--coordinator_address")
+    raise DistributedSetupError(
+        f"{flags}: --process_id needs --num_processes and " "--coordinator_address"
+    )
   if coordinator_address is None and (num_processes or 1) > 1:
     raise DistributedSetupError(
         f"{flags}: a multi-process run needs --coordinator_address=HOST:PORT (process 0's "
         "host and a free port, the same for every process) with --num_processes and "
-        "--process_id, unless SLURM, Open MPI or a TPU pod sets them")
+        "--process_id, unless SLURM, Open MPI or a TPU pod sets them"
+    )
   if coordinator_address is not None:
     host, _, port = coordinator_address.rpartition(":")
     if not host or not port.isdigit():
-      raise DistributedSetupError(f"--coordinator_address={coordinator_address} must be "
-                                  "HOST:PORT, e.g. 10.0.0.1:1234")
+      raise DistributedSetupError(
+          f"--coordinator_address={coordinator_address} must be " "HOST:PORT, e.g. 10.0.0.1:1234"
+      )
     if num_processes is None or process_id is None:
-      raise DistributedSetupError(f"{flags}: give --num_processes=N and --process_id=i (in "
-                                  "[0, N)) with --coordinator_address (or JAX_NUM_PROCESSES "
-                                  "and JAX_PROCESS_ID with JAX_COORDINATOR_ADDRESS)")
-  if process_id is not None and num_processes is not None and not (
-      0 <= process_id < num_processes):
-    raise DistributedSetupError(f"--process_id={process_id} must be in [0, {num_processes}) "
-                                f"(--num_processes={num_processes})")
+      raise DistributedSetupError(
+          f"{flags}: give --num_processes=N and --process_id=i (in "
+          "[0, N)) with --coordinator_address (or JAX_NUM_PROCESSES "
+          "and JAX_PROCESS_ID with JAX_COORDINATOR_ADDRESS)"
+      )
+  if process_id is not None and num_processes is not None and not (0 <= process_id < num_processes):
+    raise DistributedSetupError(
+        f"--process_id={process_id} must be in [0, {num_processes}) "
+        f"(--num_processes={num_processes})"
+    )
 
 
-def maybe_initialize_distributed(coordinator_address: str | None = None,
-                                 num_processes: int | None = None,
-                                 process_id: int | None = None) -> bool:
+def maybe_initialize_distributed(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+) -> bool:
   """Calls `jax.distributed.initialize` when several processes run; returns whether it did.
 
   Explicit arguments win; otherwise a cluster environment is detected (SLURM, Open MPI,
@@ -73,11 +89,12 @@ def maybe_initialize_distributed(coordinator_address: str | None = None,
   Raises DistributedSetupError (one line) for incomplete flags or a failed start.
   """
   env = os.environ
-  explicit = (coordinator_address is not None or (num_processes or 1) > 1
-              or process_id is not None)
-  cluster = (int(env.get("SLURM_NTASKS", "1") or 1) > 1
-             or int(env.get("OMPI_COMM_WORLD_SIZE", "1") or 1) > 1
-             or "," in env.get("TPU_WORKER_HOSTNAMES", ""))
+  explicit = coordinator_address is not None or (num_processes or 1) > 1 or process_id is not None
+  cluster = (
+      int(env.get("SLURM_NTASKS", "1") or 1) > 1
+      or int(env.get("OMPI_COMM_WORLD_SIZE", "1") or 1) > 1
+      or "," in env.get("TPU_WORKER_HOSTNAMES", "")
+  )
   detected = cluster or bool(env.get("JAX_COORDINATOR_ADDRESS"))
   if not (explicit or detected):
     return False
@@ -91,15 +108,17 @@ def maybe_initialize_distributed(coordinator_address: str | None = None,
   if num_processes == 1 and coordinator_address is None and not cluster:
     return False  # --num_processes=1 --process_id=0: one plain process
   if coordinator_address is not None:
-    kwargs.update(coordinator_address=coordinator_address, num_processes=num_processes,
-                  process_id=process_id)
+    kwargs.update(
+        coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id
+    )
   try:
     jax.distributed.initialize(**kwargs)
   except (RuntimeError, ValueError) as e:
-    first = next((line.strip() for line in str(e).splitlines() if line.strip()),
-                 type(e).__name__)
-    raise DistributedSetupError(f"jax.distributed.initialize failed: {first}; check the "
-                                "coordinator address and that every process was started")
+    first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+    raise DistributedSetupError(
+        f"jax.distributed.initialize failed: {first}; check the "
+        "coordinator address and that every process was started"
+    )
   return True
 
 
@@ -129,6 +148,7 @@ def barrier(name: str):
   if jax.process_count() == 1:
     return
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
   multihost_utils.sync_global_devices(name)
 
 
@@ -182,21 +202,55 @@ def tree_shardings(abstract_tree: Any, mesh: Mesh) -> Any:
 
   def one(leaf):
     return NamedSharding(mesh, fsdp_spec(tuple(getattr(leaf, "shape", ())), size))
+
   return jax.tree_util.tree_map(one, abstract_tree)
 
 
 def with_shardings(abstract_tree: Any, shardings: Any) -> Any:
   """ShapeDtypeStructs carrying `shardings` (targets for checkpoint restore)."""
   return jax.tree_util.tree_map(
-      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_tree, shardings)
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_tree, shardings
+  )
 
 
 def put_global(tree: Any, shardings: Any) -> Any:
   """Host numpy trees (identical on every process) -> global arrays with `shardings` (a
   tree of shardings, or one sharding for every leaf)."""
+
   def one(x, s):
     x = np.asarray(x)
     return jax.make_array_from_callback(x.shape, s, lambda idx: x[idx])
+
   if isinstance(shardings, jax.sharding.Sharding):
     return jax.tree_util.tree_map(lambda x: one(x, shardings), tree)
   return jax.tree_util.tree_map(one, tree, shardings)
+
+
+def batch_axis_sharding(sharding, ndim: int):
+  """`sharding` restricted to the batch dimension, for arrays of any rank."""
+  if isinstance(sharding, jax.sharding.NamedSharding):
+    spec = tuple(sharding.spec) or (None,)
+    return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(spec[0]))
+  return sharding
+
+
+def to_global_arrays(local_batch: dict[str, np.ndarray], sharding) -> dict[str, jax.Array]:
+  """Process-local numpy batch -> global jax.Arrays sharded over the batch dimension."""
+  return {
+      k: jax.make_array_from_process_local_data(batch_axis_sharding(sharding, np.ndim(v)), v)
+      for k, v in local_batch.items()
+  }
+
+
+def device_iterator(local_iter, sharding, prefetch: int) -> Iterator[dict[str, Any]]:
+  """Puts `prefetch` batches on device ahead of the consumer (sharding None: numpy out)."""
+  if sharding is None:
+    yield from local_iter
+    return
+  queue = collections.deque()
+  for batch in local_iter:
+    queue.append(to_global_arrays(batch, sharding))
+    if len(queue) > max(0, int(prefetch)):
+      yield queue.popleft()
+  while queue:
+    yield queue.popleft()

@@ -5,6 +5,7 @@ are pure functions of arrays; `strip_mlp.build` jits them with their shardings. 
 randomness of a step comes from fold_in(key(seed + 1), step), so a resumed run draws
 exactly what an uninterrupted one would.
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable
@@ -27,6 +28,7 @@ class TrainState:
   the model and the optimizer into the checkpoint target and every jit cache key; this one
   is arrays only (its state dict is what checkpoints store).
   """
+
   step: jax.Array
   params: Any
   batch_stats: Any
@@ -38,8 +40,14 @@ class TrainState:
     return {"params": src["params"], "batch_stats": src["batch_stats"]}
 
 
-def init_state(model, tx: optax.GradientTransformation, rng: jax.Array, ema: bool,
-               pretrained: dict | None = None, image_size: int | None = None) -> TrainState:
+def init_state(
+    model,
+    tx: optax.GradientTransformation,
+    rng: jax.Array,
+    ema: bool,
+    pretrained: dict | None = None,
+    image_size: int | None = None,
+) -> TrainState:
   """A fresh TrainState (call under jit with out_shardings, or inside jax.eval_shape).
 
   pretrained: optional {'params', 'batch_stats'} trees of the model's structure whose leaves
@@ -54,12 +62,16 @@ def init_state(model, tx: optax.GradientTransformation, rng: jax.Array, ema: boo
     pick = lambda pre, fresh: fresh if pre is None else jnp.asarray(pre, fresh.dtype)
     is_none = lambda x: x is None
     params = jax.tree_util.tree_map(pick, pretrained["params"], params, is_leaf=is_none)
-    batch_stats = jax.tree_util.tree_map(pick, pretrained["batch_stats"], batch_stats,
-                                         is_leaf=is_none)
+    batch_stats = jax.tree_util.tree_map(
+        pick, pretrained["batch_stats"], batch_stats, is_leaf=is_none
+    )
   return TrainState(
-      step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      batch_stats=batch_stats,
       opt_state=tx.init(params),
-      ema={"params": params, "batch_stats": batch_stats} if ema else {})
+      ema={"params": params, "batch_stats": batch_stats} if ema else {},
+  )
 
 
 def soft_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
@@ -74,8 +86,14 @@ def all_finite(tree) -> jax.Array:
   return jnp.all(jnp.stack(leaves)).astype(jnp.float32)
 
 
-def make_train_step(model, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                    config, num_classes: int, mesh) -> Callable:
+def make_train_step(
+    model,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    config,
+    num_classes: int,
+    mesh,
+) -> Callable:
   """train_step(state, batch) -> (state, metrics); pure, to be jitted.
 
   batch: {'image' (B, R, R, 3), 'label' (B,) int}. metrics: loss, grad_norm, lr and
@@ -90,8 +108,13 @@ def make_train_step(model, tx: optax.GradientTransformation, schedule: optax.Sch
   micro_sharding = NamedSharding(mesh, P(None, sharding.DATA_AXES))
 
   def loss_fn(params, batch_stats, images, targets, rng):
-    logits, updates = model.apply({"params": params, "batch_stats": batch_stats}, images,
-                                  train=True, rngs={"drop_path": rng}, mutable=["batch_stats"])
+    logits, updates = model.apply(
+        {"params": params, "batch_stats": batch_stats},
+        images,
+        train=True,
+        rngs={"drop_path": rng},
+        mutable=["batch_stats"],
+    )
     return jnp.mean(soft_cross_entropy(logits, targets)), updates.get("batch_stats", {})
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -100,34 +123,50 @@ def make_train_step(model, tx: optax.GradientTransformation, schedule: optax.Sch
     rng = jax.random.fold_in(base_key, state.step)
     mix_rng, drop_rng = jax.random.split(rng)
     images, targets = mixup_cutmix(
-        mix_rng, batch["image"], batch["label"], num_classes, mixup_alpha=d.mixup_alpha,
-        cutmix_alpha=d.cutmix_alpha, switch_prob=d.mixup_switch_prob,
-        label_smoothing=d.label_smoothing, mix_prob=d.mixup_prob)
+        mix_rng,
+        batch["image"],
+        batch["label"],
+        num_classes,
+        mixup_alpha=d.mixup_alpha,
+        cutmix_alpha=d.cutmix_alpha,
+        switch_prob=d.mixup_switch_prob,
+        label_smoothing=d.label_smoothing,
+        mix_prob=d.mixup_prob,
+    )
     if accum == 1:
-      (loss, batch_stats), grads = grad_fn(state.params, state.batch_stats, images, targets,
-                                           drop_rng)
+      (loss, batch_stats), grads = grad_fn(
+          state.params, state.batch_stats, images, targets, drop_rng
+      )
     else:
       (loss, batch_stats), grads = accumulated_grads(
-          grad_fn, state, images, targets, drop_rng, accum, micro_sharding)
+          grad_fn, state, images, targets, drop_rng, accum, micro_sharding
+      )
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     ema = state.ema
     if ema_decay > 0:
       ema = optim.ema_update(ema, {"params": params, "batch_stats": batch_stats}, ema_decay)
-    new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
-                              opt_state=opt_state, ema=ema)
-    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
-               "lr": schedule(state.step), "params_finite": all_finite(params)}
+    new_state = state.replace(
+        step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state, ema=ema
+    )
+    metrics = {
+        "loss": loss,
+        "grad_norm": optax.global_norm(grads),
+        "lr": schedule(state.step),
+        "params_finite": all_finite(params),
+    }
     return new_state, metrics
 
   return train_step
 
 
-def accumulated_grads(grad_fn, state: TrainState, images, targets, drop_rng, accum: int,
-                      micro_sharding):
+def accumulated_grads(
+    grad_fn, state: TrainState, images, targets, drop_rng, accum: int, micro_sharding
+):
   """((mean loss, batch_stats), mean grads) of `grad_fn` over `accum` micro-batches
   (micro-batch j = examples j, j+k, j+2k, ..., each spread over all devices), BatchNorm
   statistics carried from one micro-batch to the next."""
+
   def split(x):  # (B, ...) -> (k, B/k, ...)
     x = x.reshape((x.shape[0] // accum, accum) + x.shape[1:]).swapaxes(0, 1)
     return jax.lax.with_sharding_constraint(x, micro_sharding)
@@ -135,14 +174,17 @@ def accumulated_grads(grad_fn, state: TrainState, images, targets, drop_rng, acc
   def micro(carry, xs):
     grads, loss, batch_stats = carry
     imgs, tgts, i = xs
-    (l, batch_stats), g = grad_fn(state.params, batch_stats, imgs, tgts,
-                                  jax.random.fold_in(drop_rng, i))
+    (l, batch_stats), g = grad_fn(
+        state.params, batch_stats, imgs, tgts, jax.random.fold_in(drop_rng, i)
+    )
     return (jax.tree_util.tree_map(jnp.add, grads, g), loss + l, batch_stats), None
 
   zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
   (grads, loss, batch_stats), _ = jax.lax.scan(
-      micro, (zeros, jnp.zeros((), jnp.float32), state.batch_stats),
-      (split(images), split(targets), jnp.arange(accum)))
+      micro,
+      (zeros, jnp.zeros((), jnp.float32), state.batch_stats),
+      (split(images), split(targets), jnp.arange(accum)),
+  )
   return (loss / accum, batch_stats), jax.tree_util.tree_map(lambda g: g / accum, grads)
 
 
@@ -152,6 +194,7 @@ def make_eval_step(model) -> Callable:
   batch: {'image' (B, R, R, 3), 'label' (B,), 'mask' (B,) 1.0 for real examples}; each sum
   is a float32 scalar, exact for hit counts below 2**24.
   """
+
   def eval_step(variables, batch):
     logits = model.apply(variables, batch["image"], train=False).astype(jnp.float32)
     labels, mask = batch["label"], batch["mask"].astype(jnp.float32)
@@ -160,6 +203,11 @@ def make_eval_step(model) -> Callable:
     topk = jax.lax.top_k(logits, k)[1]
     top1 = (topk[:, 0] == labels).astype(jnp.float32)
     top5 = jnp.any(topk == labels[:, None], axis=-1).astype(jnp.float32)
-    return {"loss": jnp.sum(loss * mask), "top1": jnp.sum(top1 * mask),
-            "top5": jnp.sum(top5 * mask), "count": jnp.sum(mask)}
+    return {
+        "loss": jnp.sum(loss * mask),
+        "top1": jnp.sum(top1 * mask),
+        "top5": jnp.sum(top5 * mask),
+        "count": jnp.sum(mask),
+    }
+
   return eval_step

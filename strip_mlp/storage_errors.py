@@ -4,6 +4,7 @@ A storage error (`is_storage_error`: disk full, permissions, tensorstore's I/O e
 raised by the callers as one line (`storage_error_reason`, `save_error_message`);
 `StorageNoiseFilter` keeps orbax's and asyncio's tracebacks of it out of the log.
 """
+
 import contextlib
 import errno
 import logging
@@ -16,8 +17,10 @@ import traceback
 import jax
 import numpy as np
 
-_STORAGE_ERROR = re.compile(r"os_error_code|RESOURCE_EXHAUSTED|PERMISSION_DENIED|No space left|"
-                            r"Disk quota|Read-only file system|Permission denied")
+_STORAGE_ERROR = re.compile(
+    r"os_error_code|RESOURCE_EXHAUSTED|PERMISSION_DENIED|No space left|"
+    r"Disk quota|Read-only file system|Permission denied"
+)
 
 
 def _causes(e: BaseException | None):
@@ -59,8 +62,10 @@ def format_bytes(n: float) -> str:
 
 def tree_nbytes(tree) -> int:
   """Bytes of the leaves of `tree` (global size of sharded arrays)."""
-  return sum(int(x.nbytes) if hasattr(x, "nbytes") else np.asarray(x).nbytes
-             for x in jax.tree_util.tree_leaves(tree))
+  return sum(
+      int(x.nbytes) if hasattr(x, "nbytes") else np.asarray(x).nbytes
+      for x in jax.tree_util.tree_leaves(tree)
+  )
 
 
 class StorageNoiseFilter(logging.Filter):
@@ -119,15 +124,20 @@ def quiet_closed_event_loop_errors() -> None:
   def hook(unraisable):
     exc = unraisable.exc_value
     frames = [f.f_code.co_name for f, _ in traceback.walk_tb(unraisable.exc_traceback)]
-    if not (isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
-            and "call_soon_threadsafe" in frames):
+    if not (
+        isinstance(exc, RuntimeError)
+        and str(exc) == "Event loop is closed"
+        and "call_soon_threadsafe" in frames
+    ):
       previous(unraisable)
+
   hook.strip_mlp_closed_loop = True
   sys.unraisablehook = hook
 
 
-def save_error_message(directory: str, step: int, nbytes: int, error: BaseException,
-                        previous: int | None) -> str:
+def save_error_message(
+    directory: str, step: int, nbytes: int, error: BaseException, previous: int | None
+) -> str:
   """One line: step, where, why, the size needed, what a rerun resumes from, what to do."""
   code, why = storage_error_reason(error)
   try:
@@ -138,9 +148,13 @@ def save_error_message(directory: str, step: int, nbytes: int, error: BaseExcept
     resume = "there is no previous checkpoint, so a rerun starts from scratch"
   else:
     where = os.path.join(directory, str(previous))
-    resume = (f"the previous checkpoint, step {previous} ({where}), is intact and a rerun "
-              "resumes from it")
+    resume = (
+        f"the previous checkpoint, step {previous} ({where}), is intact and a rerun "
+        "resumes from it"
+    )
   fix = "free up space there" if code in (errno.ENOSPC, errno.EDQUOT) else "fix that"
-  return (f"saving checkpoint step {step} in {directory} failed: {why} (the checkpoint needs "
-          f"about {format_bytes(nbytes)}{free}); {resume}; {fix} or use another --workdir, "
-          "then rerun")
+  return (
+      f"saving checkpoint step {step} in {directory} failed: {why} (the checkpoint needs "
+      f"about {format_bytes(nbytes)}{free}); {resume}; {fix} or use another --workdir, "
+      "then rerun"
+  )

@@ -5,6 +5,7 @@ tensors and plain containers. Released Strip-MLP training checkpoints also pickl
 yacs `CfgNode` config; it is admitted as an inert ordered dict (yacs itself need not be
 installed). Anything else that names a global (a class or function) is refused.
 """
+
 import argparse
 import collections
 import os
@@ -38,7 +39,8 @@ def _import_torch():
   except ImportError as e:
     raise TorchNotInstalledError(
         "reading .pth files needs PyTorch: pip install 'strip-mlp-jax[convert]' "
-        "(on CPU-only machines install torch's CPU build first)") from e
+        "(on CPU-only machines install torch's CPU build first)"
+    ) from e
   return torch
 
 
@@ -46,8 +48,10 @@ def load_torch_file(path: str):
   """Unpickles `path` with PyTorch's weights-only loader (tensors stay on CPU)."""
   torch = _import_torch()
   if os.path.isdir(path):
-    raise CheckpointFormatError(f"{path} is a directory, not a PyTorch .pth file; give the "
-                                "weights file written by torch.save")
+    raise CheckpointFormatError(
+        f"{path} is a directory, not a PyTorch .pth file; give the "
+        "weights file written by torch.save"
+    )
   if not os.path.isfile(path):
     raise CheckpointFormatError(f"{path}: no such file")
   try:
@@ -61,10 +65,11 @@ def load_torch_file(path: str):
           f"{path}: refused to unpickle: the file references {', '.join(names)}, which "
           "could run code; only tensors, containers and training configs are read "
           "(re-save the state dict alone with torch.save({'model': state_dict}, ...) "
-          "from a trusted session)") from None
+          "from a trusted session)"
+      ) from None
     raise CheckpointFormatError(
-        f"{path}: not a PyTorch checkpoint written by torch.save "
-        f"({_core_message(str(e))})") from None
+        f"{path}: not a PyTorch checkpoint written by torch.save " f"({_core_message(str(e))})"
+    ) from None
   except Exception as e:  # pylint: disable=broad-except  # any parse failure of a bad file
     detail = _core_message(str(e))
     detail = f"{type(e).__name__}: {detail}" if len(detail) < 20 else detail
@@ -75,8 +80,12 @@ def load_torch_file(path: str):
 
 def _core_message(msg: str) -> str:
   """The informative line of a PyTorch loading error, without its boilerplate."""
-  boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation",
-                 "This is an internal miniz error")
+  boilerplate = (
+      "Weights only load failed",
+      "Please file an issue",
+      "Check the documentation",
+      "This is an internal miniz error",
+  )
   lines = [l.strip() for l in msg.splitlines() if l.strip()]
   lines = [l for l in lines if not l.startswith(boilerplate)] or lines[:1]
   return lines[0].split(". This is an internal")[0] if lines else ""
@@ -116,11 +125,13 @@ def extract_state_dict(obj, source: str = "checkpoint") -> dict:
   or a bare state dict. Returns {name: torch.Tensor}.
   """
   torch = _import_torch()
-  is_sd = lambda d: isinstance(d, dict) and d and all(
-      isinstance(v, torch.Tensor) for v in d.values())
+  is_sd = (
+      lambda d: isinstance(d, dict) and d and all(isinstance(v, torch.Tensor) for v in d.values())
+  )
   if not isinstance(obj, dict):
     raise CheckpointFormatError(
-        f"{source}: holds a {type(obj).__name__}, not a state dict or a dict with 'model'")
+        f"{source}: holds a {type(obj).__name__}, not a state dict or a dict with 'model'"
+    )
   if is_sd(obj):
     sd = obj
   else:
@@ -131,10 +142,11 @@ def extract_state_dict(obj, source: str = "checkpoint") -> dict:
     else:
       raise CheckpointFormatError(
           f"{source}: no state dict found (top-level keys: {sorted(map(str, obj))[:8]}); "
-          "expected {'model': state_dict} or a bare state dict")
+          "expected {'model': state_dict} or a bare state dict"
+      )
   prefix = "module."
   if all(k.startswith(prefix) for k in sd):
-    sd = {k[len(prefix):]: v for k, v in sd.items()}
+    sd = {k[len(prefix) :]: v for k, v in sd.items()}
   return dict(sd)
 
 

@@ -5,6 +5,7 @@ the Flax array is laid out relative to the PyTorch tensor. Every Flax leaf takes
 tensor and every tensor must be taken: missing, unexpected and mis-shaped keys are reported
 together in one `CheckpointFormatError` line.
 """
+
 import collections
 import functools
 from typing import Callable, NamedTuple
@@ -53,6 +54,7 @@ def to_flax(layout: str, t: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
 
 class Layout(NamedTuple):
   """to_flax(torch_array, flax_shape) -> flax array; to_torch(flax_array) -> torch array."""
+
   to_flax: Callable[[np.ndarray, tuple], np.ndarray]
   to_torch: Callable[[np.ndarray], np.ndarray]
 
@@ -62,13 +64,19 @@ def _standard(name: str) -> Layout:
 
 
 SAME = _standard("same")
-LINEAR = _standard("linear")     # (in, out) <-> (out, in)
-CONV = _standard("conv")         # HWIO <-> OIHW
-CONV1X1 = _standard("conv1x1")   # (in, out) <-> (out, in, 1, 1)
-STRIP_KERNEL = _standard("strip_kernel")   # (3, L, L, G) <-> grouped (G*L, L, 1, 3)
-STRIP_BIAS = _standard("strip_bias")       # (L, G) <-> (G*L,)
-LAYOUTS = {"same": SAME, "linear": LINEAR, "conv": CONV, "conv1x1": CONV1X1,
-           "strip_kernel": STRIP_KERNEL, "strip_bias": STRIP_BIAS}
+LINEAR = _standard("linear")  # (in, out) <-> (out, in)
+CONV = _standard("conv")  # HWIO <-> OIHW
+CONV1X1 = _standard("conv1x1")  # (in, out) <-> (out, in, 1, 1)
+STRIP_KERNEL = _standard("strip_kernel")  # (3, L, L, G) <-> grouped (G*L, L, 1, 3)
+STRIP_BIAS = _standard("strip_bias")  # (L, G) <-> (G*L,)
+LAYOUTS = {
+    "same": SAME,
+    "linear": LINEAR,
+    "conv": CONV,
+    "conv1x1": CONV1X1,
+    "strip_kernel": STRIP_KERNEL,
+    "strip_bias": STRIP_BIAS,
+}
 
 KeyFn = Callable[[tuple], str]
 LayoutFn = Callable[[tuple, int], Layout]
@@ -80,8 +88,9 @@ def abstract_variables(model, img_size: int):
   return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x, train=False))
 
 
-def state_dict_to_variables(sd: dict, abstract, key_fn: KeyFn, layout_fn: LayoutFn,
-                            description: str) -> dict:
+def state_dict_to_variables(
+    sd: dict, abstract, key_fn: KeyFn, layout_fn: LayoutFn, description: str
+) -> dict:
   """Fills every leaf of `abstract` (a variables tree of shapes) from `sd` ({key: array}).
 
   Raises CheckpointFormatError naming missing, unexpected and mis-shaped keys; the message
@@ -110,8 +119,9 @@ def state_dict_to_variables(sd: dict, abstract, key_fn: KeyFn, layout_fn: Layout
   return traverse_util.unflatten_dict(out)
 
 
-def variables_to_state_dict(variables, key_fn: KeyFn, layout_fn: LayoutFn
-                            ) -> "collections.OrderedDict[str, np.ndarray]":
+def variables_to_state_dict(
+    variables, key_fn: KeyFn, layout_fn: LayoutFn
+) -> "collections.OrderedDict[str, np.ndarray]":
   """Flax variables -> the official code's state dict as C-contiguous float32 numpy arrays."""
   sd = collections.OrderedDict()
   for path, leaf in traverse_util.flatten_dict(jax.device_get(variables)).items():

@@ -22,6 +22,7 @@ checkpoint stays the latest and its temporary directory is deleted on the next o
 announced only then. Orbax's warnings about expected situations (read-only opening, saves
 without metrics) and its tracebacks of a failed save are not logged.
 """
+
 from __future__ import annotations
 
 import json
@@ -34,8 +35,12 @@ from orbax.checkpoint import checkpoint_managers as ocm
 
 from strip_mlp.errors import CheckpointMismatchError, CheckpointSaveError, EvalError
 from strip_mlp.model import ARCHITECTURE_KEYS
-from strip_mlp.storage_errors import (StorageNoiseFilter, is_storage_error,
-                                      save_error_message, tree_nbytes)
+from strip_mlp.storage_errors import (
+    StorageNoiseFilter,
+    is_storage_error,
+    save_error_message,
+    tree_nbytes,
+)
 from strip_mlp.tree_diff import describe_mismatch, shape_map
 
 CHECKPOINT_DIR = "checkpoints"
@@ -61,36 +66,54 @@ class Checkpointer:
   more.
   """
 
-  def __init__(self, directory: str, *, keep: int = 3, keep_best: bool = True,
-               async_save: bool = True, read_only: bool = False):
+  def __init__(
+      self,
+      directory: str,
+      *,
+      keep: int = 3,
+      keep_best: bool = True,
+      async_save: bool = True,
+      read_only: bool = False,
+  ):
     if keep < 1:
       raise ValueError(f"keep_checkpoints must be >= 1, got {keep}")
     self.directory = os.path.abspath(directory)
     self._async = async_save and not read_only
     self._pending: tuple[int, int] | None = None  # (step, bytes) of the save in flight
-    self._committed: list[int] = []                # finished, not reported yet
-    self._failed = False                           # a CheckpointSaveError was raised
+    self._committed: list[int] = []  # finished, not reported yet
+    self._failed = False  # a CheckpointSaveError was raised
     self._closed = False
     best = dict(best_fn=lambda m: m["top1"], best_mode="max")  # also makes orbax store metrics
     if read_only:  # save_interval_steps=0: orbax would warn that it sets it so
       options = ocp.CheckpointManagerOptions(
-          read_only=True, create=False, cleanup_tmp_directories=False,
-          save_interval_steps=0, **best)
+          read_only=True, create=False, cleanup_tmp_directories=False, save_interval_steps=0, **best
+      )
     else:
       policies = [ocm.LatestN(n=keep)]
       if keep_best:
-        policies.append(ocm.BestN(get_metric_fn=lambda m: m["top1"], n=1,
-                                  keep_checkpoints_without_metrics=False))
+        policies.append(
+            ocm.BestN(
+                get_metric_fn=lambda m: m["top1"], n=1, keep_checkpoints_without_metrics=False
+            )
+        )
       options = ocp.CheckpointManagerOptions(
-          create=True, cleanup_tmp_directories=True, enable_async_checkpointing=async_save,
-          preservation_policy=ocm.AnyPreservationPolicy(policies=policies), **best)
+          create=True,
+          cleanup_tmp_directories=True,
+          enable_async_checkpointing=async_save,
+          preservation_policy=ocm.AnyPreservationPolicy(policies=policies),
+          **best,
+      )
     self._filter = StorageNoiseFilter(self.directory).attach()
     try:
       with self._filter.quiet(_READ_ONLY_WARNING if read_only else None):
         self.manager = ocp.CheckpointManager(
-            self.directory, options=options,
-            item_handlers={STATE: ocp.StandardCheckpointHandler(),
-                           META: ocp.JsonCheckpointHandler()})
+            self.directory,
+            options=options,
+            item_handlers={
+                STATE: ocp.StandardCheckpointHandler(),
+                META: ocp.JsonCheckpointHandler(),
+            },
+        )
     except BaseException:
       self._filter.detach()
       raise
@@ -128,10 +151,16 @@ class Checkpointer:
     try:
       with self._filter.quiet(_NO_METRICS_WARNING if metrics is None else None):
         started = self.manager.save(
-            step, args=ocp.args.Composite(**{
-                STATE: ocp.args.StandardSave(serialization.to_state_dict(state)),
-                META: ocp.args.JsonSave(dict(meta, step=step))}),
-            metrics=metrics, force=True)
+            step,
+            args=ocp.args.Composite(
+                **{
+                    STATE: ocp.args.StandardSave(serialization.to_state_dict(state)),
+                    META: ocp.args.JsonSave(dict(meta, step=step)),
+                }
+            ),
+            metrics=metrics,
+            force=True,
+        )
     except Exception as e:  # pylint: disable=broad-except  # storage errors only, below
       self._raise_save_error(step, nbytes, e)
     if started:
@@ -207,51 +236,69 @@ class Checkpointer:
     except Exception:  # pylint: disable=broad-except  # the message matters more
       previous = None
     raise CheckpointSaveError(
-        save_error_message(self.directory, step, nbytes, error, previous)) from error
+        save_error_message(self.directory, step, nbytes, error, previous)
+    ) from error
 
   # --------------------------------------------------------------------------- restore
   def read_meta(self, step: int) -> dict:
-    return dict(self.manager.restore(step, args=ocp.args.Composite(
-        **{META: ocp.args.JsonRestore()}))[META])
+    return dict(
+        self.manager.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))[META]
+    )
 
   def check_compatible(self, step: int, target: Any, model_config: dict | None = None):
     """Raises CheckpointMismatchError (one line saying what to do) if checkpoint `step`
     does not fit `target` (the abstract train state)."""
     where = os.path.join(self.directory, str(step))
-    hint = (f"start a fresh --workdir, or train with the config that wrote it "
-            f"({os.path.dirname(self.directory)}/config.json)")
+    hint = (
+        f"start a fresh --workdir, or train with the config that wrote it "
+        f"({os.path.dirname(self.directory)}/config.json)"
+    )
     if model_config is not None:
       stored = self.read_meta(step).get("model")
       if stored is not None:
-        diff = {k: (stored.get(k), v) for k, v in model_config.items()
-                if k in ARCHITECTURE_KEYS + ("family",) and _norm(stored.get(k)) != _norm(v)}
+        diff = {
+            k: (stored.get(k), v)
+            for k, v in model_config.items()
+            if k in ARCHITECTURE_KEYS + ("family",) and _norm(stored.get(k)) != _norm(v)
+        }
         if diff:
-          desc = ", ".join(f"{k} {a!r} in the checkpoint vs {b!r} now"
-                           for k, (a, b) in sorted(diff.items()))
+          desc = ", ".join(
+              f"{k} {a!r} in the checkpoint vs {b!r} now" for k, (a, b) in sorted(diff.items())
+          )
           raise CheckpointMismatchError(
-              f"checkpoint {where} was written for a different model ({desc}); {hint}")
+              f"checkpoint {where} was written for a different model ({desc}); {hint}"
+          )
     tree = self.manager.item_metadata(step)[STATE]
     tree = getattr(tree, "tree", tree)
-    problem = describe_mismatch(shape_map(tree), shape_map(serialization.to_state_dict(target)),
-                                expected_in="now")
+    problem = describe_mismatch(
+        shape_map(tree), shape_map(serialization.to_state_dict(target)), expected_in="now"
+    )
     if problem:
       raise CheckpointMismatchError(
-          f"checkpoint {where} does not fit the model/optimizer being trained: {problem}; {hint}")
+          f"checkpoint {where} does not fit the model/optimizer being trained: {problem}; {hint}"
+      )
 
   def restore(self, step: int, target: Any) -> tuple[Any, dict]:
     """(state, meta) of checkpoint `step`; `target` is a pytree of ShapeDtypeStructs with
     the shardings wanted now (any device count), of the same structure as the saved state."""
-    restored = self.manager.restore(step, args=ocp.args.Composite(**{
-        STATE: ocp.args.StandardRestore(serialization.to_state_dict(target)),
-        META: ocp.args.JsonRestore()}))
+    restored = self.manager.restore(
+        step,
+        args=ocp.args.Composite(
+            **{
+                STATE: ocp.args.StandardRestore(serialization.to_state_dict(target)),
+                META: ocp.args.JsonRestore(),
+            }
+        ),
+    )
     state = serialization.from_state_dict(target, restored[STATE])
     return state, dict(restored[META])
 
 
 def is_step_dir(path: str) -> bool:
   """Whether `path` is one step directory of a training checkpoints/ directory."""
-  return (os.path.basename(os.path.normpath(path)).isdigit()
-          and os.path.isdir(os.path.join(path, STATE)))
+  return os.path.basename(os.path.normpath(path)).isdigit() and os.path.isdir(
+      os.path.join(path, STATE)
+  )
 
 
 def select_step(checkpoints_dir: str, step: int | None, which: str) -> tuple[int, dict]:
@@ -263,8 +310,10 @@ def select_step(checkpoints_dir: str, step: int | None, which: str) -> tuple[int
     if not steps:
       raise EvalError(f"no complete checkpoint in {checkpoints_dir} yet")
     if step is not None and step not in steps:
-      raise EvalError(f"no checkpoint of step {step} in {checkpoints_dir}; available steps: "
-                      f"{', '.join(map(str, steps))}")
+      raise EvalError(
+          f"no checkpoint of step {step} in {checkpoints_dir}; available steps: "
+          f"{', '.join(map(str, steps))}"
+      )
     if step is None and which not in ("latest", "best"):
       raise EvalError(f"--which={which!r}: use 'latest' or 'best'")
     if step is None:
@@ -278,14 +327,15 @@ def _best_step(ckpt: Checkpointer, steps: list[int]) -> int:
   """The step of `steps` with the highest eval top-1: orbax stores metrics beside a
   checkpoint only when its manager tracks a best_fn; otherwise the eval rows train.py
   writes to metrics.jsonl decide."""
-  has_metrics = any(os.path.isdir(os.path.join(ckpt.directory, str(s), "metrics"))
-                    for s in steps)
+  has_metrics = any(os.path.isdir(os.path.join(ckpt.directory, str(s), "metrics")) for s in steps)
   best = ckpt.best_step() if has_metrics else None
   if best is None:
     best = _best_from_metrics_file(os.path.dirname(ckpt.directory), steps)
   if best is None:
-    raise EvalError(f"no eval top-1 recorded for the checkpoints in {ckpt.directory}, so "
-                    "none is 'best'; use --which=latest or --step=N")
+    raise EvalError(
+        f"no eval top-1 recorded for the checkpoints in {ckpt.directory}, so "
+        "none is 'best'; use --which=latest or --step=N"
+    )
   return int(best)
 
 
@@ -300,9 +350,9 @@ def _best_from_metrics_file(workdir: str, steps: list[int]) -> int | None:
       try:
         row = json.loads(line)
       except ValueError:
-        continue   # a line being written right now
+        continue  # a line being written right now
       if row.get("kind") == "eval" and "top1" in row:
-        top1[int(row["step"])] = float(row["top1"])   # the last evaluation of a step wins
+        top1[int(row["step"])] = float(row["top1"])  # the last evaluation of a step wins
   scored = [(top1[s], s) for s in steps if s in top1]
   return max(scored)[1] if scored else None
 

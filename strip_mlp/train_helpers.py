@@ -5,6 +5,7 @@ when it fetches them, and logs/writes their mean. `Saver` starts checkpoint save
 "saved" only once orbax has committed a step. `PreemptionWatcher` turns SIGTERM/Ctrl-C into
 a flag all processes agree on. Process 0 alone prints.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -41,9 +42,15 @@ def first_nonfinite(step_metrics: list[dict], first_step: int):
   (host values, step `first_step` onwards) with a non-finite loss, gradient norm or
   parameter; None when all are finite."""
   for i, m in enumerate(step_metrics):
-    bad = [name for name, ok in (("loss", np.isfinite(m["loss"])),
-                                 ("gradients", np.isfinite(m["grad_norm"])),
-                                 ("parameters", m["params_finite"] > 0)) if not ok]
+    bad = [
+        name
+        for name, ok in (
+            ("loss", np.isfinite(m["loss"])),
+            ("gradients", np.isfinite(m["grad_norm"])),
+            ("parameters", m["params_finite"] > 0),
+        )
+        if not ok
+    ]
     if bad:
       return first_step + i, bad, m
   return None
@@ -52,16 +59,25 @@ def first_nonfinite(step_metrics: list[dict], first_step: int):
 def divergence_message(step: int, bad: list[str], metrics: dict, last_good: str | None) -> str:
   """One line: what became non-finite at `step`, the likely cause, and where to resume."""
   if "loss" in bad:
-    cause = (f"the loss is {metrics['loss']}: training diverged (lower lr.base or raise the "
-             "warmup) or the data holds non-finite values")
+    cause = (
+        f"the loss is {metrics['loss']}: training diverged (lower lr.base or raise the "
+        "warmup) or the data holds non-finite values"
+    )
   else:
-    cause = (f"the loss was still finite ({metrics['loss']:.4g}), so this is a numerical "
-             "fault in the backward pass or the update, not a learning-rate problem; please "
-             "report it with the workdir's config.json")
-  resume = (f"the last checkpoint, {last_good}, is finite and a rerun resumes from it"
-            if last_good else "no checkpoint was saved, so a rerun starts from scratch")
-  return (f"at step {step} the {' and '.join(bad)} became non-finite; {cause}. Stopped "
-          f"without saving ({resume}).")
+    cause = (
+        f"the loss was still finite ({metrics['loss']:.4g}), so this is a numerical "
+        "fault in the backward pass or the update, not a learning-rate problem; please "
+        "report it with the workdir's config.json"
+    )
+  resume = (
+      f"the last checkpoint, {last_good}, is finite and a rerun resumes from it"
+      if last_good
+      else "no checkpoint was saved, so a rerun starts from scratch"
+  )
+  return (
+      f"at step {step} the {' and '.join(bad)} became non-finite; {cause}. Stopped "
+      f"without saving ({resume})."
+  )
 
 
 class Progress:
@@ -99,16 +115,21 @@ class Progress:
     self.step_times.append(step_time)
     mean = {k: float(np.mean([v[k] for v in vals])) for k in vals[0]}
     mean["lr"] = float(vals[-1]["lr"])
-    mean.update(images_per_sec=self.batch_size / step_time, step_time=step_time,
-                epoch=step / self.steps_per_epoch)
+    mean.update(
+        images_per_sec=self.batch_size / step_time,
+        step_time=step_time,
+        epoch=step / self.steps_per_epoch,
+    )
     self.last_loss = mean["loss"]
     self.writer.write(step, "train", mean)
     eta = float(np.median(self.step_times[-20:])) * (self.total_steps - step)
     width = len(str(self.total_steps))
-    log(f"step {step:>{width}}/{self.total_steps} ({100 * step / self.total_steps:3.0f}%) | "
+    log(
+        f"step {step:>{width}}/{self.total_steps} ({100 * step / self.total_steps:3.0f}%) | "
         f"loss {mean['loss']:.4f} | lr {mean['lr']:.3e} | gnorm {mean['grad_norm']:.3f} | "
         f"{mean['images_per_sec']:.1f} img/s | {step_time:.3f} s/step | "
-        f"ETA {fmt_duration(eta)}")
+        f"ETA {fmt_duration(eta)}"
+    )
     self.pending, self.steps_since_log = [], 0
     self.restart_clock()
     return None
@@ -118,8 +139,9 @@ class Saver:
   """Starts checkpoint saves with their meta, logs "saved" once a step is committed, and
   remembers the newest checkpoint this run or an earlier one saved (`last_saved`)."""
 
-  def __init__(self, ckpt: Checkpointer, meta: dict, steps_per_epoch: float,
-               last_saved: int | None):
+  def __init__(
+      self, ckpt: Checkpointer, meta: dict, steps_per_epoch: float, last_saved: int | None
+  ):
     self.ckpt, self.meta, self.steps_per_epoch = ckpt, meta, steps_per_epoch
     self.last_saved = last_saved
 
@@ -157,8 +179,11 @@ class PreemptionWatcher:
       previous(signum, frame)
       return
     self._flag = True
-    print(f"process {jax.process_index()}: received signal {signum}; saving a checkpoint "
-          "and stopping at the end of this step", flush=True)
+    print(
+        f"process {jax.process_index()}: received signal {signum}; saving a checkpoint "
+        "and stopping at the end of this step",
+        flush=True,
+    )
 
   def should_stop(self, step: int, every: int) -> bool:
     """Collective in multi-process runs: called by every process at the same steps."""
@@ -188,8 +213,9 @@ def save_config(config, plan, workdir: str, extra: dict):
       old = json.load(f).get("config", {})
     new_flat = flax.traverse_util.flatten_dict(resolved, sep=".")
     old_flat = flax.traverse_util.flatten_dict(old, sep=".")
-    changed = sorted(k for k in new_flat.keys() | old_flat.keys()
-                     if new_flat.get(k) != old_flat.get(k))
+    changed = sorted(
+        k for k in new_flat.keys() | old_flat.keys() if new_flat.get(k) != old_flat.get(k)
+    )
     if changed:
       log(f"note: config differs from the one in {path}: {', '.join(changed[:8])}")
   tmp = path + ".tmp"

@@ -9,6 +9,7 @@ workdir; a jitted train step with the state donated and the global batch split o
 devices (BatchNorm statistics are global-batch statistics). Checkpoints hold the whole
 state and the data position, so a rerun continues exactly where a run stopped.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -25,13 +26,26 @@ from strip_mlp.errors import TrainingDivergedError
 from strip_mlp.metric_writer import MetricWriter
 from strip_mlp.model import count_params
 from strip_mlp.plan import read_dataset_info, validate_config
-from strip_mlp.train_helpers import (PreemptionWatcher, Progress, Saver, divergence_message,
-                                     fmt_duration, is_time, log, save_config)
+from strip_mlp.train_helpers import (
+    PreemptionWatcher,
+    Progress,
+    Saver,
+    divergence_message,
+    fmt_duration,
+    is_time,
+    log,
+    save_config,
+)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-                       mesh=None, train_iterator_fn: Callable | None = None,
-                       stop_at_step: int | None = None) -> dict:
+def train_and_evaluate(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    *,
+    mesh=None,
+    train_iterator_fn: Callable | None = None,
+    stop_at_step: int | None = None,
+) -> dict:
   """Trains (resuming from the newest checkpoint in workdir), evaluates, checkpoints.
 
   Longer than 80 lines: set-up, then the loop, read top to bottom (big_vision's train.py).
@@ -57,20 +71,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
   # ---- state: the newest checkpoint, else init (+ optional pretrained weights)
   ckpt = train_checkpoint.Checkpointer(
-      os.path.join(workdir, train_checkpoint.CHECKPOINT_DIR), keep=config.keep_checkpoints,
-      keep_best=config.keep_best, async_save=config.async_checkpointing)
-  meta = {"model": registry.model_config(run.model), "num_devices": int(mesh.devices.size),
-          "num_processes": jax.process_count()}
+      os.path.join(workdir, train_checkpoint.CHECKPOINT_DIR),
+      keep=config.keep_checkpoints,
+      keep_best=config.keep_best,
+      async_save=config.async_checkpointing,
+  )
+  meta = {
+      "model": registry.model_config(run.model),
+      "num_devices": int(mesh.devices.size),
+      "num_processes": jax.process_count(),
+  }
   state, best_top1 = _restore_or_init(config, run, ckpt)
   start_step = int(jax.device_get(state.step))
   save_config(config, plan, workdir, dict(meta, mesh=dict(mesh.shape)))
   end_step = plan.total_steps if stop_at_step is None else min(plan.total_steps, stop_at_step)
   writer = MetricWriter(workdir, tensorboard=config.tensorboard, start_step=start_step)
   watcher = PreemptionWatcher()
-  saver = Saver(ckpt, dict(meta, seed=int(config.seed)), plan.steps_per_epoch,
-                ckpt.latest_step())
-  result = {"plan": plan.to_dict(), "preempted": False, "stopped": False, "step": start_step,
-            "train_loss": float("nan")}
+  saver = Saver(ckpt, dict(meta, seed=int(config.seed)), plan.steps_per_epoch, ckpt.latest_step())
+  result = {
+      "plan": plan.to_dict(),
+      "preempted": False,
+      "stopped": False,
+      "step": start_step,
+      "train_loss": float("nan"),
+  }
   try:
     if start_step >= end_step:
       log(f"nothing to train: the workdir is at step {start_step} (end: {end_step})")
@@ -80,7 +104,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
     # ---- input and compilation
     train_iter = (train_iterator_fn or default_train_iterator)(
-        config, config.batch_size, sharding.batch_sharding(mesh), int(config.seed), start_step)
+        config, config.batch_size, sharding.batch_sharding(mesh), int(config.seed), start_step
+    )
     batch = next(train_iter)
     run = _compile(run, state, batch, config, mesh, start_step, end_step)
     progress = Progress(writer, config.batch_size, plan.total_steps, plan.steps_per_epoch)
@@ -111,23 +136,32 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
           best_top1 = eval_metrics["top1"]
           do_save = do_save or config.keep_best
       if do_save:
-        saver.save(step, state, float(best_top1),
-                   {"top1": eval_metrics["top1"]} if eval_metrics else None)
+        saver.save(
+            step, state, float(best_top1), {"top1": eval_metrics["top1"]} if eval_metrics else None
+        )
       if do_eval or do_save:
         progress.restart_clock()  # eval/save time is not train-step time
       result["step"] = step
       if stopped:
         saver.announce_committed(wait=True)
-        log(f"{'preempted' if preempted else 'stopped'} at step {step}: checkpoint saved; "
-            "rerun the same command to resume")
+        log(
+            f"{'preempted' if preempted else 'stopped'} at step {step}: checkpoint saved; "
+            "rerun the same command to resume"
+        )
         result.update(preempted=preempted, stopped=True)
         break
     saver.announce_committed(wait=True)
-    result.update(train_loss=progress.last_loss, best_top1=best_top1,
-                  train_time_s=time.time() - t_start, state=state)
+    result.update(
+        train_loss=progress.last_loss,
+        best_top1=best_top1,
+        train_time_s=time.time() - t_start,
+        state=state,
+    )
     if not result["stopped"]:
-      log(f"done: {result['step']} steps in {fmt_duration(time.time() - t_start)}, final "
-          f"top1 {100 * result['eval']['top1']:.2f}%, best {100 * best_top1:.2f}%")
+      log(
+          f"done: {result['step']} steps in {fmt_duration(time.time() - t_start)}, final "
+          f"top1 {100 * result['eval']['top1']:.2f}%, best {100 * best_top1:.2f}%"
+      )
     return result
   finally:
     watcher.close()
@@ -135,23 +169,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     ckpt.close()
 
 
-def default_train_iterator(config, batch_size: int, batch_sharding, seed: int,
-                           start_step: int) -> Iterator[dict]:
+def default_train_iterator(
+    config, batch_size: int, batch_sharding, seed: int, start_step: int
+) -> Iterator[dict]:
   from strip_mlp.data import pipeline  # pylint: disable=g-import-not-at-top  (imports TF)
-  return pipeline.create_train_iterator(config.data, batch_size, batch_sharding, seed,
-                                        start_step=start_step)
+
+  return pipeline.create_train_iterator(
+      config.data, batch_size, batch_sharding, seed, start_step=start_step
+  )
 
 
 def _log_setup(config, mesh, info, plan):
-  log(f"devices: {mesh.devices.size} ({jax.devices()[0].platform}) in "
+  log(
+      f"devices: {mesh.devices.size} ({jax.devices()[0].platform}) in "
       f"{jax.process_count()} process(es), mesh {dict(mesh.shape)}; dataset {info.name}: "
       f"{info.num_train} train / {info.num_eval} eval images, {plan.num_classes} classes, "
-      f"{plan.image_size}px")
-  log(f"plan: {plan.total_steps} steps of {config.batch_size} images "
+      f"{plan.image_size}px"
+  )
+  log(
+      f"plan: {plan.total_steps} steps of {config.batch_size} images "
       f"({plan.total_steps / plan.steps_per_epoch:.1f} epochs, {plan.steps_per_epoch:.1f} steps/"
       f"epoch), warmup {plan.warmup_steps}, lr {plan.base_lr:.3g} (x{plan.lr_factor:.3g} by "
       f"{config.lr.scaling}), eval every {plan.eval_every}, checkpoint every "
-      f"{plan.checkpoint_every}")
+      f"{plan.checkpoint_every}"
+  )
 
 
 def _restore_or_init(config, run: Built, ckpt: train_checkpoint.Checkpointer):
@@ -168,29 +209,36 @@ def _restore_or_init(config, run: Built, ckpt: train_checkpoint.Checkpointer):
   if config.init_from:
     abstract = run.abstract_state
     pretrained, reinit = finetune.pretrained_onto(
-        config.init_from, {"params": abstract.params, "batch_stats": abstract.batch_stats},
-        img_size=run.plan.image_size if config.init_resize == "interpolate" else None)
-    log(f"initialising from {config.init_from}"
-        + (f"; re-initialised {', '.join(reinit)}" if reinit else ""))
+        config.init_from,
+        {"params": abstract.params, "batch_stats": abstract.batch_stats},
+        img_size=run.plan.image_size if config.init_resize == "interpolate" else None,
+    )
+    log(
+        f"initialising from {config.init_from}"
+        + (f"; re-initialised {', '.join(reinit)}" if reinit else "")
+    )
   state = run.init(jax.random.key(int(config.seed)), pretrained)
   log(f"initialised {count_params(state.params):,} parameters in {time.time() - t0:.1f}s")
   return state, -1.0
 
 
-def _compile(run: Built, state, batch, config, mesh, start_step: int, end_step: int
-             ) -> Built:
+def _compile(run: Built, state, batch, config, mesh, start_step: int, end_step: int) -> Built:
   """`run` with its train step compiled, and its eval step when this run evaluates (or runs
   on several processes, which then wait for each other here)."""
   plan = run.plan
   t0 = time.time()
   compiled = {"train_step": run.train_step.lower(state, batch).compile()}
-  will_eval = (end_step == plan.total_steps
-               or end_step // plan.eval_every > start_step // plan.eval_every)
+  will_eval = (
+      end_step == plan.total_steps or end_step // plan.eval_every > start_step // plan.eval_every
+  )
   if will_eval or jax.process_count() > 1:
-    compiled["eval_step"] = run.eval_step.lower(state.variables(), evaluate.abstract_eval_batch(
-        plan.eval_batch_size, config.data, sharding.batch_sharding(mesh))).compile()
-  log(f"compiled the train{' and eval' if will_eval else ''} steps in "
-      f"{time.time() - t0:.1f}s")
+    compiled["eval_step"] = run.eval_step.lower(
+        state.variables(),
+        evaluate.abstract_eval_batch(
+            plan.eval_batch_size, config.data, sharding.batch_sharding(mesh)
+        ),
+    ).compile()
+  log(f"compiled the train{' and eval' if will_eval else ''} steps in " f"{time.time() - t0:.1f}s")
   sharding.barrier(f"compiled_{start_step}")  # hosts may differ by minutes here
   return dataclasses.replace(run, **compiled)
 
@@ -200,13 +248,19 @@ def _evaluate(run: Built, state, config, mesh, writer: MetricWriter, step: int) 
   t0 = time.time()
   batch_sharding = sharding.batch_sharding(mesh)
   size = run.plan.eval_batch_size
-  out = {"eval": evaluate.evaluate_split(run.eval_step, state.variables(), config.data, size,
-                                         batch_sharding)}
+  out = {
+      "eval": evaluate.evaluate_split(
+          run.eval_step, state.variables(), config.data, size, batch_sharding
+      )
+  }
   if config.ema_decay > 0:
-    out["ema_eval"] = evaluate.evaluate_split(run.eval_step, state.variables(use_ema=True),
-                                              config.data, size, batch_sharding)
+    out["ema_eval"] = evaluate.evaluate_split(
+        run.eval_step, state.variables(use_ema=True), config.data, size, batch_sharding
+    )
   for kind, m in out.items():
     writer.write(step, kind, m)
-    log(f"{kind} @ step {step}: top1 {100 * m['top1']:.2f}% top5 {100 * m['top5']:.2f}% "
-        f"loss {m['loss']:.4f} ({int(m['count'])} images, {time.time() - t0:.1f}s)")
+    log(
+        f"{kind} @ step {step}: top1 {100 * m['top1']:.2f}% top5 {100 * m['top5']:.2f}% "
+        f"loss {m['loss']:.4f} ({int(m['count'])} images, {time.time() - t0:.1f}s)"
+    )
   return out

@@ -4,6 +4,7 @@ Every "this checkpoint does not fit that model" message is built here: trees of 
 (restoring a training checkpoint, evaluating a converted one, fine-tuning from one) by
 path, PyTorch state dicts (the converters) by key.
 """
+
 from typing import Any
 
 import numpy as np
@@ -14,12 +15,19 @@ def shape_map(tree: Any) -> dict[str, tuple]:
   """{'a/b/c': shape} of the leaves of a nested dict (arrays, ShapeDtypeStructs or orbax
   metadata); empty sub-dicts are dropped."""
   flat = traverse_util.flatten_dict(tree, sep="/") if isinstance(tree, dict) else {}
-  return {k: tuple(getattr(v, "shape", np.shape(v))) for k, v in flat.items()
-          if not (isinstance(v, dict) and not v)}
+  return {
+      k: tuple(getattr(v, "shape", np.shape(v)))
+      for k, v in flat.items()
+      if not (isinstance(v, dict) and not v)
+  }
 
 
-def mismatches(stored: dict, expected: dict, stored_name: str = "the checkpoint",
-               expected_in: str = "in the model") -> list[str]:
+def mismatches(
+    stored: dict,
+    expected: dict,
+    stored_name: str = "the checkpoint",
+    expected_in: str = "in the model",
+) -> list[str]:
   """What differs between two {path: shape} maps, one phrase per path, sorted by path."""
   problems = []
   for k in sorted(set(stored) | set(expected)):
@@ -28,8 +36,9 @@ def mismatches(stored: dict, expected: dict, stored_name: str = "the checkpoint"
     elif k not in expected:
       problems.append(f"{k} not in the model")
     elif tuple(stored[k]) != tuple(expected[k]):
-      problems.append(f"{k} is {tuple(stored[k])} in {stored_name} but "
-                      f"{tuple(expected[k])} {expected_in}")
+      problems.append(
+          f"{k} is {tuple(stored[k])} in {stored_name} but " f"{tuple(expected[k])} {expected_in}"
+      )
   return problems
 
 
@@ -55,7 +64,13 @@ def limited(names, n: int = 6) -> str:
 def key_report(missing, unexpected, mismatched) -> str | None:
   """None when a state dict matched, else 'missing: ...; unexpected: ...; shape mismatch:
   ...' (the converters' accounting of state-dict keys)."""
-  problems = [f"{label}: {limited(names)}" for label, names in
-              (("missing", missing), ("unexpected", unexpected),
-               ("shape mismatch", mismatched)) if names]
+  problems = [
+      f"{label}: {limited(names)}"
+      for label, names in (
+          ("missing", missing),
+          ("unexpected", unexpected),
+          ("shape mismatch", mismatched),
+      )
+      if names
+  ]
   return "; ".join(problems) or None

@@ -17,6 +17,7 @@ images), and the merge is a gather of at most a few windows per output position 
 fixed weights, so the compiled program's size does not grow with the number of windows.
 At H == W == L the layer is applied to the map itself, untouched.
 """
+
 import dataclasses
 import functools
 from typing import Callable
@@ -35,6 +36,7 @@ class AxisPlan:
   sum_k merge_weight[p, k] * windows[merge_index[p, k] // length][merge_index[p, k] % length]
   (K = the most windows covering one position; unused slots have weight 0).
   """
+
   size: int
   length: int
   padded: int
@@ -104,10 +106,10 @@ def _merge_axis(y: jax.Array, plan: AxisPlan, axis: int) -> jax.Array:
   """y has the windows of `plan` concatenated along `axis` -> the merged axis (plan.size)."""
   taken = jnp.take(y, jnp.asarray(plan.merge_index.reshape(-1)), axis=axis)
   shape = list(y.shape)
-  shape[axis:axis + 1] = plan.merge_index.shape
+  shape[axis : axis + 1] = plan.merge_index.shape
   taken = taken.reshape(shape)
   weight_shape = [1] * taken.ndim
-  weight_shape[axis:axis + 2] = plan.merge_weight.shape
+  weight_shape[axis : axis + 2] = plan.merge_weight.shape
   weight = jnp.asarray(plan.merge_weight, y.dtype).reshape(weight_shape)
   if plan.merge_index.shape[1] == 1 and np.all(plan.merge_weight == 1):
     return jnp.squeeze(taken, axis + 1)

@@ -1,5 +1,6 @@
 """Shared test set-up: 8 fake CPU devices, one persistent compilation cache and quiet logs
 for the whole session, the reference fixtures, and the data sets the data tests read."""
+
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
@@ -18,6 +19,7 @@ def _compilation_cache_and_quiet_logs():
   """Every test process shares the session's persistent compilation cache (also handed to
   subprocesses through train_test_utils.CACHE_ENV); absl/orbax INFO logs are off."""
   import train_test_utils  # pylint: disable=g-import-not-at-top
+
   train_test_utils.enable_compilation_cache()
   train_test_utils.quiet_logs()
 
@@ -32,9 +34,11 @@ def fixtures_dir():
 # ----------------------------------------------------------------------------- data sets
 # Written once per module that uses them (tests/data_test_utils.py makes the files).
 
+
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
   from data_test_utils import write_image_folder  # pylint: disable=g-import-not-at-top
+
   root = str(tmp_path_factory.mktemp("imagefolder"))
   return root, write_image_folder(root)
 
@@ -42,6 +46,7 @@ def folder(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tiny_tfds_dir(tmp_path_factory):
   from data_test_utils import write_tiny_tfds  # pylint: disable=g-import-not-at-top
+
   data_dir = str(tmp_path_factory.mktemp("tfds"))
   write_tiny_tfds(data_dir)
   return data_dir
@@ -56,12 +61,22 @@ def digits_dir(tmp_path_factory):
 def source_cfg(request, folder, tiny_tfds_dir):
   """(source name, cfg, {id: label} of the train split, of the eval split)."""
   from data_test_utils import (  # pylint: disable=g-import-not-at-top
-      NO_AUG, TRAIN_PER_CLASS, TinyIds, folder_cfg, tfds_cfg)
+      NO_AUG,
+      TRAIN_PER_CLASS,
+      TinyIds,
+      folder_cfg,
+      tfds_cfg,
+  )
+
   if request.param == "folder":
     root, labels = folder
     n_train = sum(TRAIN_PER_CLASS)
     train = {i: l for i, l in labels.items() if i < n_train}
     val = {i: l for i, l in labels.items() if i >= n_train}
     return "folder", folder_cfg(root, **NO_AUG), train, val
-  return ("tfds", tfds_cfg(tiny_tfds_dir), {i: i % 3 for i in TinyIds.TRAIN_IDS},
-          {i: i % 3 for i in TinyIds.TEST_IDS})
+  return (
+      "tfds",
+      tfds_cfg(tiny_tfds_dir),
+      {i: i % 3 for i in TinyIds.TRAIN_IDS},
+      {i: i % 3 for i in TinyIds.TEST_IDS},
+  )

@@ -4,6 +4,7 @@ An ImageFolder of JPEGs (+1 PNG) and a TFDS dataset built locally. Every generat
 one uniform colour encoding a unique id (20 + 40 * base-6 digits), so ids, and through them
 labels, survive decoding, cropping, flipping and resizing.
 """
+
 import os
 
 import numpy as np
@@ -13,9 +14,9 @@ from etils import epath
 
 from strip_mlp.data import config as data_config
 
-CLASSES = ('ant', 'bee', 'cat')                       # sorted -> labels 0, 1, 2
-TRAIN_PER_CLASS = (5, 5, 5)                           # 15 train images
-VAL_PER_CLASS = (3, 4, 2)                             # 9 val images (odd: padding needed)
+CLASSES = ("ant", "bee", "cat")  # sorted -> labels 0, 1, 2
+TRAIN_PER_CLASS = (5, 5, 5)  # 15 train images
+VAL_PER_CLASS = (3, 4, 2)  # 9 val images (odd: padding needed)
 SIZES = ((40, 56), (64, 48), (37, 90), (50, 50), (45, 70))
 
 
@@ -40,17 +41,17 @@ def image_ids(images, mean, std) -> np.ndarray:
 def write_image_folder(root: str) -> dict[int, int]:
   """root/{train,val}/<class>/*.JPEG (one .png); returns {id: label}."""
   labels, next_id = {}, 0
-  for split, counts in (('train', TRAIN_PER_CLASS), ('val', VAL_PER_CLASS)):
+  for split, counts in (("train", TRAIN_PER_CLASS), ("val", VAL_PER_CLASS)):
     for label, (cls, count) in enumerate(zip(CLASSES, counts)):
       os.makedirs(os.path.join(root, split, cls), exist_ok=True)
       for k in range(count):
         h, w = SIZES[(next_id + label) % len(SIZES)]
         image = np.broadcast_to(np.array(id_to_rgb(next_id), np.uint8), (h, w, 3))
-        if split == 'train' and cls == 'bee' and k == 0:
-          data, ext = tf.io.encode_png(image).numpy(), 'png'
+        if split == "train" and cls == "bee" and k == 0:
+          data, ext = tf.io.encode_png(image).numpy(), "png"
         else:
-          data, ext = tf.io.encode_jpeg(image, quality=95).numpy(), 'JPEG'
-        with open(os.path.join(root, split, cls, f'img_{next_id:04d}.{ext}'), 'wb') as f:
+          data, ext = tf.io.encode_jpeg(image, quality=95).numpy(), "JPEG"
+        with open(os.path.join(root, split, cls, f"img_{next_id:04d}.{ext}"), "wb") as f:
           f.write(data)
         labels[next_id] = label
         next_id += 1
@@ -60,30 +61,41 @@ def write_image_folder(root: str) -> dict[int, int]:
 class TinyIds(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """8x8 PNG images whose red/green channels hold the example id; label = id % 3."""
 
-  VERSION = tfds.core.Version('1.0.0')
+  VERSION = tfds.core.Version("1.0.0")
   code_path = epath.Path(__file__)
   TRAIN_IDS = tuple(range(22))
   TEST_IDS = tuple(range(100, 113))
 
   def _info(self):
-    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-        'image': tfds.features.Image(shape=(8, 8, 3)),
-        'label': tfds.features.ClassLabel(num_classes=3)}))
+    return tfds.core.DatasetInfo(
+        builder=self,
+        features=tfds.features.FeaturesDict(
+            {
+                "image": tfds.features.Image(shape=(8, 8, 3)),
+                "label": tfds.features.ClassLabel(num_classes=3),
+            }
+        ),
+    )
 
   def _split_generators(self, dl_manager):
-    return {'train': self._generate_examples(self.TRAIN_IDS),
-            'test': self._generate_examples(self.TEST_IDS)}
+    return {
+        "train": self._generate_examples(self.TRAIN_IDS),
+        "test": self._generate_examples(self.TEST_IDS),
+    }
 
   def _generate_examples(self, ids):
     for i in ids:
       image = np.zeros((8, 8, 3), np.uint8)
       image[..., 0], image[..., 1] = i % 256, i // 256
-      yield i, {'image': image, 'label': i % 3}
+      yield i, {"image": image, "label": i % 3}
 
 
 def write_tiny_tfds(data_dir: str) -> None:
-  TinyIds(data_dir=data_dir).download_and_prepare(download_config=tfds.download.DownloadConfig(
-      compute_stats=tfds.download.ComputeStatsMode.SKIP))
+  TinyIds(data_dir=data_dir).download_and_prepare(
+      download_config=tfds.download.DownloadConfig(
+          compute_stats=tfds.download.ComputeStatsMode.SKIP
+      )
+  )
 
 
 def tiny_ids(images) -> np.ndarray:
@@ -94,7 +106,7 @@ def tiny_ids(images) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- fixtures
 
-NO_AUG = dict(hflip_prob=0.0, randaugment='', random_erasing_prob=0.0)
+NO_AUG = dict(hflip_prob=0.0, randaugment="", random_erasing_prob=0.0)
 ID_NORM = dict(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
 
 
@@ -105,22 +117,32 @@ def make_cfg(**overrides):
 
 
 def folder_cfg(root, **kw):
-  return make_cfg(source='folder', folder_root=root, image_size=40, **kw)
+  return make_cfg(source="folder", folder_root=root, image_size=40, **kw)
 
 
 def tfds_cfg(data_dir, **kw):
   # 8 px ids must survive: no crop, no flip, identity normalisation.
-  return make_cfg(source='tfds', name='tiny_ids', data_dir=data_dir, image_size=8,
-                  random_resized_crop=False, small_image_padding=0, **NO_AUG, **ID_NORM, **kw)
+  return make_cfg(
+      source="tfds",
+      name="tiny_ids",
+      data_dir=data_dir,
+      image_size=8,
+      random_resized_crop=False,
+      small_image_padding=0,
+      **NO_AUG,
+      **ID_NORM,
+      **kw,
+  )
 
 
 def batch_ids(source, batch, cfg):
-  if source == 'tfds':
-    return tiny_ids(batch['image'])
-  return image_ids(batch['image'], cfg.mean, cfg.std)
+  if source == "tfds":
+    return tiny_ids(batch["image"])
+  return image_ids(batch["image"], cfg.mean, cfg.std)
 
 
 # ----------------------------------------------------------------------------- tf images
+
 
 def seed(*s):
   return tf.constant(s if len(s) == 2 else (s[0], 0), tf.int64)

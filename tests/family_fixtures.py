@@ -1,5 +1,6 @@
 """Helpers for the model-family tests: official-code fixtures, abstract state dicts, and the
 checks every family runs (parity, round trip, bf16, training gradients)."""
+
 import json
 import pathlib
 
@@ -22,18 +23,24 @@ def load(family: str, name: str) -> dict:
   logits, stages (NHWC list)."""
   with np.load(FIXTURES / family / f"{name}.npz") as z:
     stages = sorted((k for k in z.files if k.startswith("stage")), key=lambda k: int(k[5:]))
-    return dict(sd={k[3:]: z[k] for k in z.files if k.startswith("sd/")},
-                config=json.loads(str(z["config"])),
-                images=z["input_nchw"].transpose(0, 2, 3, 1), logits=z["logits"],
-                stages=[z[k].transpose(0, 2, 3, 1) for k in stages])
+    return dict(
+        sd={k[3:]: z[k] for k in z.files if k.startswith("sd/")},
+        config=json.loads(str(z["config"])),
+        images=z["input_nchw"].transpose(0, 2, 3, 1),
+        logits=z["logits"],
+        stages=[z[k].transpose(0, 2, 3, 1) for k in stages],
+    )
 
 
 def abstract_state_dict(abstract, torch_key, leaf_layout) -> dict:
   """{key: zero-strided array of the PyTorch shape} for abstract Flax variables (no memory)."""
   sd = {}
   for path, leaf in traverse_util.flatten_dict(abstract).items():
-    shape = leaf_layout(path, len(leaf.shape)).to_torch(
-        np.broadcast_to(np.float32(0), leaf.shape)).shape
+    shape = (
+        leaf_layout(path, len(leaf.shape))
+        .to_torch(np.broadcast_to(np.float32(0), leaf.shape))
+        .shape
+    )
     sd[torch_key(path)] = np.broadcast_to(np.float32(0), shape)
   return sd
 
@@ -42,10 +49,15 @@ def save_pth(path, sd: dict, wrap: str):
   """torch.save of `sd` as a released file would hold it: 'plain', 'model', 'state_dict' or
   'module' (DataParallel prefixes in a {'model': ...} training state)."""
   tensors = {k: torch.from_numpy(np.array(v)) for k, v in sd.items()}
-  obj = {"plain": tensors, "model": {"model": tensors, "epoch": 3},
-         "state_dict": {"state_dict": tensors},
-         "module": {"model": {f"module.{k}": v for k, v in tensors.items()},
-                    "optimizer": {"state": {}, "param_groups": []}}}[wrap]
+  obj = {
+      "plain": tensors,
+      "model": {"model": tensors, "epoch": 3},
+      "state_dict": {"state_dict": tensors},
+      "module": {
+          "model": {f"module.{k}": v for k, v in tensors.items()},
+          "optimizer": {"state": {}, "param_groups": []},
+      },
+  }[wrap]
   torch.save(obj, path)
 
 
@@ -58,7 +70,8 @@ def parity_errors(model, variables, ref) -> list:
   (float32, highest matmul/conv precision)."""
   with jax.default_matmul_precision("highest"):
     logits, stages = jax.jit(lambda v, x: model.apply(v, x, method=_logits_and_stages))(
-        variables, ref["images"])
+        variables, ref["images"]
+    )
   errors = [rel_err(logits, ref["logits"])]
   return errors + [rel_err(s, r) for s, r in zip(stages, ref["stages"], strict=True)]
 
@@ -80,10 +93,10 @@ def assert_bf16_logits_close(model, variables, ref):
 
 def train_grads(model, params, x):
   """Gradients of sum(outputs^2) in training mode (drop path on); asserts they are finite."""
+
   def loss(params):
-    out = model.apply({"params": params}, x, train=True,
-                      rngs={"drop_path": jax.random.PRNGKey(1)})
-    return jnp.sum(out ** 2)
+    out = model.apply({"params": params}, x, train=True, rngs={"drop_path": jax.random.PRNGKey(1)})
+    return jnp.sum(out**2)
 
   grads = jax.jit(jax.grad(loss))(params)
   assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree_util.tree_leaves(grads))

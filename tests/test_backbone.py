@@ -1,5 +1,6 @@
 """Strip-MLP as a backbone: any input size (windowed strip layers), headless and multi-scale
 feature outputs, converted weights without head, rematerialised blocks."""
+
 import functools
 
 import jax
@@ -16,10 +17,9 @@ from strip_mlp.layers import StripMixing
 from strip_mlp.model import ModelInputError, abstract_variables
 from strip_mlp.torch_io import read_state_dict
 
-SMALL = FIXTURE_NAMES[0]   # embed 40, layers 1,1,2,1, 32 px: strip lengths 8, 4, 2, 1
+SMALL = FIXTURE_NAMES[0]  # embed 40, layers 1,1,2,1, 32 px: strip lengths 8, 4, 2, 1
 # One block in stage 1 and stage 4: both ends of the strip lengths, at a small compile.
-TINY = dict(embed_dim=16, layers=(1, 0, 0, 1), img_size=64, num_classes=10,
-            drop_path_rate=0.1)
+TINY = dict(embed_dim=16, layers=(1, 0, 0, 1), img_size=64, num_classes=10, drop_path_rate=0.1)
 
 
 def rel_err(a, b):
@@ -42,7 +42,7 @@ def test_window_plans_follow_mlp_dino():
   plan = windows.axis_plan(21, 7)
   np.testing.assert_array_equal(plan.merge_weight.sum(1), 1.0)
   assert plan.merge_weight[5].tolist() == [0.5, 0.5] and plan.merge_weight[4, 0] == 1.0
-  assert plan.merge_weight[14].tolist() == [0.5, 0.5]     # window 2 ends at 17, 3 starts 14
+  assert plan.merge_weight[14].tolist() == [0.5, 0.5]  # window 2 ends at 17, 3 starts 14
 
 
 def _dino_windows(size, length):
@@ -71,10 +71,15 @@ def _dino_merge(parts, olp, last, axis):
       out = jnp.concatenate([out, data], axis)
       continue
     n = out.shape[axis]
-    out = jnp.concatenate([lax.slice_in_dim(out, 0, n - o, axis=axis),
-                           lax.slice_in_dim(out, n - o, n, axis=axis) * 0.5 +
-                           lax.slice_in_dim(data, 0, o, axis=axis) * 0.5,
-                           lax.slice_in_dim(data, o, data.shape[axis], axis=axis)], axis)
+    out = jnp.concatenate(
+        [
+            lax.slice_in_dim(out, 0, n - o, axis=axis),
+            lax.slice_in_dim(out, n - o, n, axis=axis) * 0.5
+            + lax.slice_in_dim(data, 0, o, axis=axis) * 0.5,
+            lax.slice_in_dim(data, o, data.shape[axis], axis=axis),
+        ],
+        axis,
+    )
   return out
 
 
@@ -83,8 +88,9 @@ def _reference_windowed(layer, x, length):
   _, h, w, _ = x.shape
   (sh, oh, lh), (sw, ow, lw) = _dino_windows(h, length), _dino_windows(w, length)
   xp = jnp.pad(x, ((0, 0), (0, max(h, length) - h), (0, max(w, length) - w), (0, 0)))
-  rows = [_dino_merge([layer(xp[:, i:i + length, j:j + length]) for j in sw], ow, lw, 2)
-          for i in sh]
+  rows = [
+      _dino_merge([layer(xp[:, i : i + length, j : j + length]) for j in sw], ow, lw, 2) for i in sh
+  ]
   return _dino_merge(rows, oh, lh, 1)[:, :h, :w]
 
 
@@ -113,17 +119,19 @@ def test_windowed_strip_layer_matches_window_loop_reference(size):
     g_ref = jax.grad(loss(ref_apply), argnums=(0, 1))(variables, x)
   assert got.shape == x.shape
   assert rel_err(got, ref) < 1e-6
-  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g_got),
-                          jax.tree_util.tree_leaves(g_ref)):
+  for (path, a), b in zip(
+      jax.tree_util.tree_leaves_with_path(g_got), jax.tree_util.tree_leaves(g_ref)
+  ):
     assert np.all(np.isfinite(a)), path
     assert rel_err(a, b) < 1e-5, path
 
 
 def test_trained_size_strip_layer_has_no_windowing():
   layer, variables = _strip_layer()
-  gathers = lambda shape: str(jax.make_jaxpr(lambda v, x: layer.apply(v, x, train=False))(
-      variables, jnp.zeros(shape))).count(" gather[")
-  assert gathers((1, 7, 7, 8)) == 2     # the two position tables, nothing else
+  gathers = lambda shape: str(
+      jax.make_jaxpr(lambda v, x: layer.apply(v, x, train=False))(variables, jnp.zeros(shape))
+  ).count(" gather[")
+  assert gathers((1, 7, 7, 8)) == 2  # the two position tables, nothing else
   assert gathers((1, 7, 9, 8)) > 2
 
 
@@ -142,13 +150,16 @@ def test_model_runs_smaller_and_non_square_with_finite_gradients(size):
   x = jax.random.normal(jax.random.PRNGKey(1), (2, *size, 3))
 
   def loss(params, x):
-    logits, _ = model.apply({**variables, "params": params}, x, train=True,
-                            rngs={"drop_path": jax.random.PRNGKey(2)},
-                            mutable=["batch_stats"])
+    logits, _ = model.apply(
+        {**variables, "params": params},
+        x,
+        train=True,
+        rngs={"drop_path": jax.random.PRNGKey(2)},
+        mutable=["batch_stats"],
+    )
     return jnp.sum(jnp.sin(logits))
 
-  value, (g_params, g_x) = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(
-      variables["params"], x)
+  value, (g_params, g_x) = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(variables["params"], x)
   assert np.isfinite(value) and np.all(np.isfinite(g_x)) and np.abs(g_x).max() > 0
   leaves = jax.tree_util.tree_leaves(g_params)
   assert all(np.all(np.isfinite(g)) for g in leaves)
@@ -165,8 +176,7 @@ def test_sizes_not_multiple_of_32_get_one_line_error():
   with pytest.raises(ModelInputError, match="looks like NCHW"):
     jax.eval_shape(lambda v: model.apply(v, jnp.zeros((1, 3, 64, 64))), variables)
   with pytest.raises(ModelInputError, match="out_indices"):
-    model.apply(variables, jnp.zeros((1, 64, 64, 3)), method="stage_features",
-                out_indices=(4,))
+    model.apply(variables, jnp.zeros((1, 64, 64, 3)), method="stage_features", out_indices=(4,))
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
@@ -177,19 +187,31 @@ def test_backbone_shapes_of_every_variant(variant):
   full, bare = abstract_variables(model), abstract_variables(headless)
   assert "head" not in bare["params"]
   assert count_params(full["params"]) - count_params(bare["params"]) == 1000 * (8 * e + 1)
-  x = jax.ShapeDtypeStruct((2, 256, 320, 3), jnp.float32)   # detection-style, non-square
-  logits, final, feats = jax.eval_shape(lambda v, x: (
-      model.apply(v, x), model.apply(v, x, method="forward_features"),
-      model.apply(v, x, method="stage_features")), full, x)
-  pooled, picked = jax.eval_shape(lambda v, x: (
-      headless.apply(v, x),
-      headless.apply(v, x, method="stage_features", out_indices=(1, 3))), bare, x)
+  x = jax.ShapeDtypeStruct((2, 256, 320, 3), jnp.float32)  # detection-style, non-square
+  logits, final, feats = jax.eval_shape(
+      lambda v, x: (
+          model.apply(v, x),
+          model.apply(v, x, method="forward_features"),
+          model.apply(v, x, method="stage_features"),
+      ),
+      full,
+      x,
+  )
+  pooled, picked = jax.eval_shape(
+      lambda v, x: (
+          headless.apply(v, x),
+          headless.apply(v, x, method="stage_features", out_indices=(1, 3)),
+      ),
+      bare,
+      x,
+  )
   assert (logits.shape, pooled.shape, final.shape) == ((2, 1000), (2, 8 * e), (2, 8, 10, 8 * e))
   info = model.feature_info
   assert [f["num_chs"] for f in info] == [e, 2 * e, 4 * e, 8 * e]
   assert [f["reduction"] for f in info] == [4, 8, 16, 32]
-  assert [f.shape for f in feats] == [(2, 256 // f["reduction"], 320 // f["reduction"],
-                                       f["num_chs"]) for f in info]
+  assert [f.shape for f in feats] == [
+      (2, 256 // f["reduction"], 320 // f["reduction"], f["num_chs"]) for f in info
+  ]
   assert [f.shape[-1] for f in picked] == [2 * e, 8 * e]
 
 
@@ -201,10 +223,13 @@ def test_entry_points_compose_to_call_exactly(fixtures_dir):
   def everything(v, x):
     logits = model.apply(v, x)
     feats = model.apply(v, x, method="forward_features")
-    return (logits, model.apply(v, feats, method="forward_head"),
-            model.apply(v, feats, pre_logits=True, method="forward_head"),
-            model.apply(v, x, method="stage_features"),
-            model.apply(v, x, method="stage_features", out_indices=(2,)))
+    return (
+        logits,
+        model.apply(v, feats, method="forward_head"),
+        model.apply(v, feats, pre_logits=True, method="forward_head"),
+        model.apply(v, x, method="stage_features"),
+        model.apply(v, x, method="stage_features", out_indices=(2,)),
+    )
 
   with jax.default_matmul_precision("highest"):
     logits, head, pooled, stages, (stage3,) = jax.jit(everything)(variables, x)
@@ -222,8 +247,9 @@ def test_headless_fixture_from_state_dict_without_head_runs_at_twice_its_size(fi
   bare = {k: v for k, v in sd.items() if not k.startswith("head.")}
   variables = state_dict_to_variables(bare, model)
   assert "head" not in variables["params"]
-  assert {k for k in variables_to_state_dict(variables)
-          if not k.endswith("num_batches_tracked")} == set(bare)
+  assert {
+      k for k in variables_to_state_dict(variables) if not k.endswith("num_batches_tracked")
+  } == set(bare)
   dropped = torch_to_flax(str(fixtures_dir / f"{SMALL}.pth"), num_classes=0)
   assert dropped[0] == model
   x = ref["input_nchw"].transpose(0, 2, 3, 1)
@@ -232,8 +258,12 @@ def test_headless_fixture_from_state_dict_without_head_runs_at_twice_its_size(fi
     pooled = jax.jit(model.apply)(variables, x)
     feats = jax.jit(lambda v, x: model.apply(v, x, method="stage_features"))(variables, big)
   assert rel_err(pooled, ref["pooled"]) < 1e-5
-  assert [f.shape for f in feats] == [(x.shape[0], 16, 16, 40), (x.shape[0], 8, 8, 80),
-                                      (x.shape[0], 4, 4, 160), (x.shape[0], 2, 2, 320)]
+  assert [f.shape for f in feats] == [
+      (x.shape[0], 16, 16, 40),
+      (x.shape[0], 8, 8, 80),
+      (x.shape[0], 4, 4, 160),
+      (x.shape[0], 2, 2, 320),
+  ]
   assert all(np.all(np.isfinite(f)) and np.abs(f).max() > 0 for f in feats)
 
 
@@ -244,9 +274,15 @@ def test_remat_gives_the_same_gradients():
 
   def grads(m):
     def loss(params):
-      logits, _ = m.apply({**variables, "params": params}, x, train=True,
-                          rngs={"drop_path": jax.random.PRNGKey(4)}, mutable=["batch_stats"])
+      logits, _ = m.apply(
+          {**variables, "params": params},
+          x,
+          train=True,
+          rngs={"drop_path": jax.random.PRNGKey(4)},
+          mutable=["batch_stats"],
+      )
       return jnp.sum(jnp.sin(logits))
+
     with jax.default_matmul_precision("highest"):
       return jax.jit(jax.grad(loss))(variables["params"])
 
@@ -254,7 +290,8 @@ def test_remat_gives_the_same_gradients():
   # Per leaf against the whole gradient's norm: some leaves' true gradients are ~0 (a
   # bias ahead of training-mode BatchNorm), their own relative error is rounding noise.
   scale = np.linalg.norm(np.concatenate([np.ravel(g) for g in jax.tree_util.tree_leaves(plain)]))
-  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(plain),
-                          jax.tree_util.tree_leaves(again)):
+  for (path, a), b in zip(
+      jax.tree_util.tree_leaves_with_path(plain), jax.tree_util.tree_leaves(again)
+  ):
     assert np.abs(a).max() > 0, path
     assert np.linalg.norm(np.asarray(b, np.float64) - a) <= 1e-6 * scale, path

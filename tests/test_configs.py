@@ -4,14 +4,18 @@ Loading a config (train.py/eval.py's --config, before any flag is checked) must 
 it imports strip_mlp and strip_mlp.data.config only, never TensorFlow or TFDS. All config files
 build on configs/common.base_config(), so all have the same (flattened) key set.
 """
+
 import json
 import os
 import subprocess
 import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = sorted(f[:-3] for f in os.listdir(os.path.join(REPO, "configs"))
-                 if f.endswith(".py") and f not in ("__init__.py", "common.py"))
+CONFIGS = sorted(
+    f[:-3]
+    for f in os.listdir(os.path.join(REPO, "configs"))
+    if f.endswith(".py") and f not in ("__init__.py", "common.py")
+)
 
 # Runs in a fresh interpreter: prints {config name: sorted flattened keys} as JSON.
 LOAD_ALL = """
@@ -36,8 +40,15 @@ print(json.dumps(loaded))
 def test_configs_load_without_tensorflow_and_share_default_keys():
   assert len(CONFIGS) >= 8 and "default" in CONFIGS
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  proc = subprocess.run([sys.executable, "-c", LOAD_ALL, *CONFIGS], cwd=REPO, env=env,
-                        capture_output=True, text=True, timeout=300, check=False)
+  proc = subprocess.run(
+      [sys.executable, "-c", LOAD_ALL, *CONFIGS],
+      cwd=REPO,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=300,
+      check=False,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   loaded = json.loads(proc.stdout.strip().splitlines()[-1])
   assert sorted(loaded) == CONFIGS

@@ -1,4 +1,5 @@
 """Converter: every checkpoint format users hold, refusal of bad input, both directions."""
+
 import argparse
 import collections
 import json
@@ -59,6 +60,7 @@ def _fake_yacs_cfgnode():
   yacs, config = types.ModuleType("yacs"), types.ModuleType("yacs.config")
 
   class CfgNode(dict):
+
     def __init__(self, init_dict=None):
       super().__init__(init_dict or {})
       self.__dict__["__immutable__"] = False
@@ -75,21 +77,36 @@ def _training_checkpoint(sd, path, monkeypatch):
   with monkeypatch.context() as m:
     m.setitem(sys.modules, "yacs", yacs)
     m.setitem(sys.modules, "yacs.config", config)
-    cfg = cfg_node({"MODEL": cfg_node({"TYPE": "smlp", "NUM_CLASSES": 10,
-                                       "SMLP": cfg_node({"LAYERS": [1, 1, 2, 1]})}),
-                    "TRAIN": cfg_node({"BASE_LR": 5e-4, "EPOCHS": 300})})
+    cfg = cfg_node(
+        {
+            "MODEL": cfg_node(
+                {"TYPE": "smlp", "NUM_CLASSES": 10, "SMLP": cfg_node({"LAYERS": [1, 1, 2, 1]})}
+            ),
+            "TRAIN": cfg_node({"BASE_LR": 5e-4, "EPOCHS": 300}),
+        }
+    )
     params = [torch.nn.Parameter(v.clone()) for v in list(sd.values())[:3]]
     opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.05)
     sum(p.sum() for p in params).backward()
     opt.step()
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=10)
-    torch.save({"model": sd, "optimizer": opt.state_dict(), "lr_scheduler": sched.state_dict(),
-                "max_accuracy": 81.2, "epoch": 299, "config": cfg}, path)
+    torch.save(
+        {
+            "model": sd,
+            "optimizer": opt.state_dict(),
+            "lr_scheduler": sched.state_dict(),
+            "max_accuracy": 81.2,
+            "epoch": 299,
+            "config": cfg,
+        },
+        path,
+    )
   assert "yacs" not in sys.modules
 
 
 def test_training_checkpoint_with_yacs_config_loads_without_yacs(
-    tmp_path, fixture_sd, reference, monkeypatch):
+    tmp_path, fixture_sd, reference, monkeypatch
+):
   path = tmp_path / "ckpt_epoch_299.pth"
   _training_checkpoint(fixture_sd, path, monkeypatch)
   assert "yacs.config.CfgNode" in torch.serialization.get_unsafe_globals_in_checkpoint(path)
@@ -155,12 +172,15 @@ def test_non_checkpoint_files(tmp_path, content):
     read_state_dict(str(path))
 
 
-@pytest.mark.parametrize("edit,match", [
-    ("drop", r"missing: blocks3\.1\.channel_mixing\.fc2\.bias"),
-    ("extra", r"unexpected: blocks1\.0\.extra\.weight"),
-    ("shape", r"shape mismatch: blocks1\.0\.channel_mixing\.fc1\.weight \(120, 39\)"),
-    ("rename", "not a Strip-MLP state dict"),
-])
+@pytest.mark.parametrize(
+    "edit,match",
+    [
+        ("drop", r"missing: blocks3\.1\.channel_mixing\.fc2\.bias"),
+        ("extra", r"unexpected: blocks1\.0\.extra\.weight"),
+        ("shape", r"shape mismatch: blocks1\.0\.channel_mixing\.fc1\.weight \(120, 39\)"),
+        ("rename", "not a Strip-MLP state dict"),
+    ],
+)
 def test_architecture_mismatch_names_the_keys(tmp_path, fixture_sd, edit, match):
   sd = dict(fixture_sd)
   if edit == "drop":
@@ -204,11 +224,14 @@ def _run_cli(*args, max_file_size=None):
   disk makes them fail (ENOSPC)."""
   cmd = [sys.executable, str(REPO / "convert_torch_weights.py"), *map(str, args)]
   if max_file_size:
-    cmd[1:1] = ["-c", "import resource, runpy, signal, sys\n"
-                "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
-                f"resource.setrlimit(resource.RLIMIT_FSIZE, ({max_file_size}, -1))\n"
-                "sys.argv = sys.argv[1:]\n"
-                "runpy.run_path(sys.argv[0], run_name='__main__')"]
+    cmd[1:1] = [
+        "-c",
+        "import resource, runpy, signal, sys\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        f"resource.setrlimit(resource.RLIMIT_FSIZE, ({max_file_size}, -1))\n"
+        "sys.argv = sys.argv[1:]\n"
+        "runpy.run_path(sys.argv[0], run_name='__main__')",
+    ]
   return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300, check=False)
 
 
@@ -241,8 +264,9 @@ def test_cli_writes_checkpoint_that_loads_and_reverses(tmp_path, fixtures_dir, r
   back = torch.load(tmp_path / "back.pth", weights_only=True)["model"]
   original = torch.load(fixtures_dir / f"{SMALL}.pth", weights_only=True)["model"]
   assert set(back) == set(original)
-  assert all(torch.equal(back[k], v) for k, v in original.items()
-             if not k.endswith("num_batches_tracked"))
+  assert all(
+      torch.equal(back[k], v) for k, v in original.items() if not k.endswith("num_batches_tracked")
+  )
 
   # Converting again onto the finished checkpoint is refused and leaves it intact.
   res = _run_cli(fixtures_dir / f"{SMALL}.pth", out)
@@ -277,19 +301,28 @@ def test_cli_main_in_process_reports_errors(tmp_path, capsys):
 
 
 def test_package_and_model_work_without_tensorflow_and_torch():
-  code = ("import sys; sys.modules['torch'] = None; sys.modules['tensorflow'] = None\n"
-          "import jax, jax.numpy as jnp, strip_mlp\n"
-          "m = strip_mlp.StripMLP(embed_dim=16, layers=(1, 0, 0, 1), img_size=32, num_classes=3)\n"
-          "v = m.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))\n"
-          "print(m.apply(v, jnp.ones((1, 32, 32, 3))).shape)\n"
-          "assert 'torch' not in sys.modules or sys.modules['torch'] is None\n")
-  res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
-                       timeout=600, check=False)
+  code = (
+      "import sys; sys.modules['torch'] = None; sys.modules['tensorflow'] = None\n"
+      "import jax, jax.numpy as jnp, strip_mlp\n"
+      "m = strip_mlp.StripMLP(embed_dim=16, layers=(1, 0, 0, 1), img_size=32, num_classes=3)\n"
+      "v = m.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))\n"
+      "print(m.apply(v, jnp.ones((1, 32, 32, 3))).shape)\n"
+      "assert 'torch' not in sys.modules or sys.modules['torch'] is None\n"
+  )
+  res = subprocess.run(
+      [sys.executable, "-c", code],
+      capture_output=True,
+      text=True,
+      cwd=REPO,
+      timeout=600,
+      check=False,
+  )
   assert res.returncode == 0, res.stderr[-2000:]
   assert "(1, 3)" in res.stdout
 
 
 # ----------------------------------------------------------------------------- CLI errors
+
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory, reference):
@@ -297,8 +330,7 @@ def converted(tmp_path_factory, reference):
 
 
 @pytest.mark.parametrize("case", ["unwritable", "to_torch_disk_full", "to_checkpoint_disk_full"])
-def test_cli_write_failures_are_one_line_and_leave_nothing(converted, fixtures_dir, tmp_path,
-                                                           case):
+def test_cli_write_failures_are_one_line_and_leave_nothing(converted, fixtures_dir, tmp_path, case):
   """Nothing can be created in /proc; a file-size limit makes writes fail mid-file (EFBIG)
   as a full disk does (ENOSPC), in the orbax direction inside tensorstore."""
   if case == "unwritable":
@@ -312,7 +344,7 @@ def test_cli_write_failures_are_one_line_and_leave_nothing(converted, fixtures_d
     args, name, says = [fixtures_dir / f"{SMALL}.pth"], "out", " (the weights need about 7.3 MiB)"
   res = _run_cli(*args, tmp_path / name, max_file_size=64 << 10)
   _assert_one_line_error(res, f"cannot write {tmp_path / name}: file too large{says}")
-  assert os.listdir(tmp_path) == []            # no partial output, no temporary file
+  assert os.listdir(tmp_path) == []  # no partial output, no temporary file
 
 
 def _main_error(capsys, *args, code=1):
@@ -323,36 +355,43 @@ def _main_error(capsys, *args, code=1):
 
 
 def test_cli_refuses_existing_outputs_and_says_what_they_are(
-    converted, fixtures_dir, tmp_path, capsys):
+    converted, fixtures_dir, tmp_path, capsys
+):
   empty = tmp_path / "empty.pth"
   empty.write_bytes(b"")
   assert "empty.pth already exists (a file); choose a new output file" in _main_error(
-      capsys, "--to-torch", converted, empty)
+      capsys, "--to-torch", converted, empty
+  )
   assert "empty.pth already exists and is not a directory; choose a new output directory" in (
-      _main_error(capsys, fixtures_dir / f"{SMALL}.pth", empty))
-  assert "already exists (a directory)" in _main_error(capsys, "--to-torch", converted,
-                                                       tmp_path)
+      _main_error(capsys, fixtures_dir / f"{SMALL}.pth", empty)
+  )
+  assert "already exists (a directory)" in _main_error(capsys, "--to-torch", converted, tmp_path)
   assert "cannot write" in _main_error(capsys, "--to-torch", converted, empty / "out.pth")
   assert empty.read_bytes() == b"" and sorted(os.listdir(tmp_path)) == ["empty.pth"]
 
 
-def test_cli_wrong_kinds_of_input_say_what_is_expected(converted, fixtures_dir, tmp_path,
-                                                       capsys):
+def test_cli_wrong_kinds_of_input_say_what_is_expected(converted, fixtures_dir, tmp_path, capsys):
   err = _main_error(capsys, converted, tmp_path / "out")
-  assert (f"{converted} is a directory, not a PyTorch .pth file; to export a checkpoint "
-          f"directory or train.py workdir to .pth use --to-torch {converted} OUT.pth") in err
-  assert "drop --to-torch" in _main_error(capsys, "--to-torch", fixtures_dir / f"{SMALL}.pth",
-                                          tmp_path / "o.pth")
+  assert (
+      f"{converted} is a directory, not a PyTorch .pth file; to export a checkpoint "
+      f"directory or train.py workdir to .pth use --to-torch {converted} OUT.pth"
+  ) in err
+  assert "drop --to-torch" in _main_error(
+      capsys, "--to-torch", fixtures_dir / f"{SMALL}.pth", tmp_path / "o.pth"
+  )
   assert "is not a checkpoint" in _main_error(capsys, "--to-torch", tmp_path, tmp_path / "o.pth")
-  assert "apply to training workdirs only" in _main_error(capsys, "--to-torch", converted,
-                                                          tmp_path / "o.pth", "--ema")
-  assert "apply to --to-torch only" in _main_error(capsys, fixtures_dir / f"{SMALL}.pth",
-                                                   tmp_path / "o", "--step", "3", code=2)
+  assert "apply to training workdirs only" in _main_error(
+      capsys, "--to-torch", converted, tmp_path / "o.pth", "--ema"
+  )
+  assert "apply to --to-torch only" in _main_error(
+      capsys, fixtures_dir / f"{SMALL}.pth", tmp_path / "o", "--step", "3", code=2
+  )
   assert "unrecognized arguments: --bogus" in _main_error(capsys, "a", "b", "--bogus", code=2)
   assert os.listdir(tmp_path) == []
 
 
 # ----------------------------------------------------------------------------- training workdirs
+
 
 def _scaled(variables, factor):
   return jax.tree_util.tree_map(lambda x: np.asarray(x) * np.float32(factor), dict(variables))
@@ -366,8 +405,12 @@ def workdir(tmp_path_factory, reference):
   path = tmp_path_factory.mktemp("workdir")
   ckpt = Checkpointer(str(path / "checkpoints"), async_save=False)
   for step, raw, ema, top1 in ((10, 1, 2, 0.9), (20, 3, 4, 0.5)):
-    state = {"step": np.int32(step), **_scaled(variables, raw), "ema": _scaled(variables, ema),
-             "opt_state": {"mu": _scaled(variables, 0)["params"]}}
+    state = {
+        "step": np.int32(step),
+        **_scaled(variables, raw),
+        "ema": _scaled(variables, ema),
+        "opt_state": {"mu": _scaled(variables, 0)["params"]},
+    }
     assert ckpt.save(step, state, {"model": model.config_dict()}, {"top1": top1})
   ckpt.close()
   return path
@@ -377,24 +420,35 @@ def _assert_exported(path, expected):
   """The .pth at `path` holds the state dict `expected` (num_batches_tracked aside)."""
   got = torch.load(path, weights_only=True)["model"]
   assert set(got) == set(expected)
-  assert all(torch.equal(got[k], v) for k, v in expected.items()
-             if not k.endswith("num_batches_tracked"))
+  assert all(
+      torch.equal(got[k], v) for k, v in expected.items() if not k.endswith("num_batches_tracked")
+  )
 
 
 def test_cli_exports_a_training_workdir(workdir, reference, fixture_sd, tmp_path, capsys):
-  res = _run_cli("--to-torch", workdir, tmp_path / "latest.pth")   # latest step, raw weights
+  res = _run_cli("--to-torch", workdir, tmp_path / "latest.pth")  # latest step, raw weights
   assert res.returncode == 0 and "Traceback" not in res.stderr, res.stderr[-3000:]
   assert "training workdir, step 20, raw weights" in res.stdout
   _assert_exported(tmp_path / "latest.pth", flax_to_torch(_scaled(reference[1], 3)))
-  assert convert_torch_weights.main(["--to-torch", str(workdir), str(tmp_path / "best.pth"),
-                                     "--which", "best"]) == 0
-  _assert_exported(tmp_path / "best.pth", fixture_sd)          # step 10's: the fixture's
-  assert convert_torch_weights.main(["--to-torch", str(workdir / "checkpoints" / "10"),
-                                     str(tmp_path / "ema.pth"), "--ema"]) == 0
+  assert (
+      convert_torch_weights.main(
+          ["--to-torch", str(workdir), str(tmp_path / "best.pth"), "--which", "best"]
+      )
+      == 0
+  )
+  _assert_exported(tmp_path / "best.pth", fixture_sd)  # step 10's: the fixture's
+  assert (
+      convert_torch_weights.main(
+          ["--to-torch", str(workdir / "checkpoints" / "10"), str(tmp_path / "ema.pth"), "--ema"]
+      )
+      == 0
+  )
   assert "step 10, EMA weights" in capsys.readouterr().out
   _assert_exported(tmp_path / "ema.pth", flax_to_torch(_scaled(reference[1], 2)))
-  assert "available steps: 10, 20" in _main_error(capsys, "--to-torch", workdir,
-                                                  tmp_path / "x.pth", "--step", "15")
+  assert "available steps: 10, 20" in _main_error(
+      capsys, "--to-torch", workdir, tmp_path / "x.pth", "--step", "15"
+  )
   assert "either --step=N or --which=best" in _main_error(
-      capsys, "--to-torch", workdir, tmp_path / "x.pth", "--step", "10", "--which", "best")
+      capsys, "--to-torch", workdir, tmp_path / "x.pth", "--step", "10", "--which", "best"
+  )
   assert sorted(os.listdir(tmp_path)) == ["best.pth", "ema.pth", "latest.pth"]

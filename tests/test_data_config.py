@@ -1,5 +1,6 @@
 """The data config (strip_mlp.data.config): TF-free, and its names agree with the modules that
 implement them."""
+
 import os
 import subprocess
 import sys
@@ -12,17 +13,26 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_config_and_package_import_without_tensorflow():
-  code = ("import sys; import strip_mlp.data, strip_mlp.data.config as c; "
-          "c.parse_rand_augment(c.default_data_config().randaugment); "
-          "bad = [m for m in ('tensorflow', 'tensorflow_datasets') if m in sys.modules]; "
-          "assert not bad, bad")
-  proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
-                        timeout=120, check=False)
+  code = (
+      "import sys; import strip_mlp.data, strip_mlp.data.config as c; "
+      "c.parse_rand_augment(c.default_data_config().randaugment); "
+      "bad = [m for m in ('tensorflow', 'tensorflow_datasets') if m in sys.modules]; "
+      "assert not bad, bad"
+  )
+  proc = subprocess.run(
+      [sys.executable, "-c", code],
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+      timeout=120,
+      check=False,
+  )
   assert proc.returncode == 0, proc.stderr[-2000:]
 
 
 def test_names_match_their_implementations():
   from strip_mlp.data import digits, pil_resize  # pylint: disable=g-import-not-at-top
+
   assert tuple(digits.EMBEDDED_BUILDERS) == data_config.EMBEDDED_DATASETS
   assert set(pil_resize.FILTERS) == set(data_config.PIL_INTERPOLATIONS)
   assert set(data_config.PIL_INTERPOLATIONS) < set(data_config.INTERPOLATIONS)

@@ -16,11 +16,12 @@ def test_rand_augment_point_ops_match_pil_formulas():
   t = tf.constant(x)
   np.testing.assert_array_equal(RA.invert(t).numpy(), 255 - x)
   np.testing.assert_array_equal(RA.solarize(t, 128).numpy(), np.where(x >= 128, 255 - x, x))
-  np.testing.assert_array_equal(RA.solarize_add(t, 50).numpy(),
-                                np.where(x < 128, np.minimum(x.astype(int) + 50, 255), x))
+  np.testing.assert_array_equal(
+      RA.solarize_add(t, 50).numpy(), np.where(x < 128, np.minimum(x.astype(int) + 50, 255), x)
+  )
   np.testing.assert_array_equal(RA.posterize(t, 2).numpy(), x & 0b11000000)
   np.testing.assert_array_equal(RA.posterize(t, 8).numpy(), x)
-  low = (x // 4 + 40).astype(np.uint8)                       # range [40, 103] per channel
+  low = (x // 4 + 40).astype(np.uint8)  # range [40, 103] per channel
   ac = RA.auto_contrast(tf.constant(low)).numpy()
   assert ac.min() == 0 and ac.max() == 255
   eq = RA.equalize(tf.constant(low)).numpy()
@@ -37,24 +38,25 @@ def test_rand_augment_geometry():
   t = tf.constant(x)
   fill = (124, 116, 104)
   np.testing.assert_array_equal(RA.rotate(t, 0.0, fill).numpy(), x)
-  moved = RA.translate_x(t, 5.0, fill).numpy()               # PIL: content moves left by 5
+  moved = RA.translate_x(t, 5.0, fill).numpy()  # PIL: content moves left by 5
   np.testing.assert_array_equal(moved[:, :-5], x[:, 5:])
   np.testing.assert_array_equal(moved[:, -5:], np.broadcast_to(fill, moved[:, -5:].shape))
   down = RA.translate_y(t, -3.0, fill).numpy()
   np.testing.assert_array_equal(down[3:], x[:-3])
   square = np.zeros((21, 21, 3), np.uint8)
-  square[2:5, 9:12] = 255                                    # a dot above the centre
-  rot = RA.rotate(tf.constant(square), 90.0, (0, 0, 0)).numpy()   # counter-clockwise
+  square[2:5, 9:12] = 255  # a dot above the centre
+  rot = RA.rotate(tf.constant(square), 90.0, (0, 0, 0)).numpy()  # counter-clockwise
   ys, xs = np.nonzero(rot[..., 0] > 128)
-  assert abs(ys.mean() - 10) < 1 and xs.mean() < 6           # now left of the centre
+  assert abs(ys.mean() - 10) < 1 and xs.mean() < 6  # now left of the centre
 
 
 def test_rand_augment_spec_and_determinism():
-  spec = data_config.parse_rand_augment('rand-m9-mstd0.5-inc1')
-  assert spec == data_config.RandAugmentSpec(magnitude=9.0, num_layers=2, magnitude_std=0.5,
-                                            increasing=True, prob=0.5)
-  with pytest.raises(ValueError, match='unknown RandAugment option'):
-    data_config.parse_rand_augment('rand-m9-zz3')
+  spec = data_config.parse_rand_augment("rand-m9-mstd0.5-inc1")
+  assert spec == data_config.RandAugmentSpec(
+      magnitude=9.0, num_layers=2, magnitude_std=0.5, increasing=True, prob=0.5
+  )
+  with pytest.raises(ValueError, match="unknown RandAugment option"):
+    data_config.parse_rand_augment("rand-m9-zz3")
   image = tf.constant(ramp_image())
   outs = [RA.rand_augment(image, seed(s)).numpy() for s in range(12)]
   assert all(o.shape == (24, 32, 3) and o.dtype == np.uint8 for o in outs)

@@ -6,6 +6,7 @@ and the one-line errors.
 Images come from the embedded digits test split (359 examples, a prime) through the real
 input pipeline; batch sizes (48, 56) do not divide it, so the last batch is padded.
 """
+
 import importlib.util
 import json
 import os
@@ -31,14 +32,14 @@ from strip_mlp.steps import TrainState  # noqa: E402
 from strip_mlp.convert import torch_to_flax  # noqa: E402
 from strip_mlp.model import abstract_variables  # noqa: E402
 
-
-SPLIT_SIZE = 359          # digits 'test'
-FIXTURE = "smlp_e40_i32_l1121_c10"   # 32 px, 10 classes: fits the digits
+SPLIT_SIZE = 359  # digits 'test'
+FIXTURE = "smlp_e40_i32_l1121_c10"  # 32 px, 10 classes: fits the digits
 
 
 def _load_eval_cli():
   spec = importlib.util.spec_from_file_location(
-      "eval_cli", os.path.join(train_test_utils.REPO, "eval.py"))
+      "eval_cli", os.path.join(train_test_utils.REPO, "eval.py")
+  )
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
@@ -63,6 +64,7 @@ def random_variables(model, seed):
       return rng.uniform(0.5, 1.5, s.shape).astype(np.float32)
     base = 1.0 if name == "scale" else 0.0
     return (base + 0.1 * rng.standard_normal(s.shape)).astype(np.float32)
+
   return jax.tree_util.tree_map_with_path(leaf, dict(abstract_variables(model)))
 
 
@@ -72,19 +74,22 @@ def mesh_of(n):
 
 def reference_metrics(model, variables, images, labels):
   """Direct computation over the real examples only: hits and float64 loss."""
-  logits = np.asarray(jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, images),
-                      np.float64)
+  logits = np.asarray(
+      jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, images), np.float64
+  )
   top5 = np.argsort(-logits, axis=1)[:, :5]
   logp = logits - logits.max(1, keepdims=True)
   logp -= np.log(np.exp(logp).sum(1, keepdims=True))
-  return {"top1_hits": int(np.sum(top5[:, 0] == labels)),
-          "top5_hits": int(np.sum(np.any(top5 == labels[:, None], axis=1))),
-          "loss": float(-np.mean(logp[np.arange(len(labels)), labels]))}
+  return {
+      "top1_hits": int(np.sum(top5[:, 0] == labels)),
+      "top5_hits": int(np.sum(np.any(top5 == labels[:, None], axis=1))),
+      "loss": float(-np.mean(logp[np.arange(len(labels)), labels])),
+  }
 
 
 @pytest.fixture(scope="module")
 def data_cfg():
-  return data_config.default_data_config()   # embedded digits, 32 px
+  return data_config.default_data_config()  # embedded digits, 32 px
 
 
 @pytest.fixture(scope="module")
@@ -112,6 +117,7 @@ def converted_dir(fixtures_dir, tmp_path_factory):
 
 # ------------------------------------------------------------------ counting and exactness
 
+
 def test_counts_every_example_once_on_1_and_8_devices(tiny, data_cfg, digits_eval):
   model, variables = tiny
   results = {n: ev.evaluate(model, variables, data_cfg, 48, mesh_of(n)) for n in (1, 8)}
@@ -132,15 +138,18 @@ def test_simulated_hosts_count_every_example_once(tiny, data_cfg, digits_eval):
   model, variables = tiny
   mesh = mesh_of(8)
   hosts = 3
-  iters = [pipeline.create_eval_iterator(data_cfg, 48, None, process_index=i,
-                                               process_count=hosts) for i in range(hosts)]
+  iters = [
+      pipeline.create_eval_iterator(data_cfg, 48, None, process_index=i, process_count=hosts)
+      for i in range(hosts)
+  ]
   batches = []
   for parts in zip(*iters):
     batch = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     batches.append(pipeline.to_global_arrays(batch, sharding.batch_sharding(mesh)))
   assert len(batches) == pipeline.num_eval_batches(data_cfg, 48, process_count=hosts)
-  r = ev.evaluate_batches(ev.make_eval_fn(model, mesh), ev.place_variables(variables, mesh),
-                          batches)
+  r = ev.evaluate_batches(
+      ev.make_eval_fn(model, mesh), ev.place_variables(variables, mesh), batches
+  )
   ref = reference_metrics(model, variables, *digits_eval)
   assert r["count"] == SPLIT_SIZE
   assert (r["top1_hits"], r["top5_hits"]) == (ref["top1_hits"], ref["top5_hits"])
@@ -148,6 +157,7 @@ def test_simulated_hosts_count_every_example_once(tiny, data_cfg, digits_eval):
 
 
 # ------------------------------------------------------------------ converted fixture
+
 
 def test_converted_fixture_reproduces_reference_predictions(fixtures_dir, converted_dir):
   """The fixture's inputs (floats, not representable as uint8 images for the pipeline) go
@@ -162,16 +172,19 @@ def test_converted_fixture_reproduces_reference_predictions(fixtures_dir, conver
   variables = ev.place_variables(ckpt.variables, mesh)
   x = np.transpose(ref["input_nchw"], (0, 2, 3, 1))
   n = len(x)
-  order = np.argsort(-ref["logits"], axis=1)      # the reference's class ranking
+  order = np.argsort(-ref["logits"], axis=1)  # the reference's class ranking
 
   def run(labels):
-    batch = {"image": np.concatenate([x, np.zeros((8 - n,) + x.shape[1:], np.float32)]),
-             "label": np.concatenate([labels, np.zeros(8 - n, np.int32)]).astype(np.int32),
-             "mask": np.concatenate([np.ones(n), np.zeros(8 - n)]).astype(np.float32)}
+    batch = {
+        "image": np.concatenate([x, np.zeros((8 - n,) + x.shape[1:], np.float32)]),
+        "label": np.concatenate([labels, np.zeros(8 - n, np.int32)]).astype(np.int32),
+        "mask": np.concatenate([np.ones(n), np.zeros(8 - n)]).astype(np.float32),
+    }
     return ev.evaluate_batches(
-        eval_fn, variables, [pipeline.to_global_arrays(batch, sharding.batch_sharding(mesh))])
+        eval_fn, variables, [pipeline.to_global_arrays(batch, sharding.batch_sharding(mesh))]
+    )
 
-  labels = order[:, 0]                             # the reference's predictions
+  labels = order[:, 0]  # the reference's predictions
   r = run(labels)
   z = ref["logits"].astype(np.float64)
   logp = z - z.max(1, keepdims=True)
@@ -179,14 +192,13 @@ def test_converted_fixture_reproduces_reference_predictions(fixtures_dir, conver
   ref_loss = float(-np.mean(logp[np.arange(n), labels]))
   assert r["count"] == n and r["top1"] == 1.0 and r["top5"] == 1.0
   assert r["loss"] == pytest.approx(ref_loss, rel=1e-5)
-  r = run(order[:, 4])                             # 5th-ranked class: a top-5 hit only
+  r = run(order[:, 4])  # 5th-ranked class: a top-5 hit only
   assert (r["count"], r["top1_hits"], r["top5_hits"]) == (n, 0, n)
-  r = run(order[:, 5])                             # 6th-ranked: no hit
+  r = run(order[:, 5])  # 6th-ranked: no hit
   assert (r["count"], r["top1_hits"], r["top5_hits"]) == (n, 0, 0)
 
 
-def test_eval_cli_on_converted_checkpoint(converted_dir, data_cfg, tmp_path, capsys,
-                                         monkeypatch):
+def test_eval_cli_on_converted_checkpoint(converted_dir, data_cfg, tmp_path, capsys, monkeypatch):
   """eval.py end to end on the converted fixture (10 classes, 32 px: fits the digits as
   is), batch 8 (45 batches, the last one 1 example): the JSON holds the whole split and the
   same numbers as the library on the same weights. The checkpoint directory is read-only,
@@ -213,8 +225,9 @@ def test_eval_cli_on_converted_checkpoint(converted_dir, data_cfg, tmp_path, cap
   assert result["loss"] == pytest.approx(direct["loss"], rel=1e-6)
 
 
-def test_eval_cli_keeps_results_when_output_cannot_be_written(converted_dir, tmp_path, capsys,
-                                                              monkeypatch):
+def test_eval_cli_keeps_results_when_output_cannot_be_written(
+    converted_dir, tmp_path, capsys, monkeypatch
+):
   """--output fails only after the evaluation (here: its up-front check is skipped and its
   directory is a file): the results go to the default place, one error line says where,
   exit code 1. When nothing can be written they are printed as JSON instead."""
@@ -224,42 +237,56 @@ def test_eval_cli_keeps_results_when_output_cannot_be_written(converted_dir, tmp
   monkeypatch.setattr(eval_cli, "_check_output", lambda output: None)
   monkeypatch.chdir(tmp_path)
   bad = str(tmp_path / "file" / "out.json")
-  assert eval_cli.run_argv(["eval.py", "--checkpoint", str(ckpt), "--batch_size", "8",
-                        "--output", bad]) == 1
+  assert (
+      eval_cli.run_argv(
+          ["eval.py", "--checkpoint", str(ckpt), "--batch_size", "8", "--output", bad]
+      )
+      == 1
+  )
   captured = capsys.readouterr()
   fallback = ckpt / "eval_test.json"
-  assert re.fullmatch(rf"eval\.py: error: cannot write --output {re.escape(bad)} \(.+\); "
-                      rf"the results were written to {re.escape(str(fallback))} instead",
-                      captured.err.strip()), captured.err
+  assert re.fullmatch(
+      rf"eval\.py: error: cannot write --output {re.escape(bad)} \(.+\); "
+      rf"the results were written to {re.escape(str(fallback))} instead",
+      captured.err.strip(),
+  ), captured.err
   assert json.loads(fallback.read_text())["count"] == SPLIT_SIZE
   # nowhere to write (the last resort, ./eval.json, is in /proc too): printed as JSON
   monkeypatch.chdir("/proc/self")
   result = {"top1": 0.5, "count": SPLIT_SIZE}
-  with pytest.raises(EvalError, match=r"cannot write the results to .* nor .*/proc/.*"
-                                         r"eval.json .*printed above as JSON"):
+  with pytest.raises(
+      EvalError,
+      match=r"cannot write the results to .* nor .*/proc/.*" r"eval.json .*printed above as JSON",
+  ):
     eval_cli.write_results(result, bad, str(tmp_path / "file" / "default.json"))
   assert json.loads(capsys.readouterr().out) == result
 
 
 # ------------------------------------------------------------------ training workdirs
 
+
 def _train_state(model, seed, ema):
   """A TrainState as train.py saves it (AdamW state; EMA weights that differ)."""
   params = random_variables(model, seed)
   tx = optax.adamw(1e-3)
   return TrainState(
-      step=jnp.array(seed, jnp.int32), params=params["params"],
-      batch_stats=params["batch_stats"], opt_state=tx.init(params["params"]),
-      ema=random_variables(model, seed + 100) if ema else {})
+      step=jnp.array(seed, jnp.int32),
+      params=params["params"],
+      batch_stats=params["batch_stats"],
+      opt_state=tx.init(params["params"]),
+      ema=random_variables(model, seed + 100) if ema else {},
+  )
 
 
 def _write_workdir(path, states, evals, model, **data):
   """A train.py workdir: checkpoints/<step>/{state,meta}, config.json, metrics.jsonl."""
   from configs import default  # pylint: disable=g-import-not-at-top
+
   ckpt = train_checkpoint.Checkpointer(os.path.join(path, "checkpoints"), async_save=False)
   for step, state in states.items():
-    assert ckpt.save(step, state, {"model": model.config_dict(), "best_top1": 0.0},
-                     {"top1": evals[step]})
+    assert ckpt.save(
+        step, state, {"model": model.config_dict(), "best_top1": 0.0}, {"top1": evals[step]}
+    )
   ckpt.close()
   config = default.get_config()
   resolved = json.loads(config.to_json_best_effort())
@@ -282,8 +309,9 @@ def workdir(tmp_path_factory):
 
 
 def _assert_same(a, b):
-  jax.tree_util.tree_map(lambda x, y: np.testing.assert_array_equal(np.asarray(x),
-                                                                      np.asarray(y)), a, b)
+  jax.tree_util.tree_map(
+      lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a, b
+  )
 
 
 def test_workdir_latest_best_step_and_ema(workdir):
@@ -291,7 +319,7 @@ def test_workdir_latest_best_step_and_ema(workdir):
   latest = model_checkpoint.load_weights(path)
   assert (latest.kind, latest.step, latest.ema) == ("workdir", 20, False)
   _assert_same(latest.variables, states[20].variables())
-  best = model_checkpoint.load_weights(path, which="best")            # highest eval top-1: step 10
+  best = model_checkpoint.load_weights(path, which="best")  # highest eval top-1: step 10
   assert best.step == 10
   _assert_same(best.variables, states[10].variables())
   ema = model_checkpoint.load_weights(os.path.join(path, "checkpoints", "10"), ema=True)
@@ -307,26 +335,44 @@ def test_eval_cli_on_workdir_uses_its_config(workdir, data_cfg, tmp_path, capsys
   --config.data.*; --which best --ema picks step 10's EMA weights."""
   path, states = workdir
   out = tmp_path / "best_ema.json"
-  assert eval_cli.run_argv(["eval.py", "--checkpoint", path, "--which", "best", "--ema",
-                        "--config.data.eval_split=test", "--output", str(out)]) == 0
+  assert (
+      eval_cli.run_argv(
+          [
+              "eval.py",
+              "--checkpoint",
+              path,
+              "--which",
+              "best",
+              "--ema",
+              "--config.data.eval_split=test",
+              "--output",
+              str(out),
+          ]
+      )
+      == 0
+  )
   result = json.loads(out.read_text())
   assert (result["step"], result["ema"], result["split"]) == (10, True, "test")
   assert result["count"] == result["num_examples"] == SPLIT_SIZE
   assert (result["batch_size"], result["num_batches"]) == (48, 8)
   assert "step 10, EMA weights" in capsys.readouterr().out
   # the same weights through the library on one device: the same numbers
-  direct = ev.evaluate(tiny_model(), states[10].variables(use_ema=True), data_cfg, 48,
-                       mesh_of(1))
+  direct = ev.evaluate(tiny_model(), states[10].variables(use_ema=True), data_cfg, 48, mesh_of(1))
   assert (result["top1"], result["top5"]) == (direct["top1"], direct["top5"])
   assert result["loss"] == pytest.approx(direct["loss"], rel=1e-6)
   # default output: WORKDIR/eval_<split>_step<N>.json
-  assert eval_cli.run_argv(["eval.py", "--checkpoint", path, "--no-ema",
-                        "--config.data.eval_split=test"]) == 0
+  assert (
+      eval_cli.run_argv(
+          ["eval.py", "--checkpoint", path, "--no-ema", "--config.data.eval_split=test"]
+      )
+      == 0
+  )
   result = json.loads(open(os.path.join(path, "eval_test_step20.json")).read())
   assert (result["step"], result["ema"], result["count"]) == (20, False, SPLIT_SIZE)
 
 
 # ------------------------------------------------------------------ errors
+
 
 def _cli_error(capsys, *args):
   rc = eval_cli.run_argv(["eval.py", *args])
@@ -340,10 +386,12 @@ def test_clear_errors(converted_dir, workdir, tmp_path, capsys):
   assert "does not exist" in _cli_error(capsys, "--checkpoint", str(tmp_path / "nope"))
   assert "is not a checkpoint" in _cli_error(capsys, "--checkpoint", str(tmp_path))
   assert "available steps: 10, 20" in _cli_error(capsys, "--checkpoint", path, "--step", "7")
-  assert "--ema apply to training workdirs" in _cli_error(capsys, "--checkpoint",
-                                                          converted_dir, "--ema")
-  assert "did you mean 'name'" in _cli_error(capsys, "--checkpoint", converted_dir,
-                                             "--config.data.nme=x")
+  assert "--ema apply to training workdirs" in _cli_error(
+      capsys, "--checkpoint", converted_dir, "--ema"
+  )
+  assert "did you mean 'name'" in _cli_error(
+      capsys, "--checkpoint", converted_dir, "--config.data.nme=x"
+  )
   # a 64-px 100-class model on the 32-px 10-class digits: says so and which flag fixes it
   model = StripMLP(embed_dim=16, layers=(1, 0, 0, 0), img_size=64, num_classes=100)
   big = save_checkpoint(str(tmp_path / "big"), model, random_variables(model, 0))
@@ -358,13 +406,18 @@ def test_clear_errors(converted_dir, workdir, tmp_path, capsys):
   meta["model"]["num_classes"] = 100
   with open(os.path.join(broken, "config.json"), "w") as f:
     json.dump(meta, f)
-  with pytest.raises(EvalError, match=r"params/head/kernel is \(320, 10\) in the checkpoint "
-                                         r"but \(320, 100\)"):
+  with pytest.raises(
+      EvalError, match=r"params/head/kernel is \(320, 10\) in the checkpoint " r"but \(320, 100\)"
+  ):
     model_checkpoint.load_weights(broken)
   # an explicit --config describing another architecture
   assert "does not match the config's model" in _cli_error(
-      capsys, "--checkpoint", converted_dir, "--config",
-      os.path.join(train_test_utils.REPO, "configs", "imagenet_tiny.py"))
+      capsys,
+      "--checkpoint",
+      converted_dir,
+      "--config",
+      os.path.join(train_test_utils.REPO, "configs", "imagenet_tiny.py"),
+  )
   # a workdir trained without EMA
   no_ema = str(tmp_path / "no_ema")
   m = tiny_model()

@@ -1,6 +1,7 @@
 """Fine-tuning (strip_mlp/finetune.py): fitting pretrained weights to the model
 being fine-tuned. Reading and writing converted directories is tested with the converter
 (tests/test_convert.py) and reading any path with evaluation (tests/test_evaluate.py)."""
+
 import jax
 import numpy as np
 import pytest
@@ -12,12 +13,20 @@ from strip_mlp.errors import CheckpointMismatchError
 
 
 def test_merge_pretrained_reinitialises_only_the_head():
-  target = {"params": {"head": {"kernel": np.zeros((8, 5)), "bias": np.zeros(5)},
-                       "stem": {"kernel": np.zeros((3, 8))}},
-            "batch_stats": {"norm": {"mean": np.zeros(8)}}}
-  pre = {"params": {"head": {"kernel": np.ones((8, 100)), "bias": np.ones(100)},
-                    "stem": {"kernel": np.full((3, 8), 2.0)}},
-         "batch_stats": {"norm": {"mean": np.full(8, 3.0)}}}
+  target = {
+      "params": {
+          "head": {"kernel": np.zeros((8, 5)), "bias": np.zeros(5)},
+          "stem": {"kernel": np.zeros((3, 8))},
+      },
+      "batch_stats": {"norm": {"mean": np.zeros(8)}},
+  }
+  pre = {
+      "params": {
+          "head": {"kernel": np.ones((8, 100)), "bias": np.ones(100)},
+          "stem": {"kernel": np.full((3, 8), 2.0)},
+      },
+      "batch_stats": {"norm": {"mean": np.full(8, 3.0)}},
+  }
   merged, reinit = finetune.merge_pretrained(target, pre)
   assert sorted(reinit) == ["params/head/bias", "params/head/kernel"]
   np.testing.assert_array_equal(merged["params"]["stem"]["kernel"], 2.0)
@@ -29,8 +38,7 @@ def test_merge_pretrained_reinitialises_only_the_head():
 
 
 def test_pretrained_of_another_architecture_is_refused(fixtures_dir):
-  config = train_test_utils.small_config(init_from=str(fixtures_dir /
-                                                       "smlp_e40_i32_l1121_c10.pth"))
+  config = train_test_utils.small_config(init_from=str(fixtures_dir / "smlp_e40_i32_l1121_c10.pth"))
   mesh = sharding.create_mesh(1, jax.devices()[:1])
   target = build(config, train_test_utils.dataset_info(10), mesh).abstract_state  # 16 wide
   target = {"params": target.params, "batch_stats": target.batch_stats}

@@ -1,4 +1,5 @@
 """metrics.jsonl and TensorBoard scalars (strip_mlp/metric_writer.py)."""
+
 import json
 
 import numpy as np
@@ -16,8 +17,12 @@ def test_metrics_rows_after_the_resumed_step_are_dropped(tmp_path, capsys):
   writer.write(3, "train", {"loss": 0.5})
   writer.close()
   got = [json.loads(line) for line in path.read_text().splitlines()]
-  assert [(r["step"], r["kind"]) for r in got] == [(1, "train"), (2, "train"), (2, "eval"),
-                                                   (3, "train")]
+  assert [(r["step"], r["kind"]) for r in got] == [
+      (1, "train"),
+      (2, "train"),
+      (2, "eval"),
+      (3, "train"),
+  ]
   assert got[-1]["loss"] == 0.5
   assert "dropped 2 row(s) after step 2" in capsys.readouterr().out
 
@@ -38,8 +43,12 @@ def test_tensorboard_scalars_are_written(tmp_path):
     for v in event.summary.value:
       assert v.metadata.plugin_data.plugin_name == "scalars"
       scalars[(v.tag, event.step)] = float(tf.make_ndarray(v.tensor))
-  assert scalars == {("train/loss", 1): 2.5, ("train/lr", 1): np.float32(1e-3),
-                     ("train/loss", 2): 1.5, ("train/lr", 2): np.float32(2e-3),
-                     ("eval/top1", 2): 0.75}
+  assert scalars == {
+      ("train/loss", 1): 2.5,
+      ("train/lr", 1): np.float32(1e-3),
+      ("train/loss", 2): 1.5,
+      ("train/lr", 2): np.float32(2e-3),
+      ("eval/top1", 2): 0.75,
+  }
   rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert [(r["step"], r["kind"]) for r in rows] == [(1, "train"), (2, "train"), (2, "eval")]

@@ -1,4 +1,5 @@
 """Model tests: exact sizes, the strip layer against references, formulations, training mode."""
+
 import functools
 
 import jax
@@ -25,9 +26,10 @@ def tiny_variables(**overrides):
   return model, init(jax.random.PRNGKey(0))
 
 
-@pytest.mark.parametrize("variant,expected", [
-    ("tiny_light", 18_243_920), ("tiny", 24_903_920), ("small", 42_568_600),
-    ("base", 57_216_480)])
+@pytest.mark.parametrize(
+    "variant,expected",
+    [("tiny_light", 18_243_920), ("tiny", 24_903_920), ("small", 42_568_600), ("base", 57_216_480)],
+)
 def test_parameter_count_matches_released_models(variant, expected):
   model = create_model(variant)
   assert (model.img_size, model.num_classes) == (224, 1000)
@@ -46,7 +48,8 @@ def _strip_mix_loop(x, kernel, bias, along):
   x, kernel, bias = map(np.asarray, (x, kernel, bias))
   if along == "cols":  # transpose the spatial axes and reuse the row formula
     return _strip_mix_loop(x.transpose(0, 2, 1, 3, 4), kernel, bias, "rows").transpose(
-        0, 2, 1, 3, 4)
+        0, 2, 1, 3, 4
+    )
   n, h, w, p, g = x.shape
   y = np.zeros_like(x, dtype=np.float64)
   for i in range(h):
@@ -68,9 +71,14 @@ def _strip_mix_grouped_conv(x, kernel, bias, along):
   # channels (g, position) as in PyTorch: index g * L + position; spatial (p, shift axis)
   lhs = x.transpose(0, 4, 2, 3, 1).reshape(n, g * length, p, h)
   rhs = np.asarray(kernel).transpose(3, 2, 1, 0).reshape(g * length, length, 1, 3)
-  out = lax.conv_general_dilated(lhs, rhs, (1, 1), ((0, 0), (1, 1)),
-                                 dimension_numbers=("NCHW", "OIHW", "NCHW"),
-                                 feature_group_count=g)
+  out = lax.conv_general_dilated(
+      lhs,
+      rhs,
+      (1, 1),
+      ((0, 0), (1, 1)),
+      dimension_numbers=("NCHW", "OIHW", "NCHW"),
+      feature_group_count=g,
+  )
   out = out + np.asarray(bias).T.reshape(1, g * length, 1, 1)
   out = out.reshape(n, g, length, p, h).transpose(0, 4, 2, 3, 1)
   return out.transpose(0, 2, 1, 3, 4) if along == "cols" else out
@@ -98,8 +106,7 @@ def test_strip_mix_matches_loop_and_grouped_conv(along, shape):
 
 def test_strip_mix_rejects_unknown_direction():
   with pytest.raises(ValueError, match="rows"):
-    ops.strip_mix(jnp.zeros((1, 4, 4, 1, 1)), jnp.zeros((3, 4, 4, 1)), jnp.zeros((4, 1)),
-                  "diag")
+    ops.strip_mix(jnp.zeros((1, 4, 4, 1, 1)), jnp.zeros((3, 4, 4, 1)), jnp.zeros((4, 1)), "diag")
 
 
 def assert_formulations_agree(op, impl, ref_impl, x, kernel):
@@ -143,7 +150,7 @@ def test_resolve_impl():
 def test_wrong_image_shape_gives_clear_error():
   model, variables = tiny_variables()
   shape = lambda x: jax.eval_shape(lambda v: model.apply(v, x), variables)
-  assert shape(jnp.zeros((1, 64, 96, 3))).shape == (1, 10)   # any multiple of 32
+  assert shape(jnp.zeros((1, 64, 96, 3))).shape == (1, 10)  # any multiple of 32
   with pytest.raises(ValueError, match=r"image size 40x32 is not a multiple of 32"):
     shape(jnp.zeros((1, 40, 32, 3)))
   with pytest.raises(ValueError, match=r"looks like NCHW: transpose it"):
@@ -154,9 +161,15 @@ def test_wrong_image_shape_gives_clear_error():
     shape(jnp.zeros((1, 32, 32, 4)))
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(img_size=48), "multiple of 32"), (dict(embed_dim=20), "multiple of 8"),
-    (dict(layers=(1, 1, 1)), "4 non-negative"), (dict(num_classes=-1), "num_classes")])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(img_size=48), "multiple of 32"),
+        (dict(embed_dim=20), "multiple of 8"),
+        (dict(layers=(1, 1, 1)), "4 non-negative"),
+        (dict(num_classes=-1), "num_classes"),
+    ],
+)
 def test_invalid_architecture_is_rejected(kwargs, match):
   with pytest.raises(ValueError, match=match):
     StripMLP(**{**TINY, **kwargs})
@@ -169,13 +182,12 @@ def test_initialisation_follows_pytorch_defaults():
   grn = blk["channel_mixing"]["grn"]
   assert np.all(grn["gamma"] == 0) and np.all(grn["beta"] == 0)
   assert grn["gamma"].shape == (1, 1, 1, 48)
-  table = np.asarray(blk["token_mixing"]["smlp_block"]["strip"]["relate_pos_h"][
-      "embeddings_table"])
+  table = np.asarray(blk["token_mixing"]["smlp_block"]["strip"]["relate_pos_h"]["embeddings_table"])
   assert table.shape == (17, 8) and 0.01 < table.std() < 0.03
-  fc1 = np.asarray(blk["channel_mixing"]["fc1"]["kernel"])          # fan_in 16
+  fc1 = np.asarray(blk["channel_mixing"]["fc1"]["kernel"])  # fan_in 16
   assert np.abs(fc1).max() <= 0.25 and np.abs(fc1).max() > 0.2
   proj = np.asarray(blk["token_mixing"]["smlp_block"]["strip"]["proj_h"]["kernel"])
-  assert np.abs(proj).max() <= 1 / np.sqrt(3 * 8)                  # fan_in 3 * L
+  assert np.abs(proj).max() <= 1 / np.sqrt(3 * 8)  # fan_in 3 * L
   assert np.all(np.asarray(p["norm"]["scale"]) == 1)
   assert np.all(np.asarray(variables["batch_stats"]["norm"]["var"]) == 1)
   for leaf in jax.tree_util.tree_leaves(variables):
@@ -190,17 +202,23 @@ def test_jit_forward_and_gradient_step_in_training_mode():
   @jax.jit
   def step(variables, rng):
     def loss_fn(params):
-      logits, state = model.apply({**variables, "params": params}, x, train=True,
-                                  rngs={"drop_path": rng}, mutable=["batch_stats"])
+      logits, state = model.apply(
+          {**variables, "params": params},
+          x,
+          train=True,
+          rngs={"drop_path": rng},
+          mutable=["batch_stats"],
+      )
       onehot = jax.nn.one_hot(y, 10)
       return -jnp.mean(jnp.sum(onehot * jax.nn.log_softmax(logits), -1)), state
+
     (loss, state), grads = jax.value_and_grad(loss_fn, has_aux=True)(variables["params"])
     params = jax.tree_util.tree_map(lambda p, g: p - 0.1 * g, variables["params"], grads)
     return {"params": params, **state}, loss, grads
 
   new, loss, grads = step(variables, jax.random.PRNGKey(2))
   assert np.isfinite(loss) and loss > 0
-  gnorm = jnp.sqrt(sum(jnp.sum(g ** 2) for g in jax.tree_util.tree_leaves(grads)))
+  gnorm = jnp.sqrt(sum(jnp.sum(g**2) for g in jax.tree_util.tree_leaves(grads)))
   assert np.isfinite(gnorm) and gnorm > 0
   # Training updates the BatchNorm running statistics; inference uses them.
   old_mean = variables["batch_stats"]["norm"]["mean"]
@@ -209,8 +227,11 @@ def test_jit_forward_and_gradient_step_in_training_mode():
   assert not np.allclose(eval_fn(new), eval_fn(variables))
   # Inference is deterministic; training mode draws drop-path masks from the rng.
   np.testing.assert_array_equal(eval_fn(variables), eval_fn(variables))
-  train_fn = jax.jit(lambda r: model.apply(variables, x, train=True, rngs={"drop_path": r},
-                                           mutable=["batch_stats"])[0])
+  train_fn = jax.jit(
+      lambda r: model.apply(
+          variables, x, train=True, rngs={"drop_path": r}, mutable=["batch_stats"]
+      )[0]
+  )
   assert not np.allclose(train_fn(jax.random.PRNGKey(3)), train_fn(jax.random.PRNGKey(4)))
 
 
@@ -223,6 +244,7 @@ def test_drop_path_zero_rate_is_deterministic_in_training():
 
 def test_drop_path_scales_kept_paths():
   from strip_mlp.layers import DropPath
+
   x = jnp.ones((2000, 1, 1, 1))
   y = DropPath(0.25).apply({}, x, train=True, rngs={"drop_path": jax.random.PRNGKey(0)})
   kept = np.asarray(y[:, 0, 0, 0])

@@ -4,6 +4,7 @@ Whether such a zero occurs by chance depends on rounding order (fusion, kernels,
 every case here builds it deterministically and checks that the jitted gradients are
 finite and equal to a reference.
 """
+
 import functools
 
 import jax
@@ -18,10 +19,8 @@ from strip_mlp.mixup import mixup_cutmix
 from strip_mlp.layers import GRN, spatial_l2_norm
 from strip_mlp.steps import soft_cross_entropy
 
-
 # One block in stage 1 (8x8 maps) and stage 4 (1x1 maps): the hazards, at half the compile.
-TINY = dict(embed_dim=16, layers=(1, 0, 0, 1), img_size=32, num_classes=10,
-            drop_path_rate=0.0)
+TINY = dict(embed_dim=16, layers=(1, 0, 0, 1), img_size=32, num_classes=10, drop_path_rate=0.0)
 
 
 def rel_err(a, b):
@@ -64,8 +63,9 @@ def test_grn_gradient_is_torch_norms_at_exact_zeros(case):
   value, grad = jax.jit(jax.value_and_grad(loss))(jnp.asarray(x))
 
   xt = torch.tensor(x, dtype=torch.float64, requires_grad=True)
-  out = _torch_grn(xt, torch.tensor(gamma, dtype=torch.float64),
-                   torch.tensor(beta, dtype=torch.float64))
+  out = _torch_grn(
+      xt, torch.tensor(gamma, dtype=torch.float64), torch.tensor(beta, dtype=torch.float64)
+  )
   ref = (out * torch.tensor(weights, dtype=torch.float64)).sum()
   ref.backward()
   assert np.all(np.isfinite(grad))
@@ -76,7 +76,8 @@ def test_grn_gradient_is_torch_norms_at_exact_zeros(case):
 def test_spatial_l2_norm_values_and_zero_gradient():
   x = jnp.asarray(_grn_inputs("zeroed_channel"))
   np.testing.assert_array_equal(
-      spatial_l2_norm(x), jnp.sqrt(jnp.sum(x * x, axis=(1, 2), keepdims=True)))
+      spatial_l2_norm(x), jnp.sqrt(jnp.sum(x * x, axis=(1, 2), keepdims=True))
+  )
   grad = jax.grad(lambda x: jnp.sum(spatial_l2_norm(x)))(x)
   np.testing.assert_array_equal(grad[..., 2], 0.0)
   bf16 = jax.grad(lambda x: jnp.sum(spatial_l2_norm(x)))(jnp.zeros((1, 1, 1, 4), jnp.bfloat16))
@@ -93,7 +94,8 @@ def _forced_zero_variables():
   (an 8x8 map) and stage 4 (a 1x1 map) have bias -30, so GELU gives exactly 0 there."""
   model = StripMLP(**TINY)
   variables = jax.jit(lambda k: model.init(k, jnp.zeros((1, 32, 32, 3)), train=False))(
-      jax.random.PRNGKey(0))
+      jax.random.PRNGKey(0)
+  )
   params = jax.tree_util.tree_map(np.array, variables["params"])
   for block in ("blocks1_0", "blocks4_0"):
     params[block]["channel_mixing"]["fc1"]["bias"][:2] = DEAD
@@ -109,13 +111,17 @@ def _images():
 
 @functools.lru_cache(maxsize=None)
 def _grad_fn(dtype, depthwise_impl, patchify_impl):
-  model = StripMLP(**TINY, dtype=dtype, depthwise_impl=depthwise_impl,
-                   patchify_impl=patchify_impl)
+  model = StripMLP(**TINY, dtype=dtype, depthwise_impl=depthwise_impl, patchify_impl=patchify_impl)
 
   def loss(params, batch_stats, images):
-    logits, _ = model.apply({"params": params, "batch_stats": batch_stats},
-                            images.astype(dtype), train=True, mutable=["batch_stats"])
+    logits, _ = model.apply(
+        {"params": params, "batch_stats": batch_stats},
+        images.astype(dtype),
+        train=True,
+        mutable=["batch_stats"],
+    )
     return jnp.mean(soft_cross_entropy(logits, jax.nn.one_hot(jnp.array([3]), 10)))
+
   return jax.jit(jax.value_and_grad(loss))
 
 
@@ -125,8 +131,9 @@ def _loss_and_grads(images, dtype, impls):
   if dtype == "float64":
     params, batch_stats = cast(params), cast(batch_stats)
   loss, grads = _grad_fn(dtype, *impls)(params, batch_stats, jnp.asarray(images))
-  flat = np.concatenate([np.ravel(np.asarray(g, np.float64))
-                         for g in jax.tree_util.tree_leaves(grads)])
+  flat = np.concatenate(
+      [np.ravel(np.asarray(g, np.float64)) for g in jax.tree_util.tree_leaves(grads)]
+  )
   return float(loss), flat
 
 
@@ -175,8 +182,11 @@ def test_mixup_extreme_lambdas_are_finite(lam_case):
   """Beta(a, a) with a tiny alpha draws lambda at (or next to) exactly 0 or 1."""
   images = jnp.asarray(np.random.default_rng(3).normal(size=(4, 8, 8, 3)), jnp.float32)
   labels = jnp.arange(4) % 3
-  kw = (dict(mixup_alpha=1e-3, cutmix_alpha=0.0) if lam_case == "mixup_alpha_tiny"
-        else dict(mixup_alpha=0.0, cutmix_alpha=1e-3))
+  kw = (
+      dict(mixup_alpha=1e-3, cutmix_alpha=0.0)
+      if lam_case == "mixup_alpha_tiny"
+      else dict(mixup_alpha=0.0, cutmix_alpha=1e-3)
+  )
   for seed in range(8):
     out, targets = mixup_cutmix(jax.random.PRNGKey(seed), images, labels, 3, **kw)
     assert np.all(np.isfinite(out)) and np.all(np.isfinite(targets))

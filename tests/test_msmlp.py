@@ -1,4 +1,5 @@
 """MS-MLP: parity with the official PyTorch outputs, strict conversion, counts and shapes."""
+
 import json
 
 import jax
@@ -30,7 +31,7 @@ def load_fixture(name):
   """(state dict {key: float32 array}, constructor keywords, reference arrays)."""
   z = np.load(FIXTURES / f"{name}.npz")
   prefix = "state_dict/"
-  sd = {k[len(prefix):]: z[k] for k in z.files if k.startswith(prefix)}
+  sd = {k[len(prefix) :]: z[k] for k in z.files if k.startswith(prefix)}
   return sd, json.loads(str(z["config"])), {k: z[k] for k in z.files if "/" not in k}
 
 
@@ -51,16 +52,21 @@ def features_and_heads(module, x):
 
 
 # Each fixture under one formulation of the depthwise/patchify ops (both are covered).
-@pytest.mark.parametrize("name,impls", [
-    (RELEASED, FAST), (GROUPS3, dict(depthwise_impl="shift", patchify_impl="einsum"))])
+@pytest.mark.parametrize(
+    "name,impls",
+    [(RELEASED, FAST), (GROUPS3, dict(depthwise_impl="shift", patchify_impl="einsum"))],
+)
 def test_parity_with_official_outputs(name, impls):
   model, variables, _, ref = fixture_model(name, **impls)
   x = ref["input_nchw"].transpose(0, 2, 3, 1)
   with jax.default_matmul_precision("highest"):
-    feats, logits, pre_logits = jax.jit(
-        lambda v, x: model.apply(v, x, method=features_and_heads))(variables, x)
-  errors = {"logits": rel_err(logits, ref["logits"]),
-            "pre_logits": rel_err(pre_logits, ref["pre_logits"])}
+    feats, logits, pre_logits = jax.jit(lambda v, x: model.apply(v, x, method=features_and_heads))(
+        variables, x
+    )
+  errors = {
+      "logits": rel_err(logits, ref["logits"]),
+      "pre_logits": rel_err(pre_logits, ref["pre_logits"]),
+  }
   for s, f in enumerate(feats):
     errors[f"stage{s + 1}"] = rel_err(f, ref[f"stage{s + 1}"].transpose(0, 2, 3, 1))
   print(name, {k: f"{v:.1e}" for k, v in errors.items()})
@@ -72,8 +78,15 @@ def test_inferred_architecture_is_the_fixture_config():
     sd, cfg, _ = load_fixture(name)
     arch = convert.infer_architecture(sd)
     assert convert.is_msmlp_state_dict(sd)
-    for key in ("embed_dim", "depths", "num_classes", "shift_dist", "mix_size", "mlp_ratio",
-                "patch_norm"):
+    for key in (
+        "embed_dim",
+        "depths",
+        "num_classes",
+        "shift_dist",
+        "mix_size",
+        "mlp_ratio",
+        "patch_norm",
+    ):
       assert arch[key] == cfg[key], key
 
 
@@ -109,7 +122,8 @@ def test_conversion_is_strict():
   both = {k: v for k, v in sd.items() if k != "norm.bias"} | {"head.extra": sd["head.bias"]}
   msg = one_line_error(both, model)
   assert "missing: norm.bias; unexpected: head.extra" in msg and msg.startswith(
-      "state dict does not match MSMLP(embed_dim=5, depths=[1, 1, 1, 1]")
+      "state dict does not match MSMLP(embed_dim=5, depths=[1, 1, 1, 1]"
+  )
 
 
 def test_round_trip_state_dict_variables_state_dict():
@@ -129,7 +143,8 @@ def test_checkpoint_without_layer_scale_converts_to_a_model_without_gamma():
   assert arch["layer_scale_init_value"] == 0.0
   model = MSMLP(**arch, img_size=cfg["img_size"], **FAST)
   assert convert.variables_to_state_dict(convert.state_dict_to_variables(sd, model)).keys() == (
-      sd.keys())
+      sd.keys()
+  )
 
 
 @pytest.mark.parametrize("layout", ["bare", "model", "state_dict"])
@@ -171,16 +186,27 @@ def test_backbone_shapes_of_the_tiny_variant_at_a_non_square_size():
   variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3))))
   x = jax.ShapeDtypeStruct((2, 256, 320, 3), jnp.float32)
   run = lambda method, **kw: jax.eval_shape(
-      lambda v, x: model.apply(v, x, method=method, **kw), variables, x)
+      lambda v, x: model.apply(v, x, method=method, **kw), variables, x
+  )
   feats = run("stage_features")
-  assert [f.shape for f in feats] == [(2, 64, 80, 96), (2, 32, 40, 192), (2, 16, 20, 384),
-                                      (2, 8, 10, 768)]
+  assert [f.shape for f in feats] == [
+      (2, 64, 80, 96),
+      (2, 32, 40, 192),
+      (2, 16, 20, 384),
+      (2, 8, 10, 768),
+  ]
   assert [f.shape for f in run("stage_features", out_indices=(3, 1))] == [
-      (2, 8, 10, 768), (2, 32, 40, 192)]
+      (2, 8, 10, 768),
+      (2, 32, 40, 192),
+  ]
   assert run("forward_features").shape == (2, 8, 10, 768)
   assert run("__call__").shape == (2, 768)
   assert [(i["num_chs"], i["reduction"], i["module"]) for i in model.feature_info] == [
-      (96, 4, "layers_0"), (192, 8, "layers_1"), (384, 16, "layers_2"), (768, 32, "layers_3")]
+      (96, 4, "layers_0"),
+      (192, 8, "layers_1"),
+      (384, 16, "layers_2"),
+      (768, 32, "layers_3"),
+  ]
   with pytest.raises(ArchitectureError, match="out_indices"):
     run("stage_features", out_indices=(4,))
 
@@ -195,15 +221,25 @@ def test_bfloat16_compute_is_finite_and_close_to_float32():
 
 
 def test_training_gradients_are_finite_with_drop_path_and_dropout():
-  model = MSMLP(embed_dim=5, depths=(2, 0, 0, 0), img_size=32, num_classes=3,
-                shift_dist=(-1, 0, 1), mix_size=((1, 3, 3),) * 4, drop_path_rate=0.5,
-                drop_rate=0.1, **FAST)
+  model = MSMLP(
+      embed_dim=5,
+      depths=(2, 0, 0, 0),
+      img_size=32,
+      num_classes=3,
+      shift_dist=(-1, 0, 1),
+      mix_size=((1, 3, 3),) * 4,
+      drop_path_rate=0.5,
+      drop_rate=0.1,
+      **FAST,
+  )
   rng = np.random.default_rng(0)
   x = rng.normal(size=(2, 32, 32, 3)).astype(np.float32)
   params = jax.tree_util.tree_map(  # numpy values: no per-op compiles of an eager init
-      lambda s: rng.normal(0.0, 0.3, s.shape).astype(np.float32), abstract_params(model))
-  loss = lambda p, key: jnp.sum(model.apply(
-      {"params": p}, x, train=True, rngs={"drop_path": key}) ** 2)
+      lambda s: rng.normal(0.0, 0.3, s.shape).astype(np.float32), abstract_params(model)
+  )
+  loss = lambda p, key: jnp.sum(
+      model.apply({"params": p}, x, train=True, rngs={"drop_path": key}) ** 2
+  )
   grads = jax.jit(jax.grad(loss))(params, jax.random.PRNGKey(2))
   leaves = jax.tree_util.tree_leaves(grads)
   assert all(bool(jnp.all(jnp.isfinite(g))) for g in leaves)
@@ -232,7 +268,10 @@ def test_torch_chunk_split_and_sizes_it_cannot_split():
 def test_input_errors_say_what_to_do():
   model = MSMLP(embed_dim=5, depths=(1, 1, 1, 1), img_size=32, **FAST)
   variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3))))
-  for shape, advice in [((1, 3, 32, 32), "looks like NCHW"), ((1, 48, 32, 3), "multiples of 32"),
-                        ((32, 32, 3), "add a batch axis")]:
+  for shape, advice in [
+      ((1, 3, 32, 32), "looks like NCHW"),
+      ((1, 48, 32, 3), "multiples of 32"),
+      ((32, 32, 3), "add a batch axis"),
+  ]:
     with pytest.raises(ArchitectureError, match=advice):
       jax.eval_shape(model.apply, variables, jax.ShapeDtypeStruct(shape, jnp.float32))

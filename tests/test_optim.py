@@ -1,4 +1,5 @@
 """Optimizer, schedule, weight-decay mask and gradient accumulation of the training recipe."""
+
 import math
 
 import flax.linen as nn
@@ -55,10 +56,12 @@ def test_weight_decay_mask_is_the_released_rule(fixtures_dir):
   from strip_mlp.convert import infer_architecture, torch_key
   from strip_mlp.model import StripMLP
   from strip_mlp.torch_io import read_state_dict
+
   sd = read_state_dict(str(fixtures_dir / "smlp_e40_i32_l1121_c10.pth"))
   model = StripMLP(**infer_architecture(sd))
-  params = jax.eval_shape(lambda: model.init(
-      {"params": jax.random.key(0)}, jnp.zeros((1, 32, 32, 3)), train=False))["params"]
+  params = jax.eval_shape(
+      lambda: model.init({"params": jax.random.key(0)}, jnp.zeros((1, 32, 32, 3)), train=False)
+  )["params"]
   mask = optim.weight_decay_mask(params)
   flat = jax.tree_util.tree_flatten_with_path(mask)[0]
   assert len(flat) == len([k for k in sd if "running" not in k and "num_batches" not in k])
@@ -77,11 +80,14 @@ def test_adamw_with_clipping_matches_pytorch():
   torch = pytest.importorskip("torch")
   rng = np.random.RandomState(0)
   params = {"w": rng.randn(4, 3).astype(np.float32), "bias": rng.randn(3).astype(np.float32)}
-  grads = [{k: (10 * rng.randn(*v.shape)).astype(np.float32) for k, v in params.items()}
-           for _ in range(3)]
+  grads = [
+      {k: (10 * rng.randn(*v.shape)).astype(np.float32) for k, v in params.items()}
+      for _ in range(3)
+  ]
   lrs = [1e-3, 2e-3, 3e-3]
-  tx = optim.create_optimizer(lambda step: jnp.asarray(lrs)[step], weight_decay=0.05,
-                              grad_clip_norm=5.0)
+  tx = optim.create_optimizer(
+      lambda step: jnp.asarray(lrs)[step], weight_decay=0.05, grad_clip_norm=5.0
+  )
   p, state = jax.tree_util.tree_map(jnp.asarray, params), None
   state = tx.init(p)
   for g in grads:
@@ -90,8 +96,13 @@ def test_adamw_with_clipping_matches_pytorch():
 
   tw = torch.nn.Parameter(torch.tensor(params["w"]))
   tb = torch.nn.Parameter(torch.tensor(params["bias"]))
-  opt = torch.optim.AdamW([{"params": [tw]}, {"params": [tb], "weight_decay": 0.0}],
-                          lr=lrs[0], betas=(0.9, 0.999), eps=1e-8, weight_decay=0.05)
+  opt = torch.optim.AdamW(
+      [{"params": [tw]}, {"params": [tb], "weight_decay": 0.0}],
+      lr=lrs[0],
+      betas=(0.9, 0.999),
+      eps=1e-8,
+      weight_decay=0.05,
+  )
   for g, lr in zip(grads, lrs):
     for group in opt.param_groups:
       group["lr"] = lr
@@ -110,6 +121,7 @@ def test_ema_update():
 
 class _Linear(nn.Module):
   """A BatchNorm-free stand-in with the model interface (micro-batches are then exact)."""
+
   img_size: int = 8
   num_classes: int = 4
 
@@ -119,18 +131,29 @@ class _Linear(nn.Module):
 
 
 def test_gradient_accumulation_equals_one_big_batch():
-  mesh = sharding.create_mesh(1, jax.devices()[:2]) if jax.device_count() >= 2 else \
-      sharding.create_mesh(1)
+  mesh = (
+      sharding.create_mesh(1, jax.devices()[:2])
+      if jax.device_count() >= 2
+      else sharding.create_mesh(1)
+  )
   model = _Linear()
   rng = np.random.RandomState(0)
-  batch = {"image": rng.randn(16, 8, 8, 3).astype(np.float32),
-           "label": rng.randint(0, 4, 16).astype(np.int32)}
+  batch = {
+      "image": rng.randn(16, 8, 8, 3).astype(np.float32),
+      "label": rng.randint(0, 4, 16).astype(np.int32),
+  }
   results = []
   for accum in (1, 4):
-    c = train_test_utils.small_config(grad_accum_steps=accum, grad_clip_norm=1.0,
-                                      **{"data.label_smoothing": 0.1})
-    run = build(c, train_test_utils.dataset_info(4), mesh, model=model,
-                schedule=optax.constant_schedule(0.05))
+    c = train_test_utils.small_config(
+        grad_accum_steps=accum, grad_clip_norm=1.0, **{"data.label_smoothing": 0.1}
+    )
+    run = build(
+        c,
+        train_test_utils.dataset_info(4),
+        mesh,
+        model=model,
+        schedule=optax.constant_schedule(0.05),
+    )
     step = run.train_step
     state = run.init(jax.random.key(0))
     b = sharding.put_global(batch, sharding.batch_sharding(mesh))
@@ -139,16 +162,18 @@ def test_gradient_accumulation_equals_one_big_batch():
     results.append((jax.device_get(state.params), float(metrics["loss"])))
   (p1, l1), (p4, l4) = results
   assert l1 == pytest.approx(l4, rel=1e-5)
-  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
-                         p1, p4)
+  jax.tree_util.tree_map(
+      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), p1, p4
+  )
 
 
 def test_ema_tracks_the_params():
   mesh = sharding.create_mesh(1, jax.devices()[:1])
   model = _Linear()
   c = train_test_utils.small_config(ema_decay=0.75)
-  run = build(c, train_test_utils.dataset_info(4), mesh, model=model,
-              schedule=optax.constant_schedule(0.05))
+  run = build(
+      c, train_test_utils.dataset_info(4), mesh, model=model, schedule=optax.constant_schedule(0.05)
+  )
   step = run.train_step
   state = run.init(jax.random.key(0))
   before = jax.device_get(state.params)
@@ -156,6 +181,9 @@ def test_ema_tracks_the_params():
   state, _ = step(state, sharding.put_global(batch, sharding.batch_sharding(mesh)))
   after = jax.device_get(state.params)
   want = jax.tree_util.tree_map(lambda b, a: 0.75 * b + 0.25 * a, before, after)
-  jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-8),
-                         jax.device_get(state.ema["params"]), want)
+  jax.tree_util.tree_map(
+      lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-8),
+      jax.device_get(state.ema["params"]),
+      want,
+  )
   assert not np.allclose(after["Dense_0"]["kernel"], before["Dense_0"]["kernel"])

@@ -1,5 +1,6 @@
 """The shape of the package: no import cycle, small files and functions, TensorFlow only
 where data is read."""
+
 import ast
 import pathlib
 import subprocess
@@ -31,7 +32,7 @@ def _imports(name: str, path: pathlib.Path, modules: dict) -> set[str]:
       base = node.module or ""
       if node.level:  # relative import
         anchor = name.split(".") if is_package else name.split(".")[:-1]
-        anchor = anchor[:len(anchor) - node.level + 1]
+        anchor = anchor[: len(anchor) - node.level + 1]
         base = ".".join(anchor + ([base] if base else []))
       for a in node.names:
         target = f"{base}.{a.name}"
@@ -46,7 +47,7 @@ def _find_cycle(graph: dict) -> list[str] | None:
     state[node] = 1
     for nxt in sorted(graph[node]):
       if state.get(nxt) == 1:
-        return stack[stack.index(nxt):] + [nxt]
+        return stack[stack.index(nxt) :] + [nxt]
       if nxt not in state:
         cycle = visit(nxt, stack + [nxt])
         if cycle:
@@ -98,12 +99,15 @@ def test_package_loads_without_tensorflow():
   (only the data pipeline imports it, when data is read; tests/test_configs.py checks the
   configs)."""
   names = sorted(n for n in _modules() if not n.startswith("strip_mlp.data"))
-  code = ("import importlib, sys\n"
-          f"for name in {names!r}:\n"
-          "  importlib.import_module(name)\n"
-          "bad = [m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'torch')]\n"
-          "print(bad[:3])\n")
-  proc = subprocess.run([sys.executable, "-c", code], cwd=PACKAGE.parent, capture_output=True,
-                        text=True, timeout=300)
+  code = (
+      "import importlib, sys\n"
+      f"for name in {names!r}:\n"
+      "  importlib.import_module(name)\n"
+      "bad = [m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'torch')]\n"
+      "print(bad[:3])\n"
+  )
+  proc = subprocess.run(
+      [sys.executable, "-c", code], cwd=PACKAGE.parent, capture_output=True, text=True, timeout=300
+  )
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert proc.stdout.strip() == "[]", proc.stdout

@@ -1,4 +1,5 @@
 """PoolFormer: parity with the official code, converter accounting, sizes, backbone API."""
+
 import json
 
 import jax
@@ -10,17 +11,25 @@ import family_fixtures as ff
 from strip_mlp.model import count_params
 from strip_mlp.models import poolformer_convert as pc
 from strip_mlp import torch_mapping as tm
-from strip_mlp.models.poolformer import (VARIANTS, PoolFormer, PoolFormerConfigError,
-                                         create_poolformer)
+from strip_mlp.models.poolformer import (
+    VARIANTS,
+    PoolFormer,
+    PoolFormerConfigError,
+    create_poolformer,
+)
 from strip_mlp.torch_io import CheckpointFormatError
 
 TOL = 1e-5
 FIXTURES = ("poolformer_l1121_i28_c10", "poolformer_l2111_p5_nols_i36_c7")
 # Printed by tests/fixtures/poolformer/make_fixtures.py: sum(p.numel()) of the official
 # poolformer_s12 ... poolformer_m48 (1000 classes).
-OFFICIAL_PARAMS = {"poolformer_s12": 11_915_176, "poolformer_s24": 21_388_968,
-                   "poolformer_s36": 30_862_760, "poolformer_m36": 56_172_520,
-                   "poolformer_m48": 73_473_448}
+OFFICIAL_PARAMS = {
+    "poolformer_s12": 11_915_176,
+    "poolformer_s24": 21_388_968,
+    "poolformer_s36": 30_862_760,
+    "poolformer_m36": 56_172_520,
+    "poolformer_m48": 73_473_448,
+}
 
 
 def fixture_model(name, **overrides):
@@ -34,10 +43,19 @@ def fixture_model(name, **overrides):
 def test_matches_official_outputs(name):
   ref, model, variables = fixture_model(name)
   cfg = ref["config"]
-  assert (list(model.layers), list(model.embed_dims), list(model.mlp_ratios),
-          model.num_classes, model.use_layer_scale) == (
-              cfg["layers"], cfg["embed_dims"], cfg["mlp_ratios"], cfg["num_classes"],
-              cfg.get("use_layer_scale", True))
+  assert (
+      list(model.layers),
+      list(model.embed_dims),
+      list(model.mlp_ratios),
+      model.num_classes,
+      model.use_layer_scale,
+  ) == (
+      cfg["layers"],
+      cfg["embed_dims"],
+      cfg["mlp_ratios"],
+      cfg["num_classes"],
+      cfg.get("use_layer_scale", True),
+  )
   errors = ff.parity_errors(model, variables, ref)
   print(name, [f"{e:.1e}" for e in errors])
   assert max(errors) <= TOL, errors
@@ -61,15 +79,17 @@ def test_backbone_shapes_and_feature_info():
   variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros(x.shape)))
   assert "head" not in variables["params"]
   apply = lambda method, **kw: jax.eval_shape(
-      lambda v, x: model.apply(v, x, method=method, **kw), variables, x)
+      lambda v, x: model.apply(v, x, method=method, **kw), variables, x
+  )
   assert apply("__call__").shape == (2, 512)
   assert apply("forward_features").shape == (2, 7, 6, 512)
   shapes = [s.shape for s in apply("stage_features")]
   assert shapes == [(2, 56, 48, 64), (2, 28, 24, 128), (2, 14, 12, 320), (2, 7, 6, 512)]
   assert [s.shape for s in apply("stage_features", out_indices=(1, 3))] == shapes[1::2]
   assert model.feature_info == tuple(
-      dict(num_chs=c, reduction=r, module=f"network.{i}") for c, r, i in
-      zip((64, 128, 320, 512), (4, 8, 16, 32), (0, 2, 4, 6)))
+      dict(num_chs=c, reduction=r, module=f"network.{i}")
+      for c, r, i in zip((64, 128, 320, 512), (4, 8, 16, 32), (0, 2, 4, 6))
+  )
 
 
 def test_forward_head_and_headless_conversion():
@@ -102,13 +122,20 @@ def test_overrides_of_weight_fields_are_refused(tmp_path):
     pc.torch_to_flax(str(tmp_path / "w.pth"), layers=(1, 1, 1, 1))
 
 
-@pytest.mark.parametrize("edit,match", [
-    (lambda sd: sd.pop("network.2.0.mlp.fc2.bias"), r"missing: network\.2\.0\.mlp\.fc2\.bias"),
-    (lambda sd: sd.update({"network.0.0.extra": np.zeros(3)}),
-     r"unexpected: network\.0\.0\.extra"),
-    (lambda sd: sd.update({"norm.weight": np.zeros(5, np.float32)}),
-     r"shape mismatch: norm\.weight \(5,\) != \(16,\)"),
-])
+@pytest.mark.parametrize(
+    "edit,match",
+    [
+        (lambda sd: sd.pop("network.2.0.mlp.fc2.bias"), r"missing: network\.2\.0\.mlp\.fc2\.bias"),
+        (
+            lambda sd: sd.update({"network.0.0.extra": np.zeros(3)}),
+            r"unexpected: network\.0\.0\.extra",
+        ),
+        (
+            lambda sd: sd.update({"norm.weight": np.zeros(5, np.float32)}),
+            r"shape mismatch: norm\.weight \(5,\) != \(16,\)",
+        ),
+    ],
+)
 def test_strict_accounting_one_line_errors(edit, match):
   ref, model, _ = fixture_model(FIXTURES[0])
   sd = dict(ref["sd"])

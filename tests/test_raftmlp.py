@@ -1,4 +1,5 @@
 """RaftMLP: parity with the official code, converter accounting, sizes, backbone API."""
+
 import json
 
 import jax
@@ -32,13 +33,17 @@ def test_matches_official_outputs(name):
   cfg = ref["config"]
   levels = cfg["layers"]
   assert model.config_dict() | dict(drop_path_rate=0.0, dtype="float32") == dict(
-      dims=[l["dim"] for l in levels], depths=[l["depth"] for l in levels],
+      dims=[l["dim"] for l in levels],
+      depths=[l["depth"] for l in levels],
       raft_sizes=[l["raft_size"] for l in levels],
       embedding_kernels=[l["embedding_kernels"] for l in levels],
-      img_size=cfg["pretrained_image_size"], num_classes=cfg["num_classes"],
+      img_size=cfg["pretrained_image_size"],
+      num_classes=cfg["num_classes"],
       token_expansion_factor=cfg.get("token_expansion_factor", 2),
       channel_expansion_factor=cfg.get("channel_expansion_factor", 4),
-      drop_path_rate=0.0, dtype="float32")
+      drop_path_rate=0.0,
+      dtype="float32",
+  )
   errors = ff.parity_errors(model, variables, ref)
   print(name, [f"{e:.1e}" for e in errors])
   assert max(errors) <= TOL, errors
@@ -56,11 +61,13 @@ def test_parameter_count_equals_official(variant):
 
 
 def test_shapes_that_fit_several_sizes_need_img_size():
-  model = RaftMLP(dims=(8,), depths=(1,), raft_sizes=(2,), embedding_kernels=((4,),),
-                  img_size=32, num_classes=3)
+  model = RaftMLP(
+      dims=(8,), depths=(1,), raft_sizes=(2,), embedding_kernels=((4,),), img_size=32, num_classes=3
+  )
   sd = ff.abstract_state_dict(tm.abstract_variables(model, 32), rc.torch_key, rc.leaf_layout)
-  with pytest.raises(CheckpointFormatError, match=r"fits image sizes \[8, 16, 32, 64\].*"
-                     "pass img_size=") as e:
+  with pytest.raises(
+      CheckpointFormatError, match=r"fits image sizes \[8, 16, 32, 64\].*" "pass img_size="
+  ) as e:
     rc.infer_architecture(sd)
   assert "\n" not in str(e.value)
   assert RaftMLP(**rc.infer_architecture(sd, img_size=32)) == model
@@ -72,15 +79,17 @@ def test_backbone_shapes_and_feature_info():
   variables = tm.abstract_variables(model, 224)
   assert "classifier" not in variables["params"]
   apply = lambda method, **kw: jax.eval_shape(
-      lambda v, x: model.apply(v, x, method=method, **kw), variables, x)
+      lambda v, x: model.apply(v, x, method=method, **kw), variables, x
+  )
   assert apply("__call__").shape == (2, 768)
   assert apply("forward_features").shape == (2, 7, 7, 768)
   shapes = [s.shape for s in apply("stage_features")]
   assert shapes == [(2, 56, 56, 96), (2, 28, 28, 192), (2, 14, 14, 384), (2, 7, 7, 768)]
   assert [s.shape for s in apply("stage_features", out_indices=(0, 2))] == shapes[::2]
   assert model.feature_info == tuple(
-      dict(num_chs=c, reduction=r, module=f"levels.{i}") for i, (c, r) in
-      enumerate(zip((96, 192, 384, 768), (4, 8, 16, 32))))
+      dict(num_chs=c, reduction=r, module=f"levels.{i}")
+      for i, (c, r) in enumerate(zip((96, 192, 384, 768), (4, 8, 16, 32)))
+  )
 
 
 def test_forward_head_and_headless_conversion():
@@ -106,12 +115,23 @@ def test_released_file_layouts_load(tmp_path, wrap):
     rc.torch_to_flax(str(path), raft_sizes=(1, 1, 1, 1))
 
 
-@pytest.mark.parametrize("edit,match", [
-    (lambda sd: sd.pop("levels.1.fn.2.3.norm.1.bias"), r"missing: levels\.1\.fn\.2\.3\.norm\.1"),
-    (lambda sd: sd.update({"heads.1.1.weight": np.zeros(3)}), r"unexpected: heads\.1\.1\.weight"),
-    (lambda sd: sd.update({"levels.0.fn.2.5.fn.0.weight": np.zeros((8, 8), np.float32)}),
-     r"shape mismatch: levels\.0\.fn\.2\.5\.fn\.0\.weight \(8, 8\) != \(32, 8\)"),
-])
+@pytest.mark.parametrize(
+    "edit,match",
+    [
+        (
+            lambda sd: sd.pop("levels.1.fn.2.3.norm.1.bias"),
+            r"missing: levels\.1\.fn\.2\.3\.norm\.1",
+        ),
+        (
+            lambda sd: sd.update({"heads.1.1.weight": np.zeros(3)}),
+            r"unexpected: heads\.1\.1\.weight",
+        ),
+        (
+            lambda sd: sd.update({"levels.0.fn.2.5.fn.0.weight": np.zeros((8, 8), np.float32)}),
+            r"shape mismatch: levels\.0\.fn\.2\.5\.fn\.0\.weight \(8, 8\) != \(32, 8\)",
+        ),
+    ],
+)
 def test_strict_accounting_one_line_errors(edit, match):
   ref, model, _ = fixture_model(FIXTURES[0])
   sd = dict(ref["sd"])

@@ -1,6 +1,7 @@
 """Checkpoint manager: round trip, retention, crash safety, resharding,
 failed saves (one line, the previous checkpoint stays the latest), when a save is committed,
 and the orbax log noise that is silenced."""
+
 import asyncio
 import errno
 import logging
@@ -30,15 +31,22 @@ from strip_mlp.train_checkpoint import Checkpointer  # noqa: E402
 from strip_mlp.errors import UserError  # noqa: E402
 
 
-
 def _state(mesh, scale=1.0):
   """A small TrainState with an optax AdamW state, laid out on `mesh` (fsdp specs)."""
-  params = {"dense": {"kernel": scale * jnp.arange(64 * 128, dtype=jnp.float32).reshape(64, 128),
-                      "bias": scale * jnp.ones(128)}}
+  params = {
+      "dense": {
+          "kernel": scale * jnp.arange(64 * 128, dtype=jnp.float32).reshape(64, 128),
+          "bias": scale * jnp.ones(128),
+      }
+  }
   tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3))
-  state = TrainState(step=jnp.array(7, jnp.int32), params=params,
-                     batch_stats={"bn": {"mean": jnp.zeros(4)}},
-                     opt_state=tx.init(params), ema={})
+  state = TrainState(
+      step=jnp.array(7, jnp.int32),
+      params=params,
+      batch_stats={"bn": {"mean": jnp.zeros(4)}},
+      opt_state=tx.init(params),
+      ema={},
+  )
   shardings = sharding.tree_shardings(state, mesh)
   return jax.device_put(state, shardings), shardings
 
@@ -48,12 +56,12 @@ def _abstract(state, shardings):
 
 
 def test_round_trip_and_restore_on_other_device_counts(tmp_path):
-  mesh8 = sharding.create_mesh(fsdp=jax.device_count())       # params split over all devices
+  mesh8 = sharding.create_mesh(fsdp=jax.device_count())  # params split over all devices
   state, shardings = _state(mesh8)
   assert state.params["dense"]["kernel"].sharding.spec != jax.sharding.PartitionSpec()
   ckpt = Checkpointer(str(tmp_path / "ckpt"))
   assert ckpt.save(7, state, {"best_top1": 0.5})
-  assert not ckpt.save(7, state, {})                         # same step: skipped, no error
+  assert not ckpt.save(7, state, {})  # same step: skipped, no error
   ckpt.close()
   for devices, fsdp in ((jax.devices()[:1], 1), (jax.devices()[:4], 2)):
     mesh = sharding.create_mesh(fsdp, devices)
@@ -64,15 +72,15 @@ def test_round_trip_and_restore_on_other_device_counts(tmp_path):
     ckpt.close()
     assert meta["step"] == 7 and meta["best_top1"] == 0.5
     assert restored.params["dense"]["kernel"].sharding == new_shardings.params["dense"]["kernel"]
-    jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(np.asarray(a),
-                                                                       np.asarray(b)),
-                           restored, state)
+    jax.tree_util.tree_map(
+        lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), restored, state
+    )
 
 
 def test_keeps_last_k_and_the_best(tmp_path):
   state, _ = _state(sharding.create_mesh(1, jax.devices()[:1]))
   ckpt = Checkpointer(str(tmp_path), keep=2, keep_best=True)
-  top1 = {2: 0.9, 4: 0.5, 6: 0.6}                # the best (0.9) is old
+  top1 = {2: 0.9, 4: 0.5, 6: 0.6}  # the best (0.9) is old
   for step in range(1, 7):
     ckpt.save(step, state, {}, {"top1": top1[step]} if step in top1 else None)
     ckpt.wait()
@@ -97,8 +105,13 @@ _CRASH_SCRIPT = textwrap.dedent("""
 def test_crash_mid_save_is_never_resumed(tmp_path):
   directory = str(tmp_path / "ckpt")
   script = _CRASH_SCRIPT.format(repo=train_test_utils.REPO)
-  subprocess.run([sys.executable, "-c", script, directory], check=True, timeout=120,
-                 env={**os.environ, "XLA_FLAGS": ""}, capture_output=True)
+  subprocess.run(
+      [sys.executable, "-c", script, directory],
+      check=True,
+      timeout=120,
+      env={**os.environ, "XLA_FLAGS": ""},
+      capture_output=True,
+  )
   leftovers = [n for n in os.listdir(directory) if n.startswith("2")]
   assert leftovers and all("tmp" in n for n in leftovers), os.listdir(directory)
   ckpt = Checkpointer(directory)
@@ -117,10 +130,12 @@ def test_mismatched_checkpoint_says_what_to_do(tmp_path):
   ckpt.save(7, state, {"model": {"embed_dim": 16, "layers": [1, 1, 1, 1]}})
   ckpt.wait()
   other, other_shardings = _state(mesh)
-  other = other.replace(params={"dense": {"kernel": jnp.zeros((64, 10)),
-                                          "bias": jnp.zeros(10)}})
-  with pytest.raises(CheckpointMismatchError, match=r"dense/kernel is \(64, 128\) in the "
-                     r"checkpoint but \(64, 10\) now.*fresh --workdir"):
+  other = other.replace(params={"dense": {"kernel": jnp.zeros((64, 10)), "bias": jnp.zeros(10)}})
+  with pytest.raises(
+      CheckpointMismatchError,
+      match=r"dense/kernel is \(64, 128\) in the "
+      r"checkpoint but \(64, 10\) now.*fresh --workdir",
+  ):
     ckpt.check_compatible(7, jax.eval_shape(lambda: other))
   with pytest.raises(CheckpointMismatchError, match="embed_dim 16 in the checkpoint vs 32"):
     ckpt.check_compatible(7, _abstract(state, shardings), {"embed_dim": 32, "layers": [1] * 4})
@@ -129,6 +144,7 @@ def test_mismatched_checkpoint_says_what_to_do(tmp_path):
 
 
 # ----------------------------------------------------------------------------- save failures
+
 
 def _small(value=1.0):
   return {"w": jnp.full((64,), value)}
@@ -143,10 +159,12 @@ def _no_space(monkeypatch, directory, step):
     if f"{step}.orbax-checkpoint-tmp" in str(spec):
       raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), f"{directory}/{step}.orbax-...")
     return await original(rslices, spec, **kwargs)
+
   monkeypatch.setattr(serialization, "async_serialize_from_host", write)
 
 
 class _Records(logging.Handler):
+
   def __init__(self):
     super().__init__(logging.DEBUG)
     self.records = []
@@ -163,10 +181,10 @@ def absl_records():
   logging.getLogger("absl").removeHandler(handler)
 
 
-@pytest.mark.parametrize("surface", ["sync_save", "wait", "next_save", "newly_committed",
-                                     "close"])
+@pytest.mark.parametrize("surface", ["sync_save", "wait", "next_save", "newly_committed", "close"])
 def test_failed_save_is_one_line_and_the_previous_checkpoint_stays_latest(
-    tmp_path, monkeypatch, absl_records, surface):
+    tmp_path, monkeypatch, absl_records, surface
+):
   directory = str(tmp_path / "ckpt")
   ckpt = Checkpointer(directory, async_save=surface != "sync_save")
   assert ckpt.save(1, _small(1.0), {}) and ckpt.wait() == [1]
@@ -174,7 +192,7 @@ def test_failed_save_is_one_line_and_the_previous_checkpoint_stays_latest(
   with pytest.raises(CheckpointSaveError) as info:
     if surface == "sync_save":
       ckpt.save(2, _small(2.0), {})
-    assert ckpt.save(2, _small(2.0), {})     # async: started, fails in the background
+    assert ckpt.save(2, _small(2.0), {})  # async: started, fails in the background
     if surface == "wait":
       ckpt.wait()
     elif surface == "next_save":
@@ -188,14 +206,20 @@ def test_failed_save_is_one_line_and_the_previous_checkpoint_stays_latest(
   message = str(info.value)
   assert isinstance(info.value, UserError) and isinstance(info.value, OSError)
   assert "\n" not in message
-  assert message.startswith(f"saving checkpoint step 2 in {directory} failed: no space left "
-                            "on device (the checkpoint needs about 256 bytes, ")
-  assert (f"the previous checkpoint, step 1 ({directory}/1), is intact and a rerun resumes "
-          "from it; free up space there" in message)
+  assert message.startswith(
+      f"saving checkpoint step 2 in {directory} failed: no space left "
+      "on device (the checkpoint needs about 256 bytes, "
+  )
+  assert (
+      f"the previous checkpoint, step 1 ({directory}/1), is intact and a rerun resumes "
+      "from it; free up space there" in message
+  )
   assert [n for n in os.listdir(directory) if n.startswith("2")] in (
-      [], ["2.orbax-checkpoint-tmp"])                     # never a final step 2
+      [],
+      ["2.orbax-checkpoint-tmp"],
+  )  # never a final step 2
   assert ckpt.latest_step() == 1 and ckpt.all_steps() == [1]
-  ckpt.close()                                            # no second error
+  ckpt.close()  # no second error
   ckpt.close()
   assert not [r for r in absl_records if r.exc_info or r.levelno >= logging.ERROR]
   monkeypatch.undo()
@@ -204,14 +228,16 @@ def test_failed_save_is_one_line_and_the_previous_checkpoint_stays_latest(
   restored, _ = ckpt.restore(1, jax.eval_shape(lambda: _small()))
   np.testing.assert_array_equal(restored["w"], 1.0)
   ckpt.close()
-  assert sorted(os.listdir(directory)) == ["1"]           # the leftover went on that open
+  assert sorted(os.listdir(directory)) == ["1"]  # the leftover went on that open
 
 
 def test_failed_first_save_says_a_rerun_starts_from_scratch(tmp_path, monkeypatch):
   _no_space(monkeypatch, tmp_path, 5)
   ckpt = Checkpointer(str(tmp_path), async_save=False)
-  with pytest.raises(CheckpointSaveError, match="step 5 .*there is no previous checkpoint, so "
-                     "a rerun starts from scratch"):
+  with pytest.raises(
+      CheckpointSaveError,
+      match="step 5 .*there is no previous checkpoint, so " "a rerun starts from scratch",
+  ):
     ckpt.save(5, _small(), {})
   ckpt.close()
   ckpt = Checkpointer(str(tmp_path))
@@ -228,6 +254,7 @@ def _blocked_meta_writes(monkeypatch):
   async def save_fn(self, x, directory):
     await asyncio.to_thread(release.wait, 60)
     return await original(self, x, directory)
+
   monkeypatch.setattr(ocp.JsonCheckpointHandler, "_save_fn", save_fn)
   return release
 
@@ -238,7 +265,7 @@ def test_a_save_is_reported_committed_once_and_only_when_on_disk(tmp_path, monke
   release = _blocked_meta_writes(monkeypatch)
   assert ckpt.save(2, _small(), {"epoch": 1})
   time.sleep(0.5)
-  assert ckpt.newly_committed() == []                   # still being written
+  assert ckpt.newly_committed() == []  # still being written
   assert not os.path.exists(directory / "2")
   release.set()
   for _ in range(600):
@@ -247,12 +274,12 @@ def test_a_save_is_reported_committed_once_and_only_when_on_disk(tmp_path, monke
       break
     time.sleep(0.05)
   assert committed == [2]
-  assert sorted(os.listdir(directory)) == ["2"]          # final, no temporary directory
+  assert sorted(os.listdir(directory)) == ["2"]  # final, no temporary directory
   assert ckpt.read_meta(2)["epoch"] == 1
-  assert ckpt.newly_committed() == [] and ckpt.wait() == []   # reported once
+  assert ckpt.newly_committed() == [] and ckpt.wait() == []  # reported once
   assert ckpt.save(4, _small(), {}) and ckpt.wait() == [4]
   assert ckpt.save(6, _small(), {}) and ckpt.save(8, _small(), {})
-  assert ckpt.wait() == [6, 8]       # save(8) waited for 6: both reported, oldest first
+  assert ckpt.wait() == [6, 8]  # save(8) waited for 6: both reported, oldest first
   ckpt.close()
   sync = Checkpointer(str(tmp_path / "sync"), async_save=False)
   assert sync.save(1, _small(), {}) and os.path.isdir(tmp_path / "sync" / "1")
@@ -263,10 +290,10 @@ def test_a_save_is_reported_committed_once_and_only_when_on_disk(tmp_path, monke
 def test_expected_orbax_warnings_are_not_logged(tmp_path, absl_records):
   filters = list(logging.getLogger("absl").filters)
   ckpt = Checkpointer(str(tmp_path))
-  ckpt.save(1, _small(), {})                              # no metrics
+  ckpt.save(1, _small(), {})  # no metrics
   ckpt.save(2, _small(), {}, {"top1": 0.5})
   ckpt.close()
-  reader = Checkpointer(str(tmp_path), read_only=True)    # eval.py's way
+  reader = Checkpointer(str(tmp_path), read_only=True)  # eval.py's way
   assert reader.latest_step() == 2 and reader.best_step() == 2
   reader.close()
   messages = [r.getMessage() for r in absl_records if r.levelno >= logging.WARNING]
@@ -281,15 +308,18 @@ def test_closed_event_loop_errors_are_silenced_and_others_kept(monkeypatch):
   seen = []
   monkeypatch.setattr(sys, "unraisablehook", seen.append)
   storage_errors.quiet_closed_event_loop_errors()
-  storage_errors.quiet_closed_event_loop_errors()             # once
+  storage_errors.quiet_closed_event_loop_errors()  # once
   loop = asyncio.new_event_loop()
   loop.close()
   with pytest.raises(RuntimeError) as closed:
-    loop.call_soon_threadsafe(print)                      # what a late tensorstore write does
-  other = RuntimeError("Event loop is closed")             # raised elsewhere: kept
+    loop.call_soon_threadsafe(print)  # what a late tensorstore write does
+  other = RuntimeError("Event loop is closed")  # raised elsewhere: kept
   for e in (closed.value, other):
-    sys.unraisablehook(types.SimpleNamespace(exc_type=type(e), exc_value=e, object=None,
-                                             exc_traceback=e.__traceback__, err_msg=None))
+    sys.unraisablehook(
+        types.SimpleNamespace(
+            exc_type=type(e), exc_value=e, object=None, exc_traceback=e.__traceback__, err_msg=None
+        )
+    )
   assert [u.exc_value for u in seen] == [other]
 
 
@@ -321,11 +351,19 @@ def test_real_write_failure_in_tensorstore_is_one_line(tmp_path):
   errors and the same 'Event loop is closed' aftermath): one line, nothing else."""
   directory = str(tmp_path / "ckpt")
   script = _DISK_FULL_SCRIPT.format(repo=train_test_utils.REPO)
-  res = subprocess.run([sys.executable, "-c", script, directory], timeout=300, text=True,
-                       env={**os.environ, "XLA_FLAGS": ""}, capture_output=True, check=False)
+  res = subprocess.run(
+      [sys.executable, "-c", script, directory],
+      timeout=300,
+      text=True,
+      env={**os.environ, "XLA_FLAGS": ""},
+      capture_output=True,
+      check=False,
+  )
   assert res.returncode == 0, res.stderr[-3000:]
-  assert res.stdout.startswith(f"saving checkpoint step 2 in {directory} failed: file too "
-                               "large (the checkpoint needs about 19.1 MiB"), res.stdout
+  assert res.stdout.startswith(
+      f"saving checkpoint step 2 in {directory} failed: file too "
+      "large (the checkpoint needs about 19.1 MiB"
+  ), res.stdout
   assert "the previous checkpoint, step 1" in res.stdout
   assert "Traceback" not in res.stderr and "Event loop" not in res.stderr, res.stderr[-3000:]
   ckpt = Checkpointer(directory)

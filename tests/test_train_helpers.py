@@ -1,5 +1,6 @@
 """The NaN guard: what is checked each step, what the error says, what is never saved;
 metrics.jsonl after resumes."""
+
 import contextlib
 import io
 import os
@@ -15,13 +16,16 @@ from strip_mlp import sharding, train_helpers, train_lib  # noqa: E402
 from strip_mlp import steps as steps_lib  # noqa: E402
 from strip_mlp.errors import TrainingDivergedError  # noqa: E402
 
-
 BAD_LABEL = 9
 
 
 def _metrics(loss=1.0, grad_norm=1.0, params_finite=1.0):
-  return {"loss": np.float32(loss), "grad_norm": np.float32(grad_norm), "lr": 1e-3,
-          "params_finite": np.float32(params_finite)}
+  return {
+      "loss": np.float32(loss),
+      "grad_norm": np.float32(grad_norm),
+      "lr": 1e-3,
+      "params_finite": np.float32(params_finite),
+  }
 
 
 def test_first_nonfinite_names_what_broke_first():
@@ -56,33 +60,44 @@ def _loss_with_nan_gradient_on_bad_batches():
     value, tangent = jax.jvp(exact, primals, tangents)
     bad = jnp.all(jnp.argmax(targets, -1) == BAD_LABEL)
     return value, tangent * jnp.where(bad, jnp.nan, 1.0)  # linear: NaN reaches the VJP
+
   return loss
 
 
 def _iterator_with_bad_batch_at(bad_step):
   def make(config, batch_size, batch_sharding, seed, start_step):
-    inner = train_lib.default_train_iterator(config, batch_size, batch_sharding, seed,
-                                             start_step)
+    inner = train_lib.default_train_iterator(config, batch_size, batch_sharding, seed, start_step)
     for step, batch in enumerate(inner, start=start_step + 1):
       if step == bad_step:
         labels = np.full(batch["label"].shape, BAD_LABEL, np.int32)
         batch = dict(batch, label=jax.device_put(labels, batch["label"].sharding))
       yield batch
+
   return make
 
 
 def test_nan_gradients_behind_a_finite_loss_stop_without_saving(tmp_path, monkeypatch):
   monkeypatch.setattr(steps_lib, "soft_cross_entropy", _loss_with_nan_gradient_on_bad_batches())
-  config = utils.small_config(**{**utils.MINI, "mesh.fsdp": 1, "data.mixup_alpha": 0.0,
-                                 "data.cutmix_alpha": 0.0, "checkpoint_every_steps": 1})
+  config = utils.small_config(
+      **{
+          **utils.MINI,
+          "mesh.fsdp": 1,
+          "data.mixup_alpha": 0.0,
+          "data.cutmix_alpha": 0.0,
+          "checkpoint_every_steps": 1,
+      }
+  )
   mesh = sharding.create_mesh(1, jax.devices()[:1])
   out = io.StringIO()
   with pytest.raises(TrainingDivergedError) as e:
     with contextlib.redirect_stdout(out):
-      train_lib.train_and_evaluate(config, str(tmp_path), mesh=mesh,
-                                   train_iterator_fn=_iterator_with_bad_batch_at(3))
+      train_lib.train_and_evaluate(
+          config, str(tmp_path), mesh=mesh, train_iterator_fn=_iterator_with_bad_batch_at(3)
+      )
   log = out.getvalue()
-  saving, saved = (log.index(f"{w} checkpoint {tmp_path}/checkpoints/2") for w in ("saving", "saved"))
+  saving, saved = (
+      log.index(f"{w} checkpoint {tmp_path}/checkpoints/2") for w in ("saving", "saved")
+  )
   assert saving < saved and "checkpoints/3" not in log, log
   msg = str(e.value)
   assert "at step 3 the gradients and parameters became non-finite" in msg, msg

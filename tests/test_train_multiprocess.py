@@ -1,5 +1,6 @@
 """Two processes on localhost (jax.distributed, gloo CPU collectives, 2 devices each) train
 on a 4-device global mesh, write one shared checkpoint, and match a single process."""
+
 import json
 import os
 import socket
@@ -15,7 +16,6 @@ from strip_mlp import sharding, train_checkpoint, train_lib  # noqa: E402
 from strip_mlp.data import pipeline  # noqa: E402
 from strip_mlp.build import build  # noqa: E402
 
-
 STEPS = 3
 TIMEOUT_S = 480
 
@@ -28,13 +28,23 @@ def free_port() -> int:
 
 def run_workers(workdir, num_processes=2):
   port = free_port()
-  env = {**os.environ, **utils.CACHE_ENV,
-         "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "PYTHONUNBUFFERED": "1"}
+  env = {
+      **os.environ,
+      **utils.CACHE_ENV,
+      "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+      "PYTHONUNBUFFERED": "1",
+  }
   worker = os.path.join(os.path.dirname(os.path.abspath(__file__)), "multiprocess_worker.py")
-  procs = [subprocess.Popen([sys.executable, worker, str(i), str(num_processes), str(port),
-                             str(workdir), str(STEPS)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-           for i in range(num_processes)]
+  procs = [
+      subprocess.Popen(
+          [sys.executable, worker, str(i), str(num_processes), str(port), str(workdir), str(STEPS)],
+          stdout=subprocess.PIPE,
+          stderr=subprocess.STDOUT,
+          text=True,
+          env=env,
+      )
+      for i in range(num_processes)
+  ]
   outs = []
   try:
     for p in procs:
@@ -56,8 +66,11 @@ def test_two_processes_match_one_process_and_share_a_checkpoint(tmp_path):
   # One process, 8 devices, fed the same global batches (each half read as process 0/1 does).
   config = utils.small_config(**utils.MINI)
   single = train_lib.train_and_evaluate(
-      config, str(tmp_path / "single"), stop_at_step=STEPS,
-      train_iterator_fn=utils.simulated_hosts_iterator(2))
+      config,
+      str(tmp_path / "single"),
+      stop_at_step=STEPS,
+      train_iterator_fn=utils.simulated_hosts_iterator(2),
+  )
   multi_losses = [r["loss"] for r in utils.read_metrics(tmp_path / "multi")]
   single_losses = [r["loss"] for r in utils.read_metrics(tmp_path / "single")]
   assert len(multi_losses) == STEPS
@@ -79,4 +92,6 @@ def test_two_processes_match_one_process_and_share_a_checkpoint(tmp_path):
   ref = jax.device_get(single["state"])
   jax.tree_util.tree_map(
       lambda a, b: np.testing.assert_allclose(np.asarray(a), b, rtol=1e-4, atol=1e-6),
-      jax.device_get(restored), ref)
+      jax.device_get(restored),
+      ref,
+  )

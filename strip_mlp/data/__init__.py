@@ -7,6 +7,7 @@ Only the modules of this package import TensorFlow / TFDS, and only when they ar
 themselves: importing `strip_mlp.data` or `strip_mlp.data.config` imports neither
 (`import_tensorflow_quietly` imports TensorFlow when called).
 """
+
 import os
 import sys
 import tempfile

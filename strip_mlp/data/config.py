@@ -7,6 +7,7 @@ Configs, validation (strip_mlp.plan) and the TF modules of strip_mlp.data all ta
 choices and defaults from here, so each is defined once. Importing this module imports
 neither TensorFlow nor TFDS.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -17,10 +18,10 @@ import ml_collections
 from ml_collections import config_dict
 
 SOURCES = ("tfds", "folder", "embedded")
-EMBEDDED_DATASETS = ("digits",)           # names of strip_mlp.data.digits.EMBEDDED_BUILDERS
+EMBEDDED_DATASETS = ("digits",)  # names of strip_mlp.data.digits.EMBEDDED_BUILDERS
 # Split names tried, in order, when data.eval_split is None (TFDS splits and folder names).
-EVAL_SPLITS = ("validation", "val", "test")          # TFDS names, in order
-FOLDER_EVAL_SPLITS = ("val", "validation", "test")   # ImageNet-style folders, in order
+EVAL_SPLITS = ("validation", "val", "test")  # TFDS names, in order
+FOLDER_EVAL_SPLITS = ("val", "validation", "test")  # ImageNet-style folders, in order
 IMAGE_DTYPES = ("float32", "bfloat16")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -31,8 +32,9 @@ JPEG_DCT_METHODS = ("INTEGER_ACCURATE", "INTEGER_FAST", "")
 PIL_INTERPOLATIONS = ("bicubic", "bilinear")
 # tf.image.resize methods; 'tf_bicubic' / 'tf_bilinear' name TF's version of PIL's two.
 TF_INTERPOLATIONS = ("nearest", "area", "lanczos3", "lanczos5", "gaussian", "mitchellcubic")
-INTERPOLATIONS = (PIL_INTERPOLATIONS + TF_INTERPOLATIONS
-                  + tuple(f"tf_{m}" for m in PIL_INTERPOLATIONS))
+INTERPOLATIONS = (
+    PIL_INTERPOLATIONS + TF_INTERPOLATIONS + tuple(f"tf_{m}" for m in PIL_INTERPOLATIONS)
+)
 ERASING_MODES = ("pixel", "rand", "const")
 DEFAULT_RANDAUGMENT = "rand-m9-mstd0.5-inc1"
 
@@ -45,14 +47,17 @@ def default_tfds_dir() -> str:
 def local_batch_size(global_batch_size: int, process_count: int) -> int:
   """global batch / process count; ValueError unless it is a positive multiple."""
   if global_batch_size <= 0 or global_batch_size % process_count:
-    raise ValueError(f"global batch size {global_batch_size} must be a positive multiple of the "
-                     f"process count {process_count}")
+    raise ValueError(
+        f"global batch size {global_batch_size} must be a positive multiple of the "
+        f"process count {process_count}"
+    )
   return global_batch_size // process_count
 
 
 @dataclasses.dataclass(frozen=True)
 class RandAugmentSpec:
   """Parsed timm RandAugment string, e.g. 'rand-m9-mstd0.5-inc1'."""
+
   magnitude: float = 10.0
   num_layers: int = 2
   magnitude_std: float = 0.0
@@ -88,46 +93,46 @@ def default_data_config() -> ml_collections.ConfigDict:
   """Data config with the published recipe's augmentation; source = the embedded digits."""
   c = ml_collections.ConfigDict()
   # --- where the data comes from
-  c.source = "embedded"                 # one of SOURCES
-  c.name = "digits"                     # TFDS name ('imagenet2012', ...) or embedded name
-  c.data_dir = config_dict.placeholder(str)     # TFDS data_dir (None: default_tfds_dir())
-  c.manual_dir = config_dict.placeholder(str)   # manual downloads (None: data_dir/downloads/manual)
-  c.prepare = False                     # tfds: download_and_prepare when missing (needs network)
+  c.source = "embedded"  # one of SOURCES
+  c.name = "digits"  # TFDS name ('imagenet2012', ...) or embedded name
+  c.data_dir = config_dict.placeholder(str)  # TFDS data_dir (None: default_tfds_dir())
+  c.manual_dir = config_dict.placeholder(str)  # manual downloads (None: data_dir/downloads/manual)
+  c.prepare = False  # tfds: download_and_prepare when missing (needs network)
   c.folder_root = config_dict.placeholder(str)  # folder: root/{train,val}/<class>/<images>
   c.train_split = "train"
-  c.eval_split = config_dict.placeholder(str)   # None: the first of EVAL_SPLITS that exists
+  c.eval_split = config_dict.placeholder(str)  # None: the first of EVAL_SPLITS that exists
   c.image_key = "image"
   c.label_key = "label"
-  c.image_size = 32                     # R; the recipe uses 224
+  c.image_size = 32  # R; the recipe uses 224
   c.num_classes = config_dict.placeholder(int)  # None: from the dataset
-  c.skip_undecodable = False            # False: an image that fails to decode stops the run with
-                                        # its path; True: skip such images, counted in the log
+  c.skip_undecodable = False  # False: an image that fails to decode stops the run with
+  # its path; True: skip such images, counted in the log
   # --- throughput
-  c.shuffle_buffer = 16_384             # examples (encoded) per process; capped at the split size
-  c.cache = False                       # cache the (encoded) local split in memory
-  c.prefetch = 2                        # tf.data batches prefetched (-1: autotune)
-  c.device_prefetch = 2                 # global batches put on device ahead of use
-  c.num_parallel_calls = -1             # parallel decode/augment calls (-1: autotune)
-  c.deterministic = True                # tf.data deterministic order
-  c.image_dtype = "float32"             # IMAGE_DTYPES; 'bfloat16' halves host->device bytes
+  c.shuffle_buffer = 16_384  # examples (encoded) per process; capped at the split size
+  c.cache = False  # cache the (encoded) local split in memory
+  c.prefetch = 2  # tf.data batches prefetched (-1: autotune)
+  c.device_prefetch = 2  # global batches put on device ahead of use
+  c.num_parallel_calls = -1  # parallel decode/augment calls (-1: autotune)
+  c.deterministic = True  # tf.data deterministic order
+  c.image_dtype = "float32"  # IMAGE_DTYPES; 'bfloat16' halves host->device bytes
   # --- train augmentation (timm create_transform as in the official trainer)
-  c.interpolation = "bicubic"           # 'bicubic' | 'bilinear': PIL's exactly (in eval);
-                                        # 'tf_bicubic', 'area', ...: tf.image.resize
-  c.train_pil_resize = False            # PIL-exact resizing in training too (~2 ms CPU/image
-                                        # more); False: tf.image.resize there (~0.1 level off)
-  c.jpeg_dct_method = JPEG_DCT_METHOD   # PIL's IDCT; '' = TF's default (fast, ~1 level off)
+  c.interpolation = "bicubic"  # 'bicubic' | 'bilinear': PIL's exactly (in eval);
+  # 'tf_bicubic', 'area', ...: tf.image.resize
+  c.train_pil_resize = False  # PIL-exact resizing in training too (~2 ms CPU/image
+  # more); False: tf.image.resize there (~0.1 level off)
+  c.jpeg_dct_method = JPEG_DCT_METHOD  # PIL's IDCT; '' = TF's default (fast, ~1 level off)
   c.random_resized_crop = True
   c.rrc_scale = (0.08, 1.0)
   c.rrc_ratio = (3 / 4, 4 / 3)
-  c.small_image_size = 32               # image_size <= this: pad + random crop instead of RRC
-  c.small_image_padding = 4             # 0: use random_resized_crop for small images too
+  c.small_image_size = 32  # image_size <= this: pad + random crop instead of RRC
+  c.small_image_padding = 4  # 0: use random_resized_crop for small images too
   c.hflip_prob = 0.5
-  c.randaugment = DEFAULT_RANDAUGMENT   # '' disables
+  c.randaugment = DEFAULT_RANDAUGMENT  # '' disables
   c.random_erasing_prob = 0.25
-  c.random_erasing_mode = "pixel"       # one of ERASING_MODES
+  c.random_erasing_mode = "pixel"  # one of ERASING_MODES
   c.random_erasing_count = 1
   # --- eval transform
-  c.eval_crop = True                    # resize shorter side to int(R*ratio), center crop R
+  c.eval_crop = True  # resize shorter side to int(R*ratio), center crop R
   c.eval_resize_ratio = 256 / 224
   c.mean = IMAGENET_MEAN
   c.std = IMAGENET_STD

@@ -1,4 +1,5 @@
 """timm's RandomErasing on a normalised (H, W, 3) float image, in TF ops, seeded."""
+
 import math
 
 import tensorflow as tf
@@ -7,9 +8,17 @@ from strip_mlp.data.config import ERASING_MODES
 from strip_mlp.data.rand_augment import randint_inclusive, split_seed, uniform
 
 
-def random_erasing(image: tf.Tensor, seed: tf.Tensor, prob: float = 0.25, mode: str = 'pixel',
-                   count: int = 1, min_area: float = 0.02, max_area: float = 1 / 3,
-                   min_aspect: float = 0.3, attempts: int = 10) -> tf.Tensor:
+def random_erasing(
+    image: tf.Tensor,
+    seed: tf.Tensor,
+    prob: float = 0.25,
+    mode: str = "pixel",
+    count: int = 1,
+    min_area: float = 0.02,
+    max_area: float = 1 / 3,
+    min_aspect: float = 0.3,
+    attempts: int = 10,
+) -> tf.Tensor:
   """timm RandomErasing on a normalised float (H, W, C) image.
 
   With probability `prob`, `count` rectangles (area U(min_area, max_area)/count of the image,
@@ -38,12 +47,13 @@ def random_erasing(image: tf.Tensor, seed: tf.Tensor, prob: float = 0.25, mode: 
       left = randint_inclusive(uniform(s_left), width - w_sel)
       rows = tf.range(height)[:, None]
       cols = tf.range(width)[None, :]
-      box = ((rows >= top) & (rows < top + h_sel) & (cols >= left) & (cols < left + w_sel))
-      if mode == 'pixel':
+      box = (rows >= top) & (rows < top + h_sel) & (cols >= left) & (cols < left + w_sel)
+      if mode == "pixel":
         fill = tf.random.stateless_normal(shape, s_noise, dtype=img.dtype)
-      elif mode == 'rand':
-        fill = (tf.random.stateless_normal([1, 1, chans], s_noise, dtype=img.dtype)
-                + tf.zeros_like(img))
+      elif mode == "rand":
+        fill = tf.random.stateless_normal([1, 1, chans], s_noise, dtype=img.dtype) + tf.zeros_like(
+            img
+        )
       else:
         fill = tf.zeros_like(img)
       img = tf.where(box[..., None], fill, img)

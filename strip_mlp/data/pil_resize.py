@@ -26,11 +26,12 @@ image: 0.8x-1.9x the CPU time of tf.image.resize(bicubic, antialias) (80x90 -> 2
 pipeline it costs ~2 ms per image more than TF's resize (README, Datasets). Sizes are dynamic
 per image (no retracing); everything is plain graph code (no py_function).
 """
+
 from __future__ import annotations
 
 import tensorflow as tf
 
-PRECISION_BITS = 32 - 8 - 2    # Pillow's fixed-point weights for 8-bit images
+PRECISION_BITS = 32 - 8 - 2  # Pillow's fixed-point weights for 8-bit images
 
 
 def _bicubic(x: tf.Tensor) -> tf.Tensor:
@@ -47,10 +48,10 @@ def _bilinear(x: tf.Tensor) -> tf.Tensor:
   return tf.where(x < 1.0, 1.0 - x, tf.zeros_like(x))
 
 
-FILTERS = {'bicubic': (2.0, _bicubic), 'bilinear': (1.0, _bilinear)}
+FILTERS = {"bicubic": (2.0, _bicubic), "bilinear": (1.0, _bilinear)}
 
 
-def coefficients(in_size, out_size, start, count, method: str = 'bicubic'):
+def coefficients(in_size, out_size, start, count, method: str = "bicubic"):
   """Taps of output indices [start, start + count) of a resize in_size -> out_size.
 
   Args:
@@ -76,10 +77,10 @@ def coefficients(in_size, out_size, start, count, method: str = 'bicubic'):
   index = first + tf.range(taps)[None, :]
   w = fn((tf.cast(index, tf.float64) - center[:, None] + 0.5) * (1.0 / filterscale))
   w = tf.where((index >= xmin[:, None]) & (index < xmax[:, None]), w, tf.zeros_like(w))
-  total = tf.math.cumsum(w, axis=1)[:, -1:]      # left-to-right sum, as the C loop
+  total = tf.math.cumsum(w, axis=1)[:, -1:]  # left-to-right sum, as the C loop
   w = w / tf.where(total != 0.0, total, 1.0)
   one = float(1 << PRECISION_BITS)
-  fixed = tf.cast(tf.where(w < 0.0, w * one - 0.5, w * one + 0.5), tf.int32)   # C truncation
+  fixed = tf.cast(tf.where(w < 0.0, w * one - 0.5, w * one + 0.5), tf.int32)  # C truncation
   return first[:, 0], tf.cast(fixed, tf.float64) * (1.0 / one)
 
 
@@ -93,12 +94,13 @@ def _resize_rows(image: tf.Tensor, first: tf.Tensor, weight: tf.Tensor) -> tf.Te
   """
   shape = tf.shape(image)
   out_size, taps = tf.shape(weight)[0], tf.shape(weight)[1]
-  cols = first[:, None] + tf.range(taps)[None, :]       # sorted, unique per row
+  cols = first[:, None] + tf.range(taps)[None, :]  # sorted, unique per row
   rows = tf.broadcast_to(tf.range(out_size)[:, None], [out_size, taps])
   matrix = tf.raw_ops.SparseTensorToCSRSparseMatrix(
       indices=tf.cast(tf.reshape(tf.stack([rows, cols], 2), [-1, 2]), tf.int64),
       values=tf.reshape(weight, [-1]),
-      dense_shape=tf.cast(tf.stack([out_size, shape[0]]), tf.int64))
+      dense_shape=tf.cast(tf.stack([out_size, shape[0]]), tf.int64),
+  )
   flat = tf.cast(tf.reshape(image, [shape[0], -1]), tf.float64)
   acc = tf.raw_ops.SparseMatrixMatMul(a=matrix, b=flat)
   out = tf.cast(tf.clip_by_value(tf.floor(acc + 0.5), 0.0, 255.0), tf.float32)
@@ -111,8 +113,9 @@ def _resize_columns(image: tf.Tensor, first: tf.Tensor, weight: tf.Tensor) -> tf
   return tf.transpose(_resize_rows(tf.transpose(image, [1, 0, 2]), first, weight), [1, 0, 2])
 
 
-def resize(image: tf.Tensor, size_hw, method: str = 'bicubic', window=None,
-           order: str = 'auto') -> tf.Tensor:
+def resize(
+    image: tf.Tensor, size_hw, method: str = "bicubic", window=None, order: str = "auto"
+) -> tf.Tensor:
   """PIL `Image.resize((w, h), method)` of a uint8 (H, W, C) image, optionally cropped.
 
   Args:
@@ -128,8 +131,8 @@ def resize(image: tf.Tensor, size_hw, method: str = 'bicubic', window=None,
     uint8 (h, w, C), or (crop_h, crop_w, C) with `window`.
   """
   if method not in FILTERS:
-    raise ValueError(f'PIL-exact resize supports {sorted(FILTERS)}, got {method!r}')
-  if order not in ('auto', 'horizontal_first'):
+    raise ValueError(f"PIL-exact resize supports {sorted(FILTERS)}, got {method!r}")
+  if order not in ("auto", "horizontal_first"):
     raise ValueError(f"order must be 'auto' or 'horizontal_first', got {order!r}")
   size_hw = tf.cast(size_hw, tf.int32)
   out_h, out_w = size_hw[0], size_hw[1]
@@ -145,15 +148,19 @@ def resize(image: tf.Tensor, size_hw, method: str = 'bicubic', window=None,
   first_h, weight_h = coefficients(in_w, out_w, left, crop_w, method)
 
   def horizontal(x, offset=0):
-    return tf.cond(need_h, lambda: _resize_columns(x, first_h - offset, weight_h),
-                   lambda: x[:, left:left + crop_w])
+    return tf.cond(
+        need_h,
+        lambda: _resize_columns(x, first_h - offset, weight_h),
+        lambda: x[:, left : left + crop_w],
+    )
 
   def vertical(x, offset=0):
-    return tf.cond(need_v, lambda: _resize_rows(x, first_v - offset, weight_v),
-                   lambda: x[top:top + crop_h])
+    return tf.cond(
+        need_v, lambda: _resize_rows(x, first_v - offset, weight_v), lambda: x[top : top + crop_h]
+    )
 
-  def horizontal_first():   # the first pass reads only the rows the second one needs
-    first = tf.where(need_v, first_v[0], 0)                   # first_v is non-decreasing
+  def horizontal_first():  # the first pass reads only the rows the second one needs
+    first = tf.where(need_v, first_v[0], 0)  # first_v is non-decreasing
     last = tf.where(need_v, first_v[-1] + tf.shape(weight_v)[1], in_h)
     return vertical(horizontal(tf.cast(image[first:last], tf.float32)), first)
 
@@ -162,10 +169,11 @@ def resize(image: tf.Tensor, size_hw, method: str = 'bicubic', window=None,
     last = tf.where(need_h, first_h[-1] + tf.shape(weight_h)[1], in_w)
     return horizontal(vertical(tf.cast(image[:, first:last], tf.float32)), first)
 
-  if order == 'horizontal_first':
+  if order == "horizontal_first":
     out = horizontal_first()
   else:
     shrink_h, shrink_w = in_h - out_h, in_w - out_w
-    out = tf.cond(tf.logical_and(shrink_h > 0, shrink_h > 2 * shrink_w),
-                  vertical_first, horizontal_first)
+    out = tf.cond(
+        tf.logical_and(shrink_h > 0, shrink_h > 2 * shrink_w), vertical_first, horizontal_first
+    )
   return tf.ensure_shape(tf.cast(out, tf.uint8), [None, None, image.shape[-1]])

@@ -8,6 +8,7 @@ but sample bilinearly (TF's projective transform has no bicubic mode) instead of
 Random draws are stateless: `rand_augment(image, seed, ...)` with a (2,) int seed always
 gives the same output.
 """
+
 from __future__ import annotations
 
 import math
@@ -59,6 +60,7 @@ def auto_contrast(image: tf.Tensor) -> tf.Tensor:
 
 def equalize(image: tf.Tensor) -> tf.Tensor:
   """PIL ImageOps.equalize, per channel."""
+
   def channel(c):
     c = tf.cast(c, tf.int32)
     hist = tf.math.bincount(tf.reshape(c, [-1]), minlength=256, maxlength=256)
@@ -67,6 +69,7 @@ def equalize(image: tf.Tensor) -> tf.Tensor:
     lut = (tf.cumsum(hist, exclusive=True) + step // 2) // tf.maximum(step, 1)
     lut = tf.clip_by_value(lut, 0, 255)
     return tf.where(step == 0, c, tf.gather(lut, c))
+
   chans = [channel(image[..., i]) for i in range(3)]
   return tf.cast(tf.stack(chans, axis=-1), tf.uint8)
 
@@ -118,7 +121,7 @@ def sharpness(image: tf.Tensor, factor) -> tf.Tensor:
   x = tf.cast(image, tf.float32)
   kernel = tf.constant([[1, 1, 1], [1, 5, 1], [1, 1, 1]], tf.float32) / 13.0
   kernel = tf.tile(kernel[:, :, None, None], [1, 1, 3, 1])
-  smooth = tf.round(tf.nn.depthwise_conv2d(x[None], kernel, [1, 1, 1, 1], 'VALID')[0])
+  smooth = tf.round(tf.nn.depthwise_conv2d(x[None], kernel, [1, 1, 1, 1], "VALID")[0])
   smooth = tf.pad(smooth, [[1, 1], [1, 1], [0, 0]])
   shape = tf.shape(x)
   rows = tf.range(shape[0])[:, None, None]
@@ -141,8 +144,13 @@ def affine(image: tf.Tensor, matrix: Sequence, fill=(128, 128, 128)) -> tf.Tenso
   fill = tf.constant(fill, tf.float32)
   x = tf.cast(image, tf.float32) - fill
   out = tf.raw_ops.ImageProjectiveTransformV3(
-      images=x[None], transforms=transform, output_shape=tf.shape(image)[:2],
-      fill_value=0.0, interpolation='BILINEAR', fill_mode='CONSTANT')[0]
+      images=x[None],
+      transforms=transform,
+      output_shape=tf.shape(image)[:2],
+      fill_value=0.0,
+      interpolation="BILINEAR",
+      fill_mode="CONSTANT",
+  )[0]
   return tf.cast(tf.clip_by_value(tf.round(out + fill), 0.0, 255.0), tf.uint8)
 
 
@@ -176,6 +184,7 @@ def translate_y(image, pixels, fill=(128, 128, 128)):
 
 def _rand_augment_ops(increasing: bool, fill, translate_pct: float = 0.45):
   """timm's 15 RandAugment ops as fn(image_uint8, level in [0, 10], sign +-1) -> uint8."""
+
   def enhance(fn):
     if increasing:  # factor 1 +- level/10 * 0.9
       return lambda img, lv, sg: fn(img, 1.0 + sg * (lv / _MAX_LEVEL) * 0.9)
@@ -217,9 +226,12 @@ def _rand_augment_ops(increasing: bool, fill, translate_pct: float = 0.45):
   ]
 
 
-def rand_augment(image: tf.Tensor, seed: tf.Tensor,
-                 spec: str | RandAugmentSpec = DEFAULT_RANDAUGMENT,
-                 fill=(124, 116, 104)) -> tf.Tensor:
+def rand_augment(
+    image: tf.Tensor,
+    seed: tf.Tensor,
+    spec: str | RandAugmentSpec = DEFAULT_RANDAUGMENT,
+    fill=(124, 116, 104),
+) -> tf.Tensor:
   """timm RandAugment on uint8 (H, W, 3).
 
   `num_layers` ops drawn uniformly with replacement; each applied with prob `prob` at
@@ -234,16 +246,19 @@ def rand_augment(image: tf.Tensor, seed: tf.Tensor,
     s_op, s_apply, s_mag, s_sign = split_seed(layer_seed, 4)
     op = tf.random.stateless_uniform([], s_op, 0, len(ops), dtype=tf.int32)
     level = tf.constant(spec.magnitude, tf.float32)
-    if spec.magnitude_std == float('inf'):
+    if spec.magnitude_std == float("inf"):
       level = uniform(s_mag, (), 0.0, spec.magnitude)
     elif spec.magnitude_std > 0:
       level = level + spec.magnitude_std * tf.random.stateless_normal([], s_mag)
     level = tf.clip_by_value(level, 0.0, _MAX_LEVEL)
     sign = tf.where(uniform(s_sign) > 0.5, -1.0, 1.0)
-    branches = [(lambda fn=fn, img=image: tf.ensure_shape(fn(img, level, sign), [None, None, 3]))
-                for fn in ops]
-    image = tf.cond(uniform(s_apply) <= spec.prob,
-                    lambda: tf.switch_case(op, branches), lambda: image)
+    branches = [
+        (lambda fn=fn, img=image: tf.ensure_shape(fn(img, level, sign), [None, None, 3]))
+        for fn in ops
+    ]
+    image = tf.cond(
+        uniform(s_apply) <= spec.prob, lambda: tf.switch_case(op, branches), lambda: image
+    )
   return image
 
 

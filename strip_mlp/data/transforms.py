@@ -16,6 +16,7 @@ torchvision's exactly (tests/test_pil_parity.py). Training resizes with tf.image
 (antialiased bicubic, ~0.1 level from PIL's) unless train_pil_resize: the exact resize costs
 ~2 ms more CPU per image there. RandAugment's geometric ops sample bilinearly.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -25,15 +26,20 @@ from typing import Callable
 import tensorflow as tf
 
 from strip_mlp.data import pil_resize
-from strip_mlp.data.config import (DEFAULT_RANDAUGMENT, IMAGENET_MEAN, IMAGENET_STD,
-                                   JPEG_DCT_METHOD, JPEG_DCT_METHODS)
+from strip_mlp.data.config import (
+    DEFAULT_RANDAUGMENT,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    JPEG_DCT_METHOD,
+    JPEG_DCT_METHODS,
+)
 from strip_mlp.data.erasing import random_erasing
 from strip_mlp.data.rand_augment import rand_augment, randint_inclusive, split_seed, uniform
-
 
 # ----------------------------------------------------------------------------- rng
 
 # ----------------------------------------------------------------------------- decoding
+
 
 def decode_image(encoded: tf.Tensor, dct_method: str = JPEG_DCT_METHOD) -> tf.Tensor:
   """Decodes JPEG/PNG/GIF/BMP bytes (scalar string) to uint8 (H, W, 3).
@@ -44,7 +50,8 @@ def decode_image(encoded: tf.Tensor, dct_method: str = JPEG_DCT_METHOD) -> tf.Te
   image = tf.cond(
       tf.io.is_jpeg(encoded),
       lambda: tf.io.decode_jpeg(encoded, channels=3, dct_method=dct_method),
-      lambda: tf.io.decode_image(encoded, channels=3, expand_animations=False))
+      lambda: tf.io.decode_image(encoded, channels=3, expand_animations=False),
+  )
   image.set_shape([None, None, 3])
   return image
 
@@ -61,8 +68,11 @@ def _as_uint8_rgb(image: tf.Tensor) -> tf.Tensor:
   return image
 
 
-def decode_and_crop(image_or_bytes: tf.Tensor, crop_fn: Callable[[tf.Tensor], tf.Tensor],
-                    dct_method: str = JPEG_DCT_METHOD) -> tf.Tensor:
+def decode_and_crop(
+    image_or_bytes: tf.Tensor,
+    crop_fn: Callable[[tf.Tensor], tf.Tensor],
+    dct_method: str = JPEG_DCT_METHOD,
+) -> tf.Tensor:
   """Decodes and crops in one step; JPEGs only decode the crop (decode_and_crop_jpeg).
 
   Args:
@@ -75,18 +85,17 @@ def decode_and_crop(image_or_bytes: tf.Tensor, crop_fn: Callable[[tf.Tensor], tf
   if image_or_bytes.dtype != tf.string:
     image = _as_uint8_rgb(image_or_bytes)
     window = crop_fn(tf.shape(image)[:2])
-    return image[window[0]:window[0] + window[2], window[1]:window[1] + window[3]]
+    return image[window[0] : window[0] + window[2], window[1] : window[1] + window[3]]
 
   def jpeg():
     shape = tf.image.extract_jpeg_shape(image_or_bytes)
     window = crop_fn(shape[:2])
-    return tf.image.decode_and_crop_jpeg(image_or_bytes, window, channels=3,
-                                         dct_method=dct_method)
+    return tf.image.decode_and_crop_jpeg(image_or_bytes, window, channels=3, dct_method=dct_method)
 
   def other():
     image = decode_image(image_or_bytes, dct_method)
     window = crop_fn(tf.shape(image)[:2])
-    return image[window[0]:window[0] + window[2], window[1]:window[1] + window[3]]
+    return image[window[0] : window[0] + window[2], window[1] : window[1] + window[3]]
 
   out = tf.cond(tf.io.is_jpeg(image_or_bytes), jpeg, other)
   out.set_shape([None, None, 3])
@@ -102,18 +111,21 @@ def decode_full(image_or_bytes: tf.Tensor, dct_method: str = JPEG_DCT_METHOD) ->
 
 # ----------------------------------------------------------------------------- geometry
 
+
 def _tf_resize(image: tf.Tensor, size_hw, method: str) -> tf.Tensor:
   """tf.image.resize -> uint8: antialiased when shrinking either axis, else plain (4x faster)."""
   image_f = tf.cast(image, tf.float32)
   size_hw = tf.cast(size_hw, tf.int32)
   shrink = tf.reduce_any(size_hw < tf.shape(image)[:2])
-  out = tf.cond(shrink,
-                lambda: tf.image.resize(image_f, size_hw, method=method, antialias=True),
-                lambda: tf.image.resize(image_f, size_hw, method=method, antialias=False))
+  out = tf.cond(
+      shrink,
+      lambda: tf.image.resize(image_f, size_hw, method=method, antialias=True),
+      lambda: tf.image.resize(image_f, size_hw, method=method, antialias=False),
+  )
   return tf.cast(tf.clip_by_value(tf.round(out), 0.0, 255.0), tf.uint8)
 
 
-def resize(image: tf.Tensor, size_hw, method: str = 'bicubic', window=None) -> tf.Tensor:
+def resize(image: tf.Tensor, size_hw, method: str = "bicubic", window=None) -> tf.Tensor:
   """Resizes a uint8 (H, W, 3) image to size_hw (h, w) -> uint8.
 
   'bicubic' and 'bilinear' are PIL's Image.resize exactly (strip_mlp.data.pil_resize); any other
@@ -123,16 +135,20 @@ def resize(image: tf.Tensor, size_hw, method: str = 'bicubic', window=None) -> t
   """
   if method in pil_resize.FILTERS:
     return pil_resize.resize(image, size_hw, method, window)
-  out = _tf_resize(image, size_hw, method[3:] if method.startswith('tf_') else method)
+  out = _tf_resize(image, size_hw, method[3:] if method.startswith("tf_") else method)
   if window is not None:
     window = tf.cast(window, tf.int32)
-    out = out[window[0]:window[0] + window[2], window[1]:window[1] + window[3]]
+    out = out[window[0] : window[0] + window[2], window[1] : window[1] + window[3]]
   return out
 
 
-def random_resized_crop_window(shape_hw: tf.Tensor, seed: tf.Tensor,
-                               scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
-                               attempts: int = 10) -> tf.Tensor:
+def random_resized_crop_window(
+    shape_hw: tf.Tensor,
+    seed: tf.Tensor,
+    scale=(0.08, 1.0),
+    ratio=(3 / 4, 4 / 3),
+    attempts: int = 10,
+) -> tf.Tensor:
   """timm RandomResizedCrop.get_params: [top, left, h, w] int32 of a random crop window.
 
   Ten vectorised attempts of area ~ U(scale) * H * W and log-uniform aspect ratio; the first
@@ -157,8 +173,11 @@ def random_resized_crop_window(shape_hw: tf.Tensor, seed: tf.Tensor,
 
   # Fallback: central crop with the aspect ratio clamped into `ratio`.
   in_ratio = width / height
-  fw = tf.where(in_ratio < min(ratio), width,
-                tf.where(in_ratio > max(ratio), tf.round(height * max(ratio)), width))
+  fw = tf.where(
+      in_ratio < min(ratio),
+      width,
+      tf.where(in_ratio > max(ratio), tf.round(height * max(ratio)), width),
+  )
   fh = tf.where(in_ratio < min(ratio), tf.round(width / min(ratio)), height)
   fh, fw = tf.cast(fh, tf.int32), tf.cast(fw, tf.int32)
   ftop = (tf.cast(height, tf.int32) - fh) // 2
@@ -166,25 +185,32 @@ def random_resized_crop_window(shape_hw: tf.Tensor, seed: tf.Tensor,
   return tf.where(any_ok, tf.stack([top, left, h_sel, w_sel]), tf.stack([ftop, fleft, fh, fw]))
 
 
-def decode_and_random_resized_crop(image_or_bytes: tf.Tensor, seed: tf.Tensor, size: int,
-                                   scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
-                                   method: str = 'bicubic',
-                                   dct_method: str = JPEG_DCT_METHOD) -> tf.Tensor:
+def decode_and_random_resized_crop(
+    image_or_bytes: tf.Tensor,
+    seed: tf.Tensor,
+    size: int,
+    scale=(0.08, 1.0),
+    ratio=(3 / 4, 4 / 3),
+    method: str = "bicubic",
+    dct_method: str = JPEG_DCT_METHOD,
+) -> tf.Tensor:
   """Fused decode + random-resized-crop -> uint8 (size, size, 3)."""
   crop = decode_and_crop(
-      image_or_bytes, lambda hw: random_resized_crop_window(hw, seed, scale, ratio), dct_method)
+      image_or_bytes, lambda hw: random_resized_crop_window(hw, seed, scale, ratio), dct_method
+  )
   return resize(crop, [size, size], method)
 
 
-def pad_and_random_crop(image: tf.Tensor, seed: tf.Tensor, size: int,
-                        padding: int = 4) -> tf.Tensor:
+def pad_and_random_crop(
+    image: tf.Tensor, seed: tf.Tensor, size: int, padding: int = 4
+) -> tf.Tensor:
   """torchvision RandomCrop(size, padding): zero-pad `padding` px, random size x size crop."""
   image = tf.pad(image, [[padding, padding], [padding, padding], [0, 0]])
   shape = tf.shape(image)
   s_top, s_left = split_seed(seed, 2)
   top = randint_inclusive(uniform(s_top), shape[0] - size)
   left = randint_inclusive(uniform(s_left), shape[1] - size)
-  out = image[top:top + size, left:left + size]
+  out = image[top : top + size, left : left + size]
   out.set_shape([size, size, 3])
   return out
 
@@ -211,8 +237,9 @@ def _center_crop_offsets(height, width, size: int):
   return top, left
 
 
-def eval_resize_and_center_crop(image: tf.Tensor, size: int, resize_ratio: float = 256 / 224,
-                                method: str = 'bicubic') -> tf.Tensor:
+def eval_resize_and_center_crop(
+    image: tf.Tensor, size: int, resize_ratio: float = 256 / 224, method: str = "bicubic"
+) -> tf.Tensor:
   """Resize shorter side to int(size * resize_ratio), then center crop size -> uint8.
 
   Only the crop is computed (PIL resizes: the same bytes as resizing all, then cropping).
@@ -236,11 +263,13 @@ def normalize(image: tf.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> tf.Tens
 
 # ----------------------------------------------------------------------------- full transforms
 
+
 @dataclasses.dataclass(frozen=True)
 class TransformConfig:
   """Everything the per-example transforms need (built from the data ConfigDict)."""
+
   image_size: int
-  interpolation: str = 'bicubic'
+  interpolation: str = "bicubic"
   random_resized_crop: bool = True
   rrc_scale: tuple = (0.08, 1.0)
   rrc_ratio: tuple = (3 / 4, 4 / 3)
@@ -249,7 +278,7 @@ class TransformConfig:
   hflip_prob: float = 0.5
   randaugment: str | None = DEFAULT_RANDAUGMENT
   random_erasing_prob: float = 0.25
-  random_erasing_mode: str = 'pixel'
+  random_erasing_mode: str = "pixel"
   random_erasing_count: int = 1
   eval_crop: bool = True
   eval_resize_ratio: float = 256 / 224
@@ -260,8 +289,10 @@ class TransformConfig:
 
   def __post_init__(self):
     if self.jpeg_dct_method not in JPEG_DCT_METHODS:
-      raise ValueError(f"data.jpeg_dct_method={self.jpeg_dct_method!r}: use 'INTEGER_ACCURATE' "
-                       "(PIL's), 'INTEGER_FAST' or '' (TF's default)")
+      raise ValueError(
+          f"data.jpeg_dct_method={self.jpeg_dct_method!r}: use 'INTEGER_ACCURATE' "
+          "(PIL's), 'INTEGER_FAST' or '' (TF's default)"
+      )
 
   @property
   def train_interpolation(self) -> str:
@@ -269,7 +300,7 @@ class TransformConfig:
     more CPU per image (+35% for the full recipe) and augmentation swamps its ~0.1 level."""
     if self.train_pil_resize or self.interpolation not in pil_resize.FILTERS:
       return self.interpolation
-    return 'tf_' + self.interpolation
+    return "tf_" + self.interpolation
 
   @property
   def is_small(self) -> bool:
@@ -297,8 +328,15 @@ def train_transform(image_or_bytes: tf.Tensor, seed: tf.Tensor, tc: TransformCon
     image = _resize_to_square_if_needed(image, size, tc.train_interpolation)
     image = pad_and_random_crop(image, s_crop, size, tc.small_image_padding)
   elif tc.random_resized_crop:
-    image = decode_and_random_resized_crop(image_or_bytes, s_crop, size, tc.rrc_scale,
-                                           tc.rrc_ratio, tc.train_interpolation, tc.jpeg_dct_method)
+    image = decode_and_random_resized_crop(
+        image_or_bytes,
+        s_crop,
+        size,
+        tc.rrc_scale,
+        tc.rrc_ratio,
+        tc.train_interpolation,
+        tc.jpeg_dct_method,
+    )
   else:
     image = decode_full(image_or_bytes, tc.jpeg_dct_method)
     image = _resize_to_square_if_needed(image, size, tc.train_interpolation)
@@ -309,8 +347,9 @@ def train_transform(image_or_bytes: tf.Tensor, seed: tf.Tensor, tc: TransformCon
     image = rand_augment(image, s_ra, tc.randaugment, tc.fill)
   image = normalize(image, tc.mean, tc.std)
   if tc.random_erasing_prob > 0:
-    image = random_erasing(image, s_erase, tc.random_erasing_prob, tc.random_erasing_mode,
-                           tc.random_erasing_count)
+    image = random_erasing(
+        image, s_erase, tc.random_erasing_prob, tc.random_erasing_mode, tc.random_erasing_count
+    )
   image.set_shape([size, size, 3])
   return image
 

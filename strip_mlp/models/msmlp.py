@@ -13,6 +13,7 @@ shift_dist[i] along W (then a depthwise k_i x k_i conv, "lr") and along H (anoth
 a residual branch. Stages are joined by patch embeddings (2x2 stride-2 conv + LayerNorm).
 The final LayerNorm acts on the pooled features, after the global mean.
 """
+
 import dataclasses
 from typing import Any, Sequence
 
@@ -48,8 +49,13 @@ def chunk_sizes(channels: int, groups: int) -> tuple[int, ...]:
 def linear(features, dtype, name):
   """nn.Linear as the release initialises it: weight N(0, 0.02^2) (its trunc_normal_ cut
   at +-2 absolute is 100 std away), bias 0."""
-  return nn.Dense(features, dtype=dtype, kernel_init=nn.initializers.normal(0.02),
-                  bias_init=nn.initializers.zeros, name=name)
+  return nn.Dense(
+      features,
+      dtype=dtype,
+      kernel_init=nn.initializers.normal(0.02),
+      bias_init=nn.initializers.zeros,
+      name=name,
+  )
 
 
 def layer_norm(dtype, name=None):
@@ -58,6 +64,7 @@ def layer_norm(dtype, name=None):
 
 class DepthwiseConv(nn.Module):
   """Depthwise k x k 'same' conv with bias (zero padding). (N, H, W, C) -> same."""
+
   kernel_size: int
   impl: str = "auto"
   dtype: Any = jnp.float32
@@ -72,6 +79,7 @@ class DepthwiseConv(nn.Module):
 
 class PatchConv(nn.Module):
   """Conv with kernel == stride == `patch`, with bias. (N, H, W, I) -> (N, H/p, W/p, O)."""
+
   features: int
   patch: int
   impl: str = "auto"
@@ -87,6 +95,7 @@ class PatchConv(nn.Module):
 
 class PatchEmbed(nn.Module):
   """`proj` (patch conv) then, when `norm`, LayerNorm over channels. NHWC -> NHWC / patch."""
+
   features: int
   patch: int
   norm: bool = True
@@ -105,6 +114,7 @@ class MixShiftBlock(nn.Module):
   Group i of the channels (see `chunk_sizes`) is rolled by shift_dist[i] and mixed by
   depthwise convs of size mix_size[i]. (N, H, W, C) -> (N, H, W, C).
   """
+
   shift_dist: tuple[int, ...]
   mix_size: tuple[int, ...]
   mlp_ratio: float = 4.0
@@ -118,10 +128,11 @@ class MixShiftBlock(nn.Module):
     c = x.shape[-1]
     lr, td, start = [], [], 0
     for i, size in enumerate(chunk_sizes(c, len(self.shift_dist))):
-      group, shift, k = x[..., start:start + size], self.shift_dist[i], self.mix_size[i]
+      group, shift, k = x[..., start : start + size], self.shift_dist[i], self.mix_size[i]
       start += size
-      conv = lambda kind: DepthwiseConv(k, self.depthwise_impl, self.dtype,
-                                        name=f"dwconv_{kind}_{i}")
+      conv = lambda kind: DepthwiseConv(
+          k, self.depthwise_impl, self.dtype, name=f"dwconv_{kind}_{i}"
+      )
       lr.append(conv("lr")(jnp.roll(group, shift, axis=2)))
       td.append(conv("td")(jnp.roll(group, shift, axis=1)))
     y = jnp.concatenate(lr, axis=-1) + jnp.concatenate(td, axis=-1)
@@ -139,6 +150,7 @@ class Stage(nn.Module):
 
   Returns (stage output (N, H, W, dim), input of the next stage).
   """
+
   dim: int
   shift_dist: tuple[int, ...]
   mix_size: tuple[int, ...]
@@ -153,13 +165,21 @@ class Stage(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool):
     for i, rate in enumerate(self.drop_path_rates):
-      x = MixShiftBlock(self.shift_dist, self.mix_size, self.mlp_ratio,
-                        self.layer_scale_init_value, rate, self.depthwise_impl, self.dtype,
-                        name=f"blocks_{i}")(x, train)
+      x = MixShiftBlock(
+          self.shift_dist,
+          self.mix_size,
+          self.mlp_ratio,
+          self.layer_scale_init_value,
+          rate,
+          self.depthwise_impl,
+          self.dtype,
+          name=f"blocks_{i}",
+      )(x, train)
     if not self.downsample:
       return x, x
-    return x, PatchEmbed(2 * self.dim, 2, True, self.patchify_impl, self.dtype,
-                         name="downsample")(x)
+    return x, PatchEmbed(2 * self.dim, 2, True, self.patchify_impl, self.dtype, name="downsample")(
+        x
+    )
 
 
 class MSMLP(nn.Module):
@@ -170,6 +190,7 @@ class MSMLP(nn.Module):
   returns the pooled, normalised features (N, embed_dim * 2^(stages - 1)). Requires rng
   'drop_path' when train and drop_rate or drop_path_rate > 0.
   """
+
   embed_dim: int = 96
   depths: Sequence[int] = (3, 3, 9, 3)
   img_size: int = 224
@@ -190,17 +211,23 @@ class MSMLP(nn.Module):
   def __post_init__(self):
     object.__setattr__(self, "depths", tuple(int(d) for d in self.depths))
     object.__setattr__(self, "shift_dist", tuple(int(s) for s in self.shift_dist))
-    object.__setattr__(self, "mix_size", tuple(tuple(int(k) for k in row)
-                                               for row in self.mix_size))
+    object.__setattr__(self, "mix_size", tuple(tuple(int(k) for k in row) for row in self.mix_size))
     validate_architecture(self)
     super().__post_init__()
 
   def config_dict(self) -> dict:
     """JSON-able constructor keywords: `MSMLP(**model.config_dict())` rebuilds it."""
-    d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-         if f.name not in ("parent", "name")}
-    d.update(depths=list(self.depths), shift_dist=list(self.shift_dist),
-             mix_size=[list(row) for row in self.mix_size], dtype=jnp.dtype(self.dtype).name)
+    d = {
+        f.name: getattr(self, f.name)
+        for f in dataclasses.fields(self)
+        if f.name not in ("parent", "name")
+    }
+    d.update(
+        depths=list(self.depths),
+        shift_dist=list(self.shift_dist),
+        mix_size=[list(row) for row in self.mix_size],
+        dtype=jnp.dtype(self.dtype).name,
+    )
     return d
 
   @property
@@ -210,21 +237,34 @@ class MSMLP(nn.Module):
   @property
   def feature_info(self) -> tuple[dict, ...]:
     """Per stage: channels, stride relative to the input, and the module name."""
-    return tuple(dict(num_chs=self.embed_dim * 2 ** s, reduction=self.patch_size * 2 ** s,
-                      module=f"layers_{s}") for s in range(len(self.depths)))
+    return tuple(
+        dict(num_chs=self.embed_dim * 2**s, reduction=self.patch_size * 2**s, module=f"layers_{s}")
+        for s in range(len(self.depths))
+    )
 
   def setup(self):
     dtype = jnp.dtype(self.dtype)
-    self.patch_embed = PatchEmbed(self.embed_dim, self.patch_size, self.patch_norm,
-                                  self.patchify_impl, dtype)
+    self.patch_embed = PatchEmbed(
+        self.embed_dim, self.patch_size, self.patch_norm, self.patchify_impl, dtype
+    )
     self.pos_drop = nn.Dropout(self.drop_rate, rng_collection="drop_path")
     rates = np.linspace(0.0, self.drop_path_rate, sum(self.depths)).tolist()
     ends = np.cumsum(self.depths).tolist()
     self.layers = [
-        Stage(self.embed_dim * 2 ** s, self.shift_dist, self.mix_size[s],
-              tuple(rates[end - depth:end]), self.mlp_ratio, self.layer_scale_init_value,
-              s < len(self.depths) - 1, self.depthwise_impl, self.patchify_impl, dtype)
-        for s, (depth, end) in enumerate(zip(self.depths, ends))]
+        Stage(
+            self.embed_dim * 2**s,
+            self.shift_dist,
+            self.mix_size[s],
+            tuple(rates[end - depth : end]),
+            self.mlp_ratio,
+            self.layer_scale_init_value,
+            s < len(self.depths) - 1,
+            self.depthwise_impl,
+            self.patchify_impl,
+            dtype,
+        )
+        for s, (depth, end) in enumerate(zip(self.depths, ends))
+    ]
     self.norm = layer_norm(dtype)
     if self.num_classes > 0:
       self.head = linear(self.num_classes, dtype, name=None)
@@ -234,8 +274,10 @@ class MSMLP(nn.Module):
     stage s gives (N, H / (patch * 2^s), W / (patch * 2^s), embed_dim * 2^s)."""
     stages = len(self.depths)
     if not out_indices or any(not 0 <= int(i) < stages for i in out_indices):
-      raise ArchitectureError(f"out_indices={tuple(out_indices)} must name stages 0.."
-                              f"{stages - 1} of this {stages}-stage model")
+      raise ArchitectureError(
+          f"out_indices={tuple(out_indices)} must name stages 0.."
+          f"{stages - 1} of this {stages}-stage model"
+      )
     _check_input(self, x)
     x = self.pos_drop(self.patch_embed(x.astype(jnp.dtype(self.dtype))), deterministic=not train)
     outputs = {}
@@ -283,31 +325,39 @@ def validate_architecture(model: MSMLP):
   if not depths or any(d < 0 for d in depths):
     raise ArchitectureError(f"depths must be non-negative block counts, got {depths}")
   if model.num_classes < 0 or model.embed_dim <= 0 or model.patch_size <= 0:
-    raise ArchitectureError("num_classes must be >= 0 (0: headless), embed_dim and "
-                            "patch_size positive")
+    raise ArchitectureError(
+        "num_classes must be >= 0 (0: headless), embed_dim and " "patch_size positive"
+    )
   step = model.patch_size * 2 ** (len(depths) - 1)
   if model.img_size <= 0 or model.img_size % step:
-    raise ArchitectureError(f"img_size must be a positive multiple of {step}, got "
-                            f"{model.img_size}")
+    raise ArchitectureError(
+        f"img_size must be a positive multiple of {step}, got " f"{model.img_size}"
+    )
   if len(model.mix_size) != len(depths) or any(len(r) != groups for r in model.mix_size):
-    raise ArchitectureError(f"mix_size must give {groups} kernel sizes (one per shift in "
-                            f"shift_dist) for each of the {len(depths)} stages, got "
-                            f"{model.mix_size}")
+    raise ArchitectureError(
+        f"mix_size must give {groups} kernel sizes (one per shift in "
+        f"shift_dist) for each of the {len(depths)} stages, got "
+        f"{model.mix_size}"
+    )
   if any(k <= 0 or k % 2 == 0 for row in model.mix_size for k in row):
-    raise ArchitectureError(f"mix_size must hold odd positive kernel sizes, got "
-                            f"{model.mix_size}")
+    raise ArchitectureError(
+        f"mix_size must hold odd positive kernel sizes, got " f"{model.mix_size}"
+    )
   for s in range(len(depths)):
-    c = model.embed_dim * 2 ** s
+    c = model.embed_dim * 2**s
     if len(chunk_sizes(c, groups)) != groups or int(model.mlp_ratio * c) <= 0:
       raise ArchitectureError(
           f"embed_dim={model.embed_dim} gives {c} channels in stage {s + 1}, which "
           f"torch.chunk splits into {len(chunk_sizes(c, groups))} groups, not {groups} "
-          "(or a zero-width mlp); use an embed_dim like the released 96 or 128")
+          "(or a zero-width mlp); use an embed_dim like the released 96 or 128"
+      )
 
 
 def create_msmlp(variant: str = "msmlp_t", **overrides) -> MSMLP:
   """An MSMLP of a named variant ('msmlp_t', 'msmlp_s', 'msmlp_b') with overrides."""
   if variant not in VARIANTS:
-    raise ArchitectureError(f"unknown MS-MLP variant {variant!r}; choose one of "
-                            f"{sorted(VARIANTS)} or build MSMLP(embed_dim=..., depths=...)")
+    raise ArchitectureError(
+        f"unknown MS-MLP variant {variant!r}; choose one of "
+        f"{sorted(VARIANTS)} or build MSMLP(embed_dim=..., depths=...)"
+    )
   return MSMLP(**{**VARIANTS[variant], **overrides})

@@ -8,6 +8,7 @@ Every Flax leaf maps to one `state_dict` key by a rename (`torch_key`: `layers_0
 `layers.0`, `kernel`/`scale` -> `weight`) and a layout (`leaf_layout`): convolutions HWIO
 <-> OIHW, linear layers (in, out) <-> (out, in); nothing else is transformed.
 """
+
 import collections
 import re
 
@@ -21,9 +22,18 @@ from strip_mlp.torch_io import CheckpointFormatError, read_state_dict
 _LEAF_RENAMES = {"kernel": "weight", "scale": "weight"}
 _INDEXED = re.compile(r"^(.*)_(\d+)$")
 _BLOCK = re.compile(r"^layers\.(\d+)\.blocks\.(\d+)\.")
-_ARCHITECTURE_KEYS = ("embed_dim", "depths", "patch_size", "in_chans", "num_classes",
-                      "shift_dist", "mix_size", "mlp_ratio", "patch_norm",
-                      "layer_scale_init_value")
+_ARCHITECTURE_KEYS = (
+    "embed_dim",
+    "depths",
+    "patch_size",
+    "in_chans",
+    "num_classes",
+    "shift_dist",
+    "mix_size",
+    "mlp_ratio",
+    "patch_norm",
+    "layer_scale_init_value",
+)
 
 
 def torch_key(path: tuple[str, ...]) -> str:
@@ -50,8 +60,10 @@ def _mlp_ratio(hidden: dict[int, int]) -> float:
     ratio = h / c
     if all(int(ratio * cc) == hh for cc, hh in hidden.items()):
       return ratio
-  raise CheckpointFormatError(f"the mlp hidden widths {hidden} (per stage width) follow no "
-                              "single mlp_ratio; this is no MS-MLP state dict")
+  raise CheckpointFormatError(
+      f"the mlp hidden widths {hidden} (per stage width) follow no "
+      "single mlp_ratio; this is no MS-MLP state dict"
+  )
 
 
 def infer_architecture(sd: dict) -> dict:
@@ -65,7 +77,8 @@ def infer_architecture(sd: dict) -> dict:
     raise CheckpointFormatError(
         "not an MS-MLP state dict: no 'patch_embed.proj.weight', 'norm.weight' or "
         f"'*.dwconv_lr.*' keys (keys start with {sorted(sd)[:4]}); convert weights of the "
-        "official MS-MLP code")
+        "official MS-MLP code"
+    )
   embed_dim, in_chans, patch, _ = sd["patch_embed.proj.weight"].shape
   stages = int(np.log2(sd["norm.weight"].shape[0] // embed_dim)) + 1
   blocks = collections.defaultdict(set)
@@ -83,25 +96,29 @@ def infer_architecture(sd: dict) -> dict:
       mix.append([1] * groups)
       continue
     mix.append([int(sd[f"{prefix}dwconv_lr.{g}.weight"].shape[-1]) for g in range(groups)])
-    hidden[embed_dim * 2 ** s] = int(sd[f"{prefix}pwconv1.weight"].shape[0])
+    hidden[embed_dim * 2**s] = int(sd[f"{prefix}pwconv1.weight"].shape[0])
   return dict(
-      embed_dim=int(embed_dim), depths=[len(blocks[s]) for s in range(stages)],
-      patch_size=int(patch), in_chans=int(in_chans),
+      embed_dim=int(embed_dim),
+      depths=[len(blocks[s]) for s in range(stages)],
+      patch_size=int(patch),
+      in_chans=int(in_chans),
       num_classes=int(sd["head.weight"].shape[0]) if "head.weight" in sd else 0,
-      shift_dist=list(range(-(groups // 2), groups - groups // 2)), mix_size=mix,
+      shift_dist=list(range(-(groups // 2), groups - groups // 2)),
+      mix_size=mix,
       mlp_ratio=_mlp_ratio(hidden) if hidden else 4.0,
       patch_norm="patch_embed.norm.weight" in sd,
-      layer_scale_init_value=1e-6 if any(k.endswith(".gamma") for k in sd) else 0.0)
+      layer_scale_init_value=1e-6 if any(k.endswith(".gamma") for k in sd) else 0.0,
+  )
 
 
 def state_dict_to_variables(sd: dict, model: MSMLP) -> dict:
   """Fills every Flax variable of `model` from `sd` ({key: array}); strict: each tensor
   is used exactly once. Raises CheckpointFormatError naming missing, unexpected and
   mis-shaped keys in one line."""
-  arch = ", ".join(f"{k}={v}" for k, v in model.config_dict().items()
-                   if k in _ARCHITECTURE_KEYS)
-  return tm.state_dict_to_variables(sd, abstract_variables(model), torch_key, _layout,
-                                    f"MSMLP({arch})")
+  arch = ", ".join(f"{k}={v}" for k, v in model.config_dict().items() if k in _ARCHITECTURE_KEYS)
+  return tm.state_dict_to_variables(
+      sd, abstract_variables(model), torch_key, _layout, f"MSMLP({arch})"
+  )
 
 
 def variables_to_state_dict(variables) -> "collections.OrderedDict[str, np.ndarray]":
@@ -122,7 +139,9 @@ def torch_to_flax(path: str, **model_overrides):
   arch = infer_architecture(sd)
   clash = set(arch) & (set(model_overrides) - {"shift_dist"})
   if clash:
-    raise CheckpointFormatError(f"{sorted(clash)} are read from the weights and cannot be "
-                                "overridden; drop them from the model options")
+    raise CheckpointFormatError(
+        f"{sorted(clash)} are read from the weights and cannot be "
+        "overridden; drop them from the model options"
+    )
   model = MSMLP(**{**arch, **model_overrides})
   return model, state_dict_to_variables(sd, model)

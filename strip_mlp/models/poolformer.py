@@ -12,6 +12,7 @@ Parameter names mirror the PyTorch state dict: `network_<i>_<j>` is `network.<i>
 of stage i/2 at even i, the downsampling conv at odd i), so the converter is a table of
 renames and transposes. Parameters are float32; `dtype` sets the compute dtype.
 """
+
 import dataclasses
 from typing import Any, Sequence
 
@@ -32,8 +33,13 @@ VARIANTS = {
     "poolformer_m48": dict(layers=(8, 8, 24, 8), embed_dims=_M_DIMS, layer_scale_init_value=1e-6),
 }
 # Stochastic depth of the official ImageNet recipe per variant (the model's default is 0).
-TRAIN_DROP_PATH = {"poolformer_s12": 0.1, "poolformer_s24": 0.1, "poolformer_s36": 0.2,
-                   "poolformer_m36": 0.3, "poolformer_m48": 0.4}
+TRAIN_DROP_PATH = {
+    "poolformer_s12": 0.1,
+    "poolformer_s24": 0.1,
+    "poolformer_s36": 0.2,
+    "poolformer_m36": 0.3,
+    "poolformer_m48": 0.4,
+}
 GN_EPS = 1e-5
 
 
@@ -43,8 +49,7 @@ class PoolFormerConfigError(UserError, ValueError):
 
 def group_norm(dtype, name=None):
   """PyTorch GroupNorm(1, C): normalises each image over (H, W, C), affine per channel."""
-  return nn.GroupNorm(num_groups=1, epsilon=GN_EPS, dtype=dtype, use_fast_variance=False,
-                      name=name)
+  return nn.GroupNorm(num_groups=1, epsilon=GN_EPS, dtype=dtype, use_fast_variance=False, name=name)
 
 
 def pool_mixer(x, pool_size: int):
@@ -55,6 +60,7 @@ def pool_mixer(x, pool_size: int):
 
 class ConvEmbed(nn.Module):
   """The official `PatchEmbed`: one conv `proj` with bias (no norm). (N,H,W,I) -> (N,H',W',F)."""
+
   features: int
   patch: int
   stride: int
@@ -63,27 +69,36 @@ class ConvEmbed(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    fan_in = x.shape[-1] * self.patch ** 2
-    return nn.Conv(self.features, (self.patch, self.patch), (self.stride, self.stride),
-                   [(self.padding, self.padding)] * 2, dtype=self.dtype,
-                   kernel_init=torch_kernel_init(), bias_init=torch_bias_init(fan_in),
-                   name="proj")(x)
+    fan_in = x.shape[-1] * self.patch**2
+    return nn.Conv(
+        self.features,
+        (self.patch, self.patch),
+        (self.stride, self.stride),
+        [(self.padding, self.padding)] * 2,
+        dtype=self.dtype,
+        kernel_init=torch_kernel_init(),
+        bias_init=torch_bias_init(fan_in),
+        name="proj",
+    )(x)
 
 
 class Mlp(nn.Module):
   """1x1 conv C -> hidden, GELU, 1x1 conv hidden -> C. (N, H, W, C) -> same."""
+
   hidden: int
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x):
-    dense = lambda f, name: nn.Dense(f, dtype=self.dtype, kernel_init=trunc_normal_02,
-                                     bias_init=nn.initializers.zeros, name=name)
+    dense = lambda f, name: nn.Dense(
+        f, dtype=self.dtype, kernel_init=trunc_normal_02, bias_init=nn.initializers.zeros, name=name
+    )
     return dense(x.shape[-1], "fc2")(gelu(dense(self.hidden, "fc1")(x)))
 
 
 class PoolFormerBlock(nn.Module):
   """Pooling token mixer and MLP, each pre-normed, layer-scaled and residual. NHWC -> same."""
+
   mlp_ratio: float = 4.0
   pool_size: int = 3
   drop_path_rate: float = 0.0
@@ -114,6 +129,7 @@ class PoolFormer(nn.Module):
   num_classes=0: no head; `__call__` returns the pooled features (N, embed_dims[-1]).
   Stochastic depth grows linearly over blocks to `drop_path_rate` (rng 'drop_path').
   """
+
   layers: Sequence[int] = (2, 2, 6, 2)
   embed_dims: Sequence[int] = _S_DIMS
   mlp_ratios: Sequence[float] = (4, 4, 4, 4)
@@ -136,18 +152,34 @@ class PoolFormer(nn.Module):
     self.patch_embed = ConvEmbed(self.embed_dims[0], 7, 4, 2, dtype)
     stages, first = [], 0
     for i, n in enumerate(self.layers):
-      stages.append([PoolFormerBlock(
-          self.mlp_ratios[i], self.pool_size,
-          self.drop_path_rate * (first + j) / max(total - 1, 1), self.use_layer_scale,
-          self.layer_scale_init_value, dtype, name=f"network_{2 * i}_{j}") for j in range(n)])
+      stages.append(
+          [
+              PoolFormerBlock(
+                  self.mlp_ratios[i],
+                  self.pool_size,
+                  self.drop_path_rate * (first + j) / max(total - 1, 1),
+                  self.use_layer_scale,
+                  self.layer_scale_init_value,
+                  dtype,
+                  name=f"network_{2 * i}_{j}",
+              )
+              for j in range(n)
+          ]
+      )
       first += n
     self.stages = stages
-    self.downsamples = [ConvEmbed(self.embed_dims[i + 1], 3, 2, 1, dtype,
-                                  name=f"network_{2 * i + 1}") for i in range(3)]
+    self.downsamples = [
+        ConvEmbed(self.embed_dims[i + 1], 3, 2, 1, dtype, name=f"network_{2 * i + 1}")
+        for i in range(3)
+    ]
     self.norm = group_norm(dtype)
     if self.num_classes:
-      self.head = nn.Dense(self.num_classes, dtype=dtype, kernel_init=trunc_normal_02,
-                           bias_init=nn.initializers.zeros)
+      self.head = nn.Dense(
+          self.num_classes,
+          dtype=dtype,
+          kernel_init=trunc_normal_02,
+          bias_init=nn.initializers.zeros,
+      )
 
   def _run_stages(self, x, train, last=3):
     """Outputs of stages 0..last, each (N, H/2^(s+2), W/2^(s+2), embed_dims[s])."""
@@ -184,13 +216,18 @@ class PoolFormer(nn.Module):
 
   @property
   def feature_info(self):
-    return tuple(dict(num_chs=c, reduction=4 * 2 ** s, module=f"network.{2 * s}")
-                 for s, c in enumerate(self.embed_dims))
+    return tuple(
+        dict(num_chs=c, reduction=4 * 2**s, module=f"network.{2 * s}")
+        for s, c in enumerate(self.embed_dims)
+    )
 
   def config_dict(self) -> dict:
     """JSON-able constructor keywords: `PoolFormer(**model.config_dict())` rebuilds it."""
-    d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-         if f.name not in ("parent", "name")}
+    d = {
+        f.name: getattr(self, f.name)
+        for f in dataclasses.fields(self)
+        if f.name not in ("parent", "name")
+    }
     for f in ("layers", "embed_dims", "mlp_ratios"):
       d[f] = list(d[f])
     d["dtype"] = jnp.dtype(d["dtype"]).name
@@ -210,12 +247,14 @@ def _validate(m: PoolFormer):
   if not (len(m.layers) == len(m.embed_dims) == len(m.mlp_ratios) == 4):
     raise PoolFormerConfigError(
         "layers, embed_dims and mlp_ratios need 4 entries each (one per stage), got "
-        f"{list(m.layers)}, {list(m.embed_dims)}, {list(m.mlp_ratios)}")
+        f"{list(m.layers)}, {list(m.embed_dims)}, {list(m.mlp_ratios)}"
+    )
   if min(m.layers) < 0 or min(m.embed_dims) <= 0 or min(m.mlp_ratios) <= 0:
     raise PoolFormerConfigError("layers must be >= 0, embed_dims and mlp_ratios > 0")
   if m.pool_size < 1 or m.pool_size % 2 == 0:
     raise PoolFormerConfigError(
-        f"pool_size must be odd (the pooling keeps the map size), got {m.pool_size}")
+        f"pool_size must be odd (the pooling keeps the map size), got {m.pool_size}"
+    )
   if m.num_classes < 0:
     raise PoolFormerConfigError(f"num_classes must be >= 0 (0: headless), got {m.num_classes}")
 
@@ -223,6 +262,7 @@ def _validate(m: PoolFormer):
 def create_poolformer(variant: str = "poolformer_s12", **overrides) -> PoolFormer:
   """A PoolFormer of a named variant (see VARIANTS) with constructor overrides."""
   if variant not in VARIANTS:
-    raise PoolFormerConfigError(f"unknown PoolFormer variant {variant!r}; choose one of "
-                                f"{sorted(VARIANTS)}")
+    raise PoolFormerConfigError(
+        f"unknown PoolFormer variant {variant!r}; choose one of " f"{sorted(VARIANTS)}"
+    )
   return PoolFormer(**{**VARIANTS[variant], **overrides})

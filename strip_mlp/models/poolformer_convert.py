@@ -9,6 +9,7 @@ Released files are plain state dicts; {'model': ...} and {'state_dict': ...} wra
 Layouts: convs OIHW <-> HWIO, the MLP's 1x1 convs (O, I, 1, 1) <-> (I, O), the head
 (O, I) <-> (I, O); norms and layer scales as they are.
 """
+
 import re
 
 import numpy as np
@@ -44,7 +45,8 @@ def leaf_layout(path: tuple, ndim: int) -> tm.Layout:
 def is_poolformer_state_dict(sd: dict) -> bool:
   """True for the keys of the official PoolFormer (classification) model."""
   return "patch_embed.proj.weight" in sd and any(
-      re.match(r"network\.\d+\.\d+\.mlp\.fc1\.weight$", k) for k in sd)
+      re.match(r"network\.\d+\.\d+\.mlp\.fc1\.weight$", k) for k in sd
+  )
 
 
 def _mlp_ratio(hidden: int, dim: int):
@@ -64,22 +66,32 @@ def infer_architecture(sd: dict) -> dict:
   if not is_poolformer_state_dict(sd):
     raise CheckpointFormatError(
         f"not a PoolFormer state dict: no 'patch_embed.proj.weight' / 'network.*.mlp.fc1' "
-        f"keys (keys start with {sorted(sd)[:4]}); convert weights of the official PoolFormer")
+        f"keys (keys start with {sorted(sd)[:4]}); convert weights of the official PoolFormer"
+    )
   dims = [sd["patch_embed.proj.weight"].shape[0]]
   for i in range(3):
     key = f"network.{2 * i + 1}.proj.weight"
     if key not in sd:
-      raise CheckpointFormatError(f"PoolFormer state dict without {key!r}: the official "
-                                  "models downsample between all four stages")
+      raise CheckpointFormatError(
+          f"PoolFormer state dict without {key!r}: the official "
+          "models downsample between all four stages"
+      )
     dims.append(sd[key].shape[0])
-  layers = [len({int(m[1]) for k in sd if (m := re.match(rf"network\.{2 * i}\.(\d+)\.", k))})
-            for i in range(4)]
-  ratios = [_mlp_ratio(sd[f"network.{2 * i}.0.mlp.fc1.weight"].shape[0], dims[i])
-            if layers[i] else 4 for i in range(4)]
-  arch = dict(layers=tuple(layers), embed_dims=tuple(int(d) for d in dims),
-              mlp_ratios=tuple(ratios),
-              use_layer_scale=any(".layer_scale_1" in k for k in sd),
-              num_classes=int(sd["head.weight"].shape[0]) if "head.weight" in sd else 0)
+  layers = [
+      len({int(m[1]) for k in sd if (m := re.match(rf"network\.{2 * i}\.(\d+)\.", k))})
+      for i in range(4)
+  ]
+  ratios = [
+      _mlp_ratio(sd[f"network.{2 * i}.0.mlp.fc1.weight"].shape[0], dims[i]) if layers[i] else 4
+      for i in range(4)
+  ]
+  arch = dict(
+      layers=tuple(layers),
+      embed_dims=tuple(int(d) for d in dims),
+      mlp_ratios=tuple(ratios),
+      use_layer_scale=any(".layer_scale_1" in k for k in sd),
+      num_classes=int(sd["head.weight"].shape[0]) if "head.weight" in sd else 0,
+  )
   for variant in VARIANTS.values():
     if (variant["layers"], variant["embed_dims"]) == (arch["layers"], arch["embed_dims"]):
       arch["layer_scale_init_value"] = variant["layer_scale_init_value"]
@@ -90,8 +102,12 @@ def state_dict_to_variables(sd: dict, model: PoolFormer) -> dict:
   """Every Flax variable of `model` from `sd` ({key: array}); strict, one-line errors."""
   cfg = model.config_dict()
   return tm.state_dict_to_variables(
-      sd, tm.abstract_variables(model, _PROBE_SIZE), torch_key, leaf_layout,
-      tm.describe("PoolFormer", cfg, _ARCH_FIELDS))
+      sd,
+      tm.abstract_variables(model, _PROBE_SIZE),
+      torch_key,
+      leaf_layout,
+      tm.describe("PoolFormer", cfg, _ARCH_FIELDS),
+  )
 
 
 def variables_to_state_dict(variables):
@@ -110,6 +126,7 @@ def torch_to_flax(path: str, **model_overrides):
   clash = set(_ARCH_FIELDS) & set(model_overrides)
   if clash:
     raise PoolFormerConfigError(
-        f"{sorted(clash)} are read from the weights and cannot be overridden")
+        f"{sorted(clash)} are read from the weights and cannot be overridden"
+    )
   model = PoolFormer(**{**arch, **model_overrides})
   return model, state_dict_to_variables(sd, model)

@@ -21,6 +21,7 @@ official code bicubically resizes other sizes inside every block; that is not re
 Stochastic depth applies the same `drop_path_rate` to every block, as the official code.
 Parameters are float32; `dtype` sets the compute dtype.
 """
+
 import dataclasses
 import math
 from typing import Any, Sequence
@@ -35,12 +36,24 @@ from strip_mlp.layers import DropPath, dense, gelu, torch_bias_init, torch_kerne
 
 _KERNELS = ((4, 8), (2, 4), (2, 4), (2,))
 VARIANTS = {  # the official code's ImageNet settings of RaftMLP-S, -M and -L
-    "raftmlp_s": dict(dims=(64, 128, 256, 512), depths=(2, 2, 6, 2), raft_sizes=(2, 2, 2, 2),
-                      embedding_kernels=_KERNELS),
-    "raftmlp_m": dict(dims=(96, 192, 384, 768), depths=(2, 2, 6, 2), raft_sizes=(2, 2, 2, 2),
-                      embedding_kernels=_KERNELS),
-    "raftmlp_l": dict(dims=(128, 192, 512, 1024), depths=(2, 2, 6, 2),
-                      raft_sizes=(2, 2, 2, 2), embedding_kernels=_KERNELS),
+    "raftmlp_s": dict(
+        dims=(64, 128, 256, 512),
+        depths=(2, 2, 6, 2),
+        raft_sizes=(2, 2, 2, 2),
+        embedding_kernels=_KERNELS,
+    ),
+    "raftmlp_m": dict(
+        dims=(96, 192, 384, 768),
+        depths=(2, 2, 6, 2),
+        raft_sizes=(2, 2, 2, 2),
+        embedding_kernels=_KERNELS,
+    ),
+    "raftmlp_l": dict(
+        dims=(128, 192, 512, 1024),
+        depths=(2, 2, 6, 2),
+        raft_sizes=(2, 2, 2, 2),
+        embedding_kernels=_KERNELS,
+    ),
 }
 # Stochastic depth of the official ImageNet recipe per variant (the model's default is 0).
 TRAIN_DROP_PATH = {variant: 0.1 for variant in VARIANTS}
@@ -59,14 +72,16 @@ def layer_norm(dtype, name=None):
 
 class RaftLayerNorm(nn.Module):
   """LayerNorm over C whose scale/bias entry o*r + j belongs to channel j*C/r + o. NHWC."""
+
   raft_size: int
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x):
     c, r = x.shape[-1], self.raft_size
-    y = nn.LayerNorm(epsilon=LN_EPS, dtype=self.dtype, use_bias=False, use_scale=False,
-                     use_fast_variance=False)(x)
+    y = nn.LayerNorm(
+        epsilon=LN_EPS, dtype=self.dtype, use_bias=False, use_scale=False, use_fast_variance=False
+    )(x)
     in_channel_order = lambda p: p.reshape(c // r, r).T.reshape(c).astype(self.dtype)
     scale = self.param("scale", nn.initializers.ones, (c,))
     bias = self.param("bias", nn.initializers.zeros, (c,))
@@ -75,6 +90,7 @@ class RaftLayerNorm(nn.Module):
 
 class LinearParams(nn.Module):
   """A PyTorch-initialised linear layer's kernel (in, out) and bias (out,), not applied."""
+
   in_features: int
   out_features: int
 
@@ -87,6 +103,7 @@ class LinearParams(nn.Module):
 
 class CrossScaleEmbedding(nn.Module):
   """Multi-kernel patch embedding. (N, H, W, I) -> (N, H/p, W/p, features), p = kernels[0]."""
+
   features: int
   kernels: Sequence[int]
   dtype: Any = jnp.float32
@@ -94,17 +111,20 @@ class CrossScaleEmbedding(nn.Module):
   @nn.compact
   def __call__(self, x):
     c_in, stride = x.shape[-1], self.kernels[0]
-    kernel, bias = LinearParams(c_in * sum(k * k for k in self.kernels), self.features,
-                                name="fc")()
+    kernel, bias = LinearParams(c_in * sum(k * k for k in self.kernels), self.features, name="fc")()
     out, start = bias.astype(self.dtype), 0
     for k in self.kernels:
       # Unfold's feature order is (channel, row, column): its rows -> an HWIO conv kernel.
-      w = kernel[start:start + c_in * k * k].reshape(c_in, k, k, self.features)
+      w = kernel[start : start + c_in * k * k].reshape(c_in, k, k, self.features)
       w, start = w.transpose(1, 2, 0, 3), start + c_in * k * k
       pad = (k - stride) // 2
       out = out + lax.conv_general_dilated(
-          x, w.astype(self.dtype), (stride, stride), [(pad, pad)] * 2,
-          dimension_numbers=("NHWC", "HWIO", "NHWC"))
+          x,
+          w.astype(self.dtype),
+          (stride, stride),
+          [(pad, pad)] * 2,
+          dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      )
     return out
 
 
@@ -114,6 +134,7 @@ class MixingBlock(nn.Module):
   axis 'channel': the MLP acts on the C channels of each pixel. 'vertical' / 'horizontal':
   on the r*H (r*W) values of each raft member's column (row), index j*H + row.
   """
+
   axis: str
   raft_size: int = 1
   expansion: int = 4
@@ -141,6 +162,7 @@ class MixingBlock(nn.Module):
 
 class RaftLayer(nn.Module):
   """Vertical raft mixing, horizontal raft mixing, channel mixing. (N, H, W, C) -> same."""
+
   raft_size: int
   token_expansion: int
   channel_expansion: int
@@ -150,14 +172,17 @@ class RaftLayer(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool):
     for axis in ("vertical", "horizontal"):
-      x = MixingBlock(axis, self.raft_size, self.token_expansion, self.drop_path_rate,
-                      self.dtype, name=axis)(x, train)
-    return MixingBlock("channel", 1, self.channel_expansion, self.drop_path_rate, self.dtype,
-                       name="channel")(x, train)
+      x = MixingBlock(
+          axis, self.raft_size, self.token_expansion, self.drop_path_rate, self.dtype, name=axis
+      )(x, train)
+    return MixingBlock(
+        "channel", 1, self.channel_expansion, self.drop_path_rate, self.dtype, name="channel"
+    )(x, train)
 
 
 class RaftLevel(nn.Module):
   """Cross-scale embedding, then `depth` raft layers. (N, H, W, I) -> (N, H/p, W/p, dim)."""
+
   dim: int
   depth: int
   raft_size: int
@@ -171,8 +196,14 @@ class RaftLevel(nn.Module):
   def __call__(self, x, train: bool):
     x = CrossScaleEmbedding(self.dim, self.kernels, self.dtype, name="embedding")(x)
     for d in range(self.depth):
-      x = RaftLayer(self.raft_size, self.token_expansion, self.channel_expansion,
-                    self.drop_path_rate, self.dtype, name=f"blocks_{d}")(x, train)
+      x = RaftLayer(
+          self.raft_size,
+          self.token_expansion,
+          self.channel_expansion,
+          self.drop_path_rate,
+          self.dtype,
+          name=f"blocks_{d}",
+      )(x, train)
     return x
 
 
@@ -183,6 +214,7 @@ class RaftMLP(nn.Module):
   patch kernels `embedding_kernels[i]` (the first, smallest one is its stride). num_classes=0:
   no classifier; `__call__` returns the pooled features (N, dims[-1]).
   """
+
   dims: Sequence[int] = (64, 128, 256, 512)
   depths: Sequence[int] = (2, 2, 6, 2)
   raft_sizes: Sequence[int] = (2, 2, 2, 2)
@@ -197,18 +229,30 @@ class RaftMLP(nn.Module):
   def __post_init__(self):
     for f in ("dims", "depths", "raft_sizes"):
       object.__setattr__(self, f, tuple(int(v) for v in getattr(self, f)))
-    object.__setattr__(self, "embedding_kernels",
-                       tuple(tuple(int(k) for k in ks) for ks in self.embedding_kernels))
+    object.__setattr__(
+        self, "embedding_kernels", tuple(tuple(int(k) for k in ks) for ks in self.embedding_kernels)
+    )
     _validate(self)
     super().__post_init__()
 
   def setup(self):
     dtype = jnp.dtype(self.dtype)
-    self.levels = [RaftLevel(
-        dim, depth, raft, kernels, self.token_expansion_factor, self.channel_expansion_factor,
-        self.drop_path_rate, dtype, name=f"levels_{i}") for i, (dim, depth, raft, kernels)
-                   in enumerate(zip(self.dims, self.depths, self.raft_sizes,
-                                    self.embedding_kernels))]
+    self.levels = [
+        RaftLevel(
+            dim,
+            depth,
+            raft,
+            kernels,
+            self.token_expansion_factor,
+            self.channel_expansion_factor,
+            self.drop_path_rate,
+            dtype,
+            name=f"levels_{i}",
+        )
+        for i, (dim, depth, raft, kernels) in enumerate(
+            zip(self.dims, self.depths, self.raft_sizes, self.embedding_kernels)
+        )
+    ]
     self.norm = layer_norm(dtype)
     if self.num_classes:
       self.classifier = dense(self.num_classes, self.dims[-1], dtype=dtype)
@@ -220,7 +264,7 @@ class RaftMLP(nn.Module):
       raise RaftMLPConfigError(_input_message(tuple(x.shape), self.img_size))
     x = x.astype(jnp.dtype(self.dtype))
     outs = []
-    for level in self.levels[:last + 1]:
+    for level in self.levels[: last + 1]:
       x = level(x, train)
       outs.append(x)
     return outs
@@ -248,13 +292,18 @@ class RaftMLP(nn.Module):
   @property
   def feature_info(self):
     reductions = np.cumprod([ks[0] for ks in self.embedding_kernels])
-    return tuple(dict(num_chs=c, reduction=int(r), module=f"levels.{i}")
-                 for i, (c, r) in enumerate(zip(self.dims, reductions)))
+    return tuple(
+        dict(num_chs=c, reduction=int(r), module=f"levels.{i}")
+        for i, (c, r) in enumerate(zip(self.dims, reductions))
+    )
 
   def config_dict(self) -> dict:
     """JSON-able constructor keywords: `RaftMLP(**model.config_dict())` rebuilds it."""
-    d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-         if f.name not in ("parent", "name")}
+    d = {
+        f.name: getattr(self, f.name)
+        for f in dataclasses.fields(self)
+        if f.name not in ("parent", "name")
+    }
     for f in ("dims", "depths", "raft_sizes"):
       d[f] = list(d[f])
     d["embedding_kernels"] = [list(ks) for ks in d["embedding_kernels"]]
@@ -268,8 +317,10 @@ def _input_message(shape, size):
     return f"{want}, which looks like NCHW: transpose it with x.transpose(0, 2, 3, 1)"
   if len(shape) != 4:
     return f"{want}; give a batch of NHWC images (add a batch axis for a single image)"
-  return (f"{want}; its token MLPs are tied to the map sizes: resize the input or build the "
-          f"model with img_size={shape[1]} (and new weights)")
+  return (
+      f"{want}; its token MLPs are tied to the map sizes: resize the input or build the "
+      f"model with img_size={shape[1]} (and new weights)"
+  )
 
 
 def level_sizes(img_size: int, embedding_kernels) -> list:
@@ -280,7 +331,8 @@ def level_sizes(img_size: int, embedding_kernels) -> list:
     if size <= 0 or size % ks[0]:
       raise RaftMLPConfigError(
           f"img_size={img_size} gives a {size}px map before level {i}, which its stride "
-          f"{ks[0]} does not divide; use a positive multiple of {total_stride}")
+          f"{ks[0]} does not divide; use a positive multiple of {total_stride}"
+      )
     size //= ks[0]
     sizes.append(size)
   return sizes
@@ -291,14 +343,16 @@ def _validate(m: RaftMLP):
   if not n or any(len(v) != n for v in (m.depths, m.raft_sizes, m.embedding_kernels)):
     raise RaftMLPConfigError(
         "dims, depths, raft_sizes and embedding_kernels need one entry per level, got "
-        f"{list(m.dims)}, {list(m.depths)}, {list(m.raft_sizes)}, {m.embedding_kernels}")
+        f"{list(m.dims)}, {list(m.depths)}, {list(m.raft_sizes)}, {m.embedding_kernels}"
+    )
   for i, (dim, raft, ks) in enumerate(zip(m.dims, m.raft_sizes, m.embedding_kernels)):
     if dim <= 0 or raft <= 0 or dim % raft:
       raise RaftMLPConfigError(f"level {i}: raft_size {raft} must divide dims {dim}")
     if not ks or any(k % ks[0] or (k - ks[0]) % 2 or k < ks[0] for k in ks):
       raise RaftMLPConfigError(
           f"level {i}: embedding_kernels {list(ks)} must start with the stride p and hold "
-          "multiples k of p with k - p even (the patches of every kernel must tile alike)")
+          "multiples k of p with k - p even (the patches of every kernel must tile alike)"
+      )
   if min(m.depths) < 0 or m.num_classes < 0:
     raise RaftMLPConfigError("depths and num_classes must be >= 0 (num_classes 0: headless)")
   level_sizes(m.img_size, m.embedding_kernels)
@@ -307,6 +361,7 @@ def _validate(m: RaftMLP):
 def create_raftmlp(variant: str = "raftmlp_s", **overrides) -> RaftMLP:
   """A RaftMLP of a named variant (see VARIANTS; 224 px, 1000 classes) with overrides."""
   if variant not in VARIANTS:
-    raise RaftMLPConfigError(f"unknown RaftMLP variant {variant!r}; choose one of "
-                             f"{sorted(VARIANTS)}")
+    raise RaftMLPConfigError(
+        f"unknown RaftMLP variant {variant!r}; choose one of " f"{sorted(VARIANTS)}"
+    )
   return RaftMLP(**{**VARIANTS[variant], **overrides})

@@ -13,6 +13,7 @@ Key table (Flax -> PyTorch): levels_<i> -> levels.<i>; embedding -> fn.0; blocks
 fn.<d + 2>; vertical / horizontal / channel -> 1 / 3 / 5; fc1 / fc2 -> fn.0 / fn.3; a token
 block's norm -> norm.1; the final norm -> heads.0.1; classifier -> classifier.
 """
+
 import itertools
 import math
 import re
@@ -24,8 +25,16 @@ from strip_mlp.torch_io import CheckpointFormatError, read_state_dict
 _BLOCKS = {"vertical": "1", "horizontal": "3", "channel": "5"}
 _MLP = {"fc1": "fn.0", "fc2": "fn.3"}
 _LEAF_RENAMES = {"kernel": "weight", "scale": "weight"}
-_ARCH_FIELDS = ("dims", "depths", "raft_sizes", "embedding_kernels", "img_size",
-                "num_classes", "token_expansion_factor", "channel_expansion_factor")
+_ARCH_FIELDS = (
+    "dims",
+    "depths",
+    "raft_sizes",
+    "embedding_kernels",
+    "img_size",
+    "num_classes",
+    "token_expansion_factor",
+    "channel_expansion_factor",
+)
 OFFICIAL_IMG_SIZE = 224  # the `pretrained_image_size` of every released setting
 
 
@@ -41,8 +50,7 @@ def torch_key(path: tuple) -> str:
     elif name == "norm":
       parts.append("norm.1" if names[i - 1] in ("vertical", "horizontal") else "norm")
     else:
-      parts.append(_BLOCKS.get(name) or _MLP.get(name) or
-                   ("fn.0" if name == "embedding" else name))
+      parts.append(_BLOCKS.get(name) or _MLP.get(name) or ("fn.0" if name == "embedding" else name))
   parts.append(_LEAF_RENAMES.get(path[-1], path[-1]))
   return ".".join(parts)
 
@@ -97,13 +105,18 @@ def _solutions(dims, token_dims, kernel_options, img_size):
     if img_size is not None:
       sizes = {img_size}
     elif first is None:
-      raise CheckpointFormatError("RaftMLP state dict without any blocks: its image size "
-                                  "cannot be read from the shapes; give img_size")
+      raise CheckpointFormatError(
+          "RaftMLP state dict without any blocks: its image size "
+          "cannot be read from the shapes; give img_size"
+      )
     else:
-      stride = math.prod(ks[0] for ks in kernels[:first + 1])
+      stride = math.prod(ks[0] for ks in kernels[: first + 1])
       width = token_dims[first]
-      sizes = {width // r * stride for r in range(1, width + 1)
-               if width % r == 0 and dims[first] % r == 0}
+      sizes = {
+          width // r * stride
+          for r in range(1, width + 1)
+          if width % r == 0 and dims[first] % r == 0
+      }
     for size in sorted(sizes):
       rafts = _fit(size, kernels, dims, token_dims)
       if rafts is not None:
@@ -128,11 +141,14 @@ def infer_architecture(sd: dict, img_size=None) -> dict:
   if not is_raftmlp_state_dict(sd):
     raise CheckpointFormatError(
         f"not a RaftMLP state dict: no 'levels.<i>.fn.0.fc.weight' keys (keys start with "
-        f"{sorted(sd)[:4]}); convert weights of the official RaftMLP")
+        f"{sorted(sd)[:4]}); convert weights of the official RaftMLP"
+    )
   n = _levels(sd)
   dims = [int(sd[f"levels.{i}.fn.0.fc.weight"].shape[0]) for i in range(n)]
-  depths = [len({int(m[1]) for k in sd if (m := re.match(rf"levels\.{i}\.fn\.(\d+)\.\d", k))})
-            for i in range(n)]
+  depths = [
+      len({int(m[1]) for k in sd if (m := re.match(rf"levels\.{i}\.fn\.(\d+)\.\d", k))})
+      for i in range(n)
+  ]
   kernel_options, token_dims, factors = [], [], {}
   for i in range(n):
     c_in = dims[i - 1] if i else 3
@@ -142,29 +158,44 @@ def infer_architecture(sd: dict, img_size=None) -> dict:
     token_dims.append(None if token is None else int(token.shape[1]))
     if token is not None:
       channel = sd[f"levels.{i}.fn.2.5.fn.0.weight"].shape
-      factors = dict(token_expansion_factor=token.shape[0] // token.shape[1],
-                     channel_expansion_factor=channel[0] // channel[1])
+      factors = dict(
+          token_expansion_factor=token.shape[0] // token.shape[1],
+          channel_expansion_factor=channel[0] // channel[1],
+      )
   found = _solutions(dims, token_dims, kernel_options, img_size)
   if img_size is None and any(s[0] == OFFICIAL_IMG_SIZE for s in found):
     found = [s for s in found if s[0] == OFFICIAL_IMG_SIZE]
   if len(found) != 1:
-    what = (f"fits image sizes {sorted({s[0] for s in found})} with different raft sizes or "
-            "kernels" if found else "fits no RaftMLP image size / raft size / kernel choice")
+    what = (
+        f"fits image sizes {sorted({s[0] for s in found})} with different raft sizes or " "kernels"
+        if found
+        else "fits no RaftMLP image size / raft size / kernel choice"
+    )
     raise CheckpointFormatError(
         f"RaftMLP state dict with dims {dims} {what}; pass img_size=<its training size>, or "
-        "build the RaftMLP yourself and use state_dict_to_variables(sd, model)")
+        "build the RaftMLP yourself and use state_dict_to_variables(sd, model)"
+    )
   size, kernels, rafts = found[0]
-  return dict(dims=tuple(dims), depths=tuple(depths), raft_sizes=rafts,
-              embedding_kernels=kernels, img_size=size,
-              num_classes=int(sd["classifier.weight"].shape[0])
-              if "classifier.weight" in sd else 0, **factors)
+  return dict(
+      dims=tuple(dims),
+      depths=tuple(depths),
+      raft_sizes=rafts,
+      embedding_kernels=kernels,
+      img_size=size,
+      num_classes=int(sd["classifier.weight"].shape[0]) if "classifier.weight" in sd else 0,
+      **factors,
+  )
 
 
 def state_dict_to_variables(sd: dict, model: RaftMLP) -> dict:
   """Every Flax variable of `model` from `sd` ({key: array}); strict, one-line errors."""
   return tm.state_dict_to_variables(
-      sd, tm.abstract_variables(model, model.img_size), torch_key, leaf_layout,
-      tm.describe("RaftMLP", model.config_dict(), _ARCH_FIELDS))
+      sd,
+      tm.abstract_variables(model, model.img_size),
+      torch_key,
+      leaf_layout,
+      tm.describe("RaftMLP", model.config_dict(), _ARCH_FIELDS),
+  )
 
 
 def variables_to_state_dict(variables):
@@ -182,7 +213,6 @@ def torch_to_flax(path: str, img_size=None, **model_overrides):
   arch = infer_architecture(sd, img_size)
   clash = set(_ARCH_FIELDS) & set(model_overrides)
   if clash:
-    raise RaftMLPConfigError(
-        f"{sorted(clash)} are read from the weights and cannot be overridden")
+    raise RaftMLPConfigError(f"{sorted(clash)} are read from the weights and cannot be overridden")
   model = RaftMLP(**arch, **model_overrides)
   return model, state_dict_to_variables(sd, model)

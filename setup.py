@@ -1,4 +1,5 @@
 """Strip-MLP in JAX/Flax: model, PyTorch weight converter, training and evaluation."""
+
 from setuptools import find_packages, setup
 
 setup(

@@ -1,298 +1,244 @@
-r"""Model speed on whatever backend JAX has: inference and train-step images/s per variant.
+r"""Model speed, ours and optionally the official PyTorch code's: inference and train-step images/s.
 
-    python benchmarks/model_benchmark.py                       # tiny_light @224, batch 16
-    python benchmarks/model_benchmark.py --variants tiny_light,tiny,small,base \
-        --batch_sizes 16,64 --dtype bfloat16 --json /tmp/bench.json
-    python benchmarks/model_benchmark.py --torch_baseline ~/src/Strip_MLP   # side by side
+    python benchmarks/model_benchmark.py                     # tiny_light @224, batch 16, as shipped
+    python benchmarks/model_benchmark.py --official_code PATH/TO/Strip_MLP    # side by side
+    python benchmarks/model_benchmark.py --settings as_shipped,tuned --official_code PATH
+    python benchmarks/model_benchmark.py --variants tiny,small --batch_size 16,64 \
+        --dtype bfloat16 --json /tmp/bench.json
 
-Prints a markdown table (and writes JSON with --json): compile time, inference and
-train-step (forward + backward + AdamW update) images/s, peak device memory where the
-backend reports it, model FLOPs per image from XLA's cost analysis and achieved FLOP/s.
-With --torch_baseline DIR (a checkout of the official PyTorch code, which needs timm),
-the official model is timed in the same run on the same inputs, alternating runs (in a
-worker process of its own), and the table gets the ratio ours/theirs in images/s.
-Synthetic data: no dataset is read.
---malloc picks the host allocator setting for both processes (strip_mlp/host_memory.py): on
-CPU it decides whether XLA's per-step temporary buffer is page-faulted in every step
-(`--malloc tcmalloc` was fastest for both models on the README's machine); --torch_malloc
-gives the official model's process a setting of its own (e.g. `default`, as it ships).
+Every model runs in a fresh process of its own (benchmarks/jax_worker.py, and with
+--official_code benchmarks/official_worker.py), all on the same synthetic inputs; their
+steps alternate (one step each in turn, --repeats rounds after --warmup) and the table
+gives medians. --settings picks how ours runs, one worker and one row each:
+  as_shipped: plain jax.jit(model.apply), the allocator this shell gives (glibc unless
+              LD_PRELOAD says otherwise): what train.py / eval.py users get,
+  single_dot: as shipped, with XLA:CPU's YNNPACK limited to single dots for inference,
+  tcmalloc:   as shipped, with tcmalloc preloaded (benchmarks/host_memory.py),
+  tuned:      tcmalloc and single_dot together.
+The official model runs with --official_malloc (default: the shell's, as it ships).
 """
+
 import argparse
 import json
 import os
-import platform
-import statistics
 import sys
-import time
+import tempfile
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from strip_mlp import create_model, host_memory, ops  # noqa: E402  pylint: disable=g-import-not-at-top
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_util  # noqa: E402  pylint: disable=g-import-not-at-top
+import host_memory  # noqa: E402  pylint: disable=g-import-not-at-top
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+# XLA:CPU hands fused element-wise/reduction graphs to YNNPACK by default; limiting it to
+# single dots lets XLA fuse the shifted sums, norms and GELU itself (inference only: the
+# train step ran slower with it; see benchmarks/README.md).
+SINGLE_DOT = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
+SETTINGS = {  # name: (host_memory setting, compiler options of the inference function)
+    "as_shipped": ("default", {}),
+    "single_dot": ("default", SINGLE_DOT),
+    "tcmalloc": ("tcmalloc", {}),
+    "tuned": ("tcmalloc", SINGLE_DOT),
+}
+MODES = ("inference", "train")
+COLUMNS = [
+    ("variant", "variant"),
+    ("image_size", "R"),
+    ("batch", "batch"),
+    ("dtype", "dtype"),
+    ("mode", "mode"),
+    ("setting", "setting"),
+    ("allocator", "allocator"),
+    ("images_per_s", "img/s"),
+    ("step_ms", "step ms"),
+    ("compile_s", "compile s"),
+    ("gflops_per_image", "GFLOP/img"),
+    ("achieved_tflops", "TFLOP/s"),
+    ("peak_gib", "peak GiB"),
+]
+OFFICIAL_COLUMNS = [("official_images_per_s", "official img/s"), ("ratio", "ours/official")]
 
 
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--variants", default="tiny_light")
-  p.add_argument("--batch_sizes", default="16")
-  p.add_argument("--img_size", type=int, default=224)
+  bench_util.add_flags(
+      p,
+      "variants",
+      "batch_size",
+      "image_size",
+      "dtype",
+      "repeats",
+      "warmup",
+      "embed_dim",
+      "layers",
+      "json",
+  )
   p.add_argument("--num_classes", type=int, default=1000)
-  p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+  p.add_argument("--modes", default="inference,train", help="comma list of inference, train")
+  p.add_argument(
+      "--settings", default="as_shipped", help=f"comma list of {', '.join(SETTINGS)} (see above)"
+  )
   p.add_argument("--depthwise_impl", default="auto")
   p.add_argument("--patchify_impl", default="auto")
-  p.add_argument("--repeats", type=int, default=5, help="timed runs per measurement")
-  p.add_argument("--modes", default="inference,train")
-  p.add_argument("--torch_baseline", default=None, help="checkout of the official code")
-  p.add_argument("--torch_threads", type=int, default=None)
-  p.add_argument("--pause", type=float, default=1.0,
-                 help="seconds between alternating runs (OpenMP/XLA threads spin a while)")
-  p.add_argument("--json", default=None, help="write the results here")
-  p.add_argument("--malloc", default="default", choices=sorted(host_memory.SETTINGS),
-                 help="allocator setting for both processes on Linux (the script "
-                      "restarts itself with it); see strip_mlp/host_memory.py")
-  p.add_argument("--torch_malloc", default=None, choices=sorted(host_memory.SETTINGS),
-                 help="a different allocator setting for the official model's process")
-  # Custom sizes (override the variant's): e.g. --embed_dim 16 --layers 1,1,1,1
-  p.add_argument("--embed_dim", type=int, default=None)
-  p.add_argument("--layers", default=None)
-  return p.parse_args(argv)
+  p.add_argument(
+      "--official_code",
+      default=None,
+      help="a checkout of the official code: also time its model (default: not)",
+  )
+  p.add_argument(
+      "--official_malloc",
+      default="default",
+      choices=sorted(host_memory.SETTINGS),
+      help="allocator setting of the official model's process",
+  )
+  p.add_argument("--torch_threads", type=int, default=0, help="0: torch's default")
+  p.add_argument(
+      "--pause",
+      type=float,
+      default=0.5,
+      help="seconds between alternating steps (idle threads spin a while)",
+  )
+  args = p.parse_args(argv)
+  args.variants = bench_util.str_list(args.variants)
+  args.batch_size = bench_util.int_list(args.batch_size)
+  args.dtype = bench_util.str_list(args.dtype, bench_util.DTYPES)
+  args.modes = bench_util.str_list(args.modes, MODES)
+  args.settings = bench_util.str_list(args.settings, tuple(SETTINGS))
+  if args.official_code and not os.path.isfile(
+      os.path.join(args.official_code, "models", "strip_mlp.py")
+  ):
+    raise SystemExit(
+        f"--official_code {args.official_code}: no models/strip_mlp.py there; "
+        "give a checkout of github.com/Med-Process/Strip_MLP"
+    )
+  return args
 
 
-def _seconds(fn):
-  t = time.perf_counter()
-  fn()
-  return time.perf_counter() - t
+def _model_spec(args, variant, dtype) -> dict:
+  spec = dict(
+      variant=variant,
+      img_size=args.image_size,
+      num_classes=args.num_classes,
+      dtype=dtype,
+      depthwise_impl=args.depthwise_impl,
+      patchify_impl=args.patchify_impl,
+  )
+  if args.embed_dim:
+    spec["embed_dim"] = args.embed_dim
+  if args.layers:
+    spec["layers"] = bench_util.int_list(args.layers)
+  return spec
 
 
-def _peak_memory():
-  stats = jax.local_devices()[0].memory_stats() or {}
-  peak = stats.get("peak_bytes_in_use")
-  return None if peak is None else peak / 2**30
+def _official_arch(spec) -> dict:
+  """StripMLPNet's arguments for the model `spec` describes (variant sizes resolved here)."""
+  sys.path.insert(0, os.path.dirname(HERE))
+  from strip_mlp.model import VARIANTS  # pylint: disable=g-import-not-at-top
+
+  sizes = VARIANTS[spec["variant"]]
+  return dict(
+      img_size=spec["img_size"],
+      num_classes=spec["num_classes"],
+      embed_dim=spec.get("embed_dim", sizes["embed_dim"]),
+      layers=list(spec.get("layers", sizes["layers"])),
+  )
 
 
-def _flops(compiled):
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return float(cost.get("flops", 0.0)) if cost else 0.0
+def _start_workers(args, spec, batch, tmp) -> dict:
+  """{name: Worker}: ours once per setting, then the official model if asked for."""
+  rng = np.random.default_rng(0)
+  r = args.image_size
+  images = rng.standard_normal((batch, r, r, 3), np.float32)
+  labels = rng.integers(0, args.num_classes, batch).astype(np.int32)
+  ours_inputs, their_inputs = os.path.join(tmp, "nhwc.npz"), os.path.join(tmp, "nchw.npz")
+  np.savez(ours_inputs, images=images, labels=labels)
+  workers = {}
+  for setting in args.settings:
+    malloc, options = SETTINGS[setting]
+    job = dict(model=spec, inputs=ours_inputs, modes=args.modes, compiler_options=options)
+    workers[setting] = bench_util.Worker(
+        f"ours ({setting})",
+        [sys.executable, os.path.join(HERE, "jax_worker.py"), json.dumps(job)],
+        host_memory.environ_with(malloc),
+    )
+  if args.official_code:
+    np.savez(their_inputs, images=images.transpose(0, 3, 1, 2), labels=labels)
+    cmd = [
+        sys.executable,
+        os.path.join(HERE, "official_worker.py"),
+        args.official_code,
+        their_inputs,
+        json.dumps(_official_arch(spec)),
+        str(args.torch_threads),
+        spec["dtype"],
+    ]
+    workers["official"] = bench_util.Worker(
+        "official model", cmd, host_memory.environ_with(args.official_malloc)
+    )
+  return workers
 
 
-class JaxRunner:
-  """Compiled inference and train step of one model at one batch size."""
-
-  def __init__(self, model, batch, num_classes):
-    r = model.img_size
-    rng = np.random.default_rng(0)
-    self.images = jnp.asarray(rng.standard_normal((batch, r, r, 3), np.float32))
-    self.labels = jnp.asarray(rng.integers(0, num_classes, batch), jnp.int32)
-    self.variables = jax.jit(lambda k: model.init(k, self.images[:1], train=False))(
-        jax.random.PRNGKey(0))
-    tx = optax.adamw(1e-3, weight_decay=0.05)
-    self.opt_state = jax.jit(tx.init)(self.variables["params"])
-
-    def infer(variables, images):
-      return model.apply(variables, images, train=False)
-
-    def train_step(variables, opt_state, images, labels, rng):
-      def loss_fn(params):
-        logits, state = model.apply({**variables, "params": params}, images, train=True,
-                                    rngs={"drop_path": rng}, mutable=["batch_stats"])
-        loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-        return loss, state
-      (loss, state), grads = jax.value_and_grad(loss_fn, has_aux=True)(variables["params"])
-      updates, opt_state = tx.update(grads, opt_state, variables["params"])
-      params = optax.apply_updates(variables["params"], updates)
-      return {"params": params, **state}, opt_state, loss
-
-    self.infer = jax.jit(infer, compiler_options=ops.inference_compiler_options())
-    self.train_step = jax.jit(train_step, donate_argnums=(0, 1))
-    self.rng = jax.random.PRNGKey(1)
-
-  def compile(self, mode):
-    t = time.perf_counter()
-    if mode == "inference":
-      compiled = self.infer.lower(self.variables, self.images).compile()
-    else:
-      compiled = self.train_step.lower(self.variables, self.opt_state, self.images,
-                                       self.labels, self.rng).compile()
-    return time.perf_counter() - t, _flops(compiled)
-
-  def run(self, mode):
-    if mode == "inference":
-      self.infer(self.variables, self.images).block_until_ready()
-    else:
-      self.variables, self.opt_state, loss = self.train_step(
-          self.variables, self.opt_state, self.images, self.labels, self.rng)
-      loss.block_until_ready()
-
-
-class TorchRunner:
-  """The official PyTorch model (eval / AdamW train step) on the same inputs.
-
-  It runs in its own process: in one process, XLA's and PyTorch's CPU thread pools slow
-  each other down (the official model ran 2-7x slower beside JAX than alone here).
-  Each `run` times one step there; the caller alternates it with ours.
-  """
-
-  def __init__(self, checkout, model, images, labels, threads, dtype, environ=None):
-    import subprocess  # pylint: disable=g-import-not-at-top
-    import tempfile  # pylint: disable=g-import-not-at-top
-    self._dir = tempfile.mkdtemp(prefix="smlp_bench_")
-    inputs = os.path.join(self._dir, "inputs.npz")
-    np.savez(inputs, images=np.asarray(images).transpose(0, 3, 1, 2), labels=np.asarray(labels))
-    arch = dict(img_size=model.img_size, embed_dim=model.embed_dim,
-                layers=list(model.layers), num_classes=model.num_classes)
-    cmd = [sys.executable, "-u", "-c", _TORCH_WORKER, os.path.abspath(checkout), inputs,
-           json.dumps(arch), str(threads or 0), dtype]
-    self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                  text=True, env=environ)
-    ready = self._proc.stdout.readline().strip()
-    if ready != "ready":
-      raise SystemExit(f"--torch_baseline {checkout}: the official model did not start "
-                       f"({ready or 'see the error above'}); it needs torch and timm")
-
-  def run(self, mode):
-    self._proc.stdin.write(mode + "\n")
-    self._proc.stdin.flush()
-    return float(self._proc.stdout.readline())
-
-  def close(self):
-    import shutil  # pylint: disable=g-import-not-at-top
-    self._proc.stdin.close()
-    self._proc.wait(timeout=60)
-    shutil.rmtree(self._dir, ignore_errors=True)
-
-
-_TORCH_WORKER = r"""
-import json, sys, time
-import numpy as np
-import torch
-checkout, inputs, arch, threads, dtype = sys.argv[1:6]
-sys.path.insert(0, checkout)
-try:
-  from models.strip_mlp import StripMLPNet  # the official code, not this project's
-except ImportError as e:
-  print(f"cannot import models.strip_mlp: {e}"); sys.exit(1)
-if int(threads):
-  torch.set_num_threads(int(threads))
-device = "cuda" if torch.cuda.is_available() else "cpu"
-data = np.load(inputs)
-images = torch.from_numpy(data["images"]).to(device)
-labels = torch.from_numpy(data["labels"].astype(np.int64)).to(device)
-net = StripMLPNet(**json.loads(arch)).to(device)
-opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=0.05)
-amp = dtype == "bfloat16"
-def step(mode):
-  autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=amp)
-  if mode == "inference":
-    net.eval()
-    with torch.no_grad(), autocast:
-      net(images)
-  else:
-    net.train()
-    with autocast:
-      loss = torch.nn.functional.cross_entropy(net(images), labels)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
-  if device == "cuda":
-    torch.cuda.synchronize()
-print("ready")
-for line in sys.stdin:
-  t = time.perf_counter()
-  step(line.strip())
-  print(time.perf_counter() - t)
-"""
-
-
-def torch_environ(args):
-  """The official model's environment: ours, or ours with --torch_malloc instead of --malloc."""
-  if args.torch_malloc in (None, args.malloc):
-    return None  # inherit ours: both sides run with the same --malloc
-  return host_memory.environ_with(args.torch_malloc,
-                                  host_memory.environ_without(args.malloc))
-
-
-def benchmark(args):
-  modes = args.modes.split(",")
+def _rows(args, spec, batch, mode, workers, times) -> list:
   rows = []
-  for variant in args.variants.split(","):
-    overrides = dict(img_size=args.img_size, num_classes=args.num_classes, dtype=args.dtype,
-                     depthwise_impl=args.depthwise_impl, patchify_impl=args.patchify_impl)
-    if args.embed_dim:
-      overrides["embed_dim"] = args.embed_dim
-    if args.layers:
-      overrides["layers"] = tuple(int(n) for n in args.layers.split(","))
-    model = create_model(variant, **overrides)
-    for batch in (int(b) for b in args.batch_sizes.split(",")):
-      ours = JaxRunner(model, batch, args.num_classes)
-      theirs = (TorchRunner(args.torch_baseline, model, ours.images, ours.labels,
-                            args.torch_threads, args.dtype, torch_environ(args))
-                if args.torch_baseline else None)
-      for mode in modes:
-        compile_s, flops = ours.compile(mode)
-        ours.run(mode)  # warm-up
-        if theirs:
-          theirs.run(mode)
-        ours_t, theirs_t = [], []
-        for _ in range(args.repeats):  # alternate so that both see the same machine state
-          ours_t.append(_seconds(lambda: ours.run(mode)))
-          if theirs:
-            time.sleep(args.pause)  # let the other side's idle threads stop spinning
-            theirs_t.append(theirs.run(mode))
-            time.sleep(args.pause)
-        sec = statistics.median(ours_t)
-        row = dict(variant=variant, batch=batch, mode=mode, dtype=args.dtype,
-                   compile_s=round(compile_s, 2), images_per_s=round(batch / sec, 2),
-                   step_ms=round(sec * 1e3, 1), peak_gib=_peak_memory(),
-                   gflops_per_image=float(f"{flops / batch / 1e9:.4g}"),
-                   achieved_tflops=float(f"{flops / sec / 1e12:.4g}"))
-        if theirs:
-          their_sec = statistics.median(theirs_t)
-          row.update(torch_images_per_s=round(batch / their_sec, 2),
-                     ratio=round(their_sec / sec, 2))
-        rows.append(row)
-        print(json.dumps(row), file=sys.stderr, flush=True)
-      if theirs:
-        theirs.close()
+  for setting in args.settings:
+    info, sec = workers[setting].info, bench_util.median(times[setting])
+    flops = info["modes"][mode]["flops"]
+    row = dict(
+        variant=spec["variant"] if not (args.embed_dim or args.layers) else "custom",
+        image_size=args.image_size,
+        batch=batch,
+        dtype=spec["dtype"],
+        mode=mode,
+        setting=setting,
+        allocator=info["allocator"],
+        images_per_s=round(batch / sec, 2),
+        step_ms=round(sec * 1e3, 1),
+        compile_s=info["modes"][mode]["compile_s"],
+        gflops_per_image=float(f"{flops / batch / 1e9:.4g}"),
+        achieved_tflops=float(f"{flops / sec / 1e12:.4g}"),
+    )
+    if "official" in times:
+      their_sec = bench_util.median(times["official"])
+      row.update(official_images_per_s=round(batch / their_sec, 2), ratio=round(their_sec / sec, 2))
+    rows.append(row)
   return rows
 
 
-def markdown(rows):
-  cols = ["variant", "batch", "mode", "dtype", "images_per_s", "step_ms", "compile_s",
-          "gflops_per_image", "achieved_tflops", "peak_gib"]
-  if any("ratio" in r for r in rows):
-    cols += ["torch_images_per_s", "ratio"]
-  lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-  for r in rows:
-    lines.append("| " + " | ".join("-" if r.get(c) is None else str(r[c]) for c in cols) + " |")
-  return "\n".join(lines)
+def benchmark(args) -> list:
+  rows = []
+  for variant in args.variants:
+    for dtype in args.dtype:
+      spec = _model_spec(args, variant, dtype)
+      for batch in args.batch_size:
+        with tempfile.TemporaryDirectory(prefix="smlp_bench_") as tmp:
+          workers = _start_workers(args, spec, batch, tmp)
+          new = []
+          for mode in args.modes:
+            steps = {name: (lambda w=w, m=mode: w.run(m)) for name, w in workers.items()}
+            times = bench_util.interleave(steps, args.repeats, args.warmup, args.pause)
+            new += _rows(args, spec, batch, mode, workers, times)
+          for row in new:
+            row["peak_gib"] = workers[row["setting"]].query_info().get("peak_gib")
+            print(json.dumps(row), file=sys.stderr, flush=True)
+          for worker in workers.values():
+            worker.close()
+          rows += new
+  return rows
 
 
 def main(argv=None):
   args = parse_args(argv)
-  dev = jax.devices()[0]
-  header = (f"backend={jax.default_backend()} device={dev.device_kind} "
-            f"devices={jax.device_count()} cpu={platform.processor() or platform.machine()} "
-            f"cores={os.cpu_count()} jax={jax.__version__} "
-            f"malloc={args.malloc} torch_malloc={args.torch_malloc or args.malloc} "
-            f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r} "
-            f"LD_PRELOAD={os.environ.get('LD_PRELOAD', '')!r} "
-            f"date={time.strftime('%Y-%m-%d')}")
+  header = bench_util.machine_header(
+      official_malloc=args.official_malloc if args.official_code else "-"
+  )
   rows = benchmark(args)
+  columns = COLUMNS + (OFFICIAL_COLUMNS if args.official_code else [])
   print(header)
-  print(markdown(rows))
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump({"setup": header, "args": vars(args), "rows": rows}, f, indent=2)
+  print(bench_util.markdown_table(rows, columns))
+  bench_util.write_json(args.json, header, args, rows)
   return rows
 
 
 if __name__ == "__main__":
-  try:
-    host_memory.reexec_with(parse_args().malloc)
-  except ValueError as e:
-    raise SystemExit(f"--malloc: {e}") from None
   main()

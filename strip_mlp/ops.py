@@ -12,7 +12,7 @@ Formulations (`impl`):
               'einsum'-> space-to-depth reshape + one dense product.
 'auto' picks per backend (see `resolve_impl`).
 """
-import functools
+
 from typing import Literal
 
 import jax
@@ -50,8 +50,13 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, impl: str = "auto") -> jax.A
   if resolve_impl("depthwise", impl) == "xla":
     ph, pw = kh // 2, kw // 2
     return lax.conv_general_dilated(
-        x, kernel, window_strides=(1, 1), padding=((ph, ph), (pw, pw)),
-        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=channels)
+        x,
+        kernel,
+        window_strides=(1, 1),
+        padding=((ph, ph), (pw, pw)),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=channels,
+    )
   return _depthwise_shift(x, kernel)
 
 
@@ -63,7 +68,7 @@ def _shifted_sum(x, kernel):
   out = None
   for a in range(kh):
     for b in range(kw):
-      term = xp[:, a:a + h, b:b + w, :] * kernel[a, b, 0]
+      term = xp[:, a : a + h, b : b + w, :] * kernel[a, b, 0]
       out = term if out is None else out + term
   return out
 
@@ -88,8 +93,11 @@ def _depthwise_shift_bwd(residuals, g):
 
   def add_image(acc, image_and_grad):
     xi, gi = image_and_grad
-    taps = [jnp.sum((xi[a:a + h, b:b + w] * gi).astype(jnp.float32), axis=(0, 1))
-            for a in range(kh) for b in range(kw)]
+    taps = [
+        jnp.sum((xi[a : a + h, b : b + w] * gi).astype(jnp.float32), axis=(0, 1))
+        for a in range(kh)
+        for b in range(kw)
+    ]
     return acc + jnp.stack(taps).reshape(acc.shape), None
 
   dk, _ = lax.scan(add_image, jnp.zeros((kh, kw, 1, x.shape[-1]), jnp.float32), (xp, g))
@@ -111,8 +119,13 @@ def patchify_conv(x: jax.Array, kernel: jax.Array, impl: str = "auto") -> jax.Ar
   groups = in_channels // in_per_group
   if resolve_impl("patchify", impl) == "xla":
     return lax.conv_general_dilated(
-        x, kernel, window_strides=(p, p), padding="VALID",
-        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups)
+        x,
+        kernel,
+        window_strides=(p, p),
+        padding="VALID",
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=groups,
+    )
   patches = x.reshape(n, h // p, p, w // p, p, in_channels)
   if groups == 1:
     return jnp.einsum("nhawbi,abio->nhwo", patches, kernel)
@@ -143,31 +156,7 @@ def strip_mix(x: jax.Array, kernel: jax.Array, bias: jax.Array, along: str) -> j
   pad = [(0, 0)] * x.ndim
   pad[shift_axis] = (1, 1)
   xp = jnp.pad(x, pad)
-  taps = jnp.stack([lax.slice_in_dim(xp, k, k + size, axis=shift_axis) for k in range(3)],
-                   axis=shift_axis + 1)
+  taps = jnp.stack(
+      [lax.slice_in_dim(xp, k, k + size, axis=shift_axis) for k in range(3)], axis=shift_axis + 1
+  )
   return jnp.einsum(spec, taps, kernel) + bias
-
-
-_CPU_INFERENCE_OPTIONS = {
-    # XLA:CPU hands fused element-wise/reduction graphs to YNNPACK by default; for the
-    # forward pass, keeping YNNPACK to single dots and letting XLA fuse the rest (the
-    # shifted depthwise sums, norms, GELU) ran 1.4x faster (README, Performance). For
-    # the train step the default was faster, so it is left alone.
-    "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT",
-}
-
-
-@functools.lru_cache(maxsize=None)
-def inference_compiler_options() -> dict:
-  """`compiler_options` for jax.jit of inference/eval functions on this backend.
-
-  Empty where the options do not apply or this jaxlib does not know them.
-  """
-  if jax.default_backend() != "cpu":
-    return {}
-  try:
-    jax.jit(lambda x: x + 1).lower(jnp.zeros(2)).compile(
-        compiler_options=_CPU_INFERENCE_OPTIONS)
-  except Exception:  # pylint: disable=broad-except  # unknown option in this jaxlib
-    return {}
-  return dict(_CPU_INFERENCE_OPTIONS)

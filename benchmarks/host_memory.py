@@ -3,7 +3,7 @@
 XLA:CPU allocates each execution's temporary buffer when the execution starts and frees
 it when it ends: about 2.9 GiB for a tiny_light train step at batch 16. glibc serves a
 block that large with a fresh mmap, so every step page-faults it back in (775k 4-KiB
-faults, 1.3 s of system time per 2.8 s step on the README's 2-core VM). On a VM that hands
+faults, 1.3 s of system time per 2.8 s step on the 2-core VM of benchmarks/README.md). On a VM that hands
 freed guest memory back to the host (virtio-balloon free page reporting, as there), a
 fault on memory freed a few seconds earlier costs about 5x more, so a step that follows
 another process's work ran at half speed.
@@ -18,13 +18,12 @@ another process's work ran at half speed.
              package libtcmalloc-minimal4): keeps freed spans mapped and small blocks in
              per-thread caches: no faults and no contention. Fastest here.
 
-Both the tunables and LD_PRELOAD are read when a process starts, hence `reexec_with`.
-glibc < 2.35 ignores `hugetlb`.
+Both the tunables and LD_PRELOAD are read when a process starts: the benchmark starts each
+model's process with `environ_with(setting)`. glibc < 2.35 ignores `hugetlb`.
 """
 
 import ctypes.util
 import os
-import sys
 from typing import NamedTuple
 
 
@@ -91,35 +90,3 @@ def environ_with(setting: str, environ=None) -> dict:
     preload, path = _entries(env, "LD_PRELOAD"), preload_path(chosen.preload)
     _set_entries(env, "LD_PRELOAD", preload if path in preload else [path] + preload)
   return {**env, **dict(chosen.environ)}
-
-
-def environ_without(setting: str, environ=None) -> dict:
-  """A copy of `environ` (default os.environ) with `setting`'s variables taken out."""
-  chosen = _setting(setting)
-  env = dict(os.environ if environ is None else environ)
-  drop = set(chosen.tunables) | ({preload_path(chosen.preload)} if chosen.preload else set())
-  for var in ("GLIBC_TUNABLES", "LD_PRELOAD"):
-    _set_entries(env, var, [e for e in _entries(env, var) if e not in drop])
-  for var, _ in chosen.environ:
-    env.pop(var, None)
-  return env
-
-
-def active(setting: str) -> bool:
-  """Whether this process was started with `setting`'s environment."""
-  return environ_with(setting) == dict(os.environ)
-
-
-def reexec_with(setting: str) -> None:
-  """Restarts this Python process with `setting` (Linux; no-op if it is already active).
-
-  Call it first thing in a script's `__main__`: the process is replaced.
-  """
-  if not sys.platform.startswith("linux"):
-    return
-  env = environ_with(setting)
-  if env == dict(os.environ):
-    return
-  sys.stdout.flush()
-  sys.stderr.flush()
-  os.execve(sys.executable, [sys.executable] + sys.orig_argv[1:], env)

@@ -317,3 +317,12 @@ class Block(nn.Module):
     return x + drop(
         ChannelMixing(3, self.depthwise_impl, self.dtype, name="channel_mixing")(x), train
     )
+
+
+def pool_and_classify(head, features: jax.Array, pre_logits: bool = False) -> jax.Array:
+  """(N, h, w, C) features -> global average pool -> `head` logits, float32; the pooled
+  (N, C) features when `pre_logits` or when there is no head (None)."""
+  pooled = jnp.mean(features, axis=(1, 2))
+  if pre_logits or head is None:
+    return pooled.astype(jnp.float32)
+  return head(pooled).astype(jnp.float32)

@@ -20,7 +20,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from strip_mlp.errors import UserError
-from strip_mlp.layers import DropPath, gelu, torch_bias_init, torch_kernel_init
+from strip_mlp.layers import DropPath, gelu, pool_and_classify, torch_bias_init, torch_kernel_init
 from strip_mlp.layers import position_table_init as trunc_normal_02  # timm trunc_normal_(.02)
 
 _S_DIMS = (64, 128, 320, 512)
@@ -206,10 +206,8 @@ class PoolFormer(nn.Module):
 
   def forward_head(self, features, pre_logits: bool = False):
     """(N, h, w, C) features -> logits (N, num_classes) f32, or pooled (N, C) f32."""
-    pooled = jnp.mean(features, axis=(1, 2))
-    if pre_logits or not self.num_classes:
-      return pooled.astype(jnp.float32)
-    return self.head(pooled).astype(jnp.float32)
+    head = self.head if self.num_classes else None
+    return pool_and_classify(head, features, pre_logits)
 
   def __call__(self, x, train: bool = False):
     return self.forward_head(self.forward_features(x, train))

@@ -32,7 +32,14 @@ import numpy as np
 from jax import lax
 
 from strip_mlp.errors import UserError
-from strip_mlp.layers import DropPath, dense, gelu, torch_bias_init, torch_kernel_init
+from strip_mlp.layers import (
+    DropPath,
+    dense,
+    gelu,
+    pool_and_classify,
+    torch_bias_init,
+    torch_kernel_init,
+)
 
 _KERNELS = ((4, 8), (2, 4), (2, 4), (2,))
 VARIANTS = {  # the official code's ImageNet settings of RaftMLP-S, -M and -L
@@ -281,10 +288,8 @@ class RaftMLP(nn.Module):
 
   def forward_head(self, features, pre_logits: bool = False):
     """(N, h, w, C) features -> logits (N, num_classes) f32, or pooled (N, C) f32."""
-    pooled = jnp.mean(features, axis=(1, 2))
-    if pre_logits or not self.num_classes:
-      return pooled.astype(jnp.float32)
-    return self.classifier(pooled).astype(jnp.float32)
+    head = self.classifier if self.num_classes else None
+    return pool_and_classify(head, features, pre_logits)
 
   def __call__(self, x, train: bool = False):
     return self.forward_head(self.forward_features(x, train))

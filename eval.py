@@ -309,7 +309,8 @@ def run(fv: flags.FlagValues) -> dict:
   main_process = jax.process_index() == 0
   if main_process:
     print(f"evaluating {ckpt.describe()}", flush=True)
-  metrics = evaluate.evaluate(ckpt.model, ckpt.variables, config.data, batch_size, mesh)
+  any_size = bool(fv.img_size) and fv.resize == "windows"
+  metrics = evaluate.evaluate(ckpt.model, ckpt.variables, config.data, batch_size, mesh, any_size)
   result = _summary(metrics, ckpt, config, batch_size, jax.devices()[0].platform)
   if main_process:
     print(

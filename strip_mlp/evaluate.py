@@ -161,7 +161,12 @@ def check_batch_size(batch_size: int, num_devices: int, num_processes: int) -> N
 
 
 def evaluate(
-    model: StripMLP, variables: Any, data_cfg, batch_size: int, mesh: Mesh | None = None
+    model: StripMLP,
+    variables: Any,
+    data_cfg,
+    batch_size: int,
+    mesh: Mesh | None = None,
+    any_size: bool = False,
 ) -> dict:
   """Top-1/top-5/loss of `model` with `variables` over the whole eval split of `data_cfg`.
 
@@ -174,6 +179,8 @@ def evaluate(
       process count; need not divide the split (the last batch is padded and masked).
     mesh: default: all devices of all processes (`sharding.create_mesh()`); a Mesh over
       fewer devices evaluates on those (every process must own some of them).
+    any_size: run the model at the data's image size whatever its img_size (Strip-MLP on
+      windows).
   Returns:
     {'top1', 'top5' (fractions), 'loss' (mean cross-entropy), 'count' (== the split size),
      'images_per_sec' (examples / wall time of the loop, compilation excluded),
@@ -190,7 +197,7 @@ def evaluate(
   n_proc = jax.process_count()
   check_batch_size(batch_size, n_dev, n_proc)
   info = pipeline.get_dataset_info(data_cfg)
-  check_model_fits_data(model, data_cfg, info)
+  check_model_fits_data(model, data_cfg, info, any_size)
   variables = place_variables(variables, mesh)
   eval_fn = make_eval_fn(model, mesh)
 

@@ -225,6 +225,38 @@ def test_eval_cli_on_converted_checkpoint(converted_dir, data_cfg, tmp_path, cap
   assert result["loss"] == pytest.approx(direct["loss"], rel=1e-6)
 
 
+def test_eval_cli_at_another_image_size(converted_dir, data_cfg, tmp_path):
+  """--img_size 64 on the 32-px fixture: windows (the model as trained, on 2x2 windows per
+  stage) and interpolate (a 64-px model with resampled strip weights) each evaluate the
+  whole split at 64 px; windows equals the library on the same weights."""
+  results = {}
+  for mode in ("windows", "interpolate"):
+    out = tmp_path / f"{mode}.json"
+    argv = [
+        "eval.py",
+        "--checkpoint",
+        converted_dir,
+        "--batch_size",
+        "120",
+        "--img_size",
+        "64",
+        "--resize",
+        mode,
+        "--output",
+        str(out),
+    ]
+    assert eval_cli.run_argv(argv) == 0
+    results[mode] = json.loads(out.read_text())
+    assert results[mode]["image_size"] == 64 and results[mode]["count"] == SPLIT_SIZE
+  assert results["windows"]["model"]["img_size"] == 32
+  assert results["interpolate"]["model"]["img_size"] == 64
+  ckpt = model_checkpoint.load_weights(converted_dir)
+  cfg = data_cfg.copy_and_resolve_references()
+  cfg.image_size = 64
+  direct = ev.evaluate(ckpt.model, ckpt.variables, cfg, 120, mesh_of(8), any_size=True)
+  assert results["windows"]["top1"] == direct["top1"]
+
+
 def test_eval_cli_keeps_results_when_output_cannot_be_written(
     converted_dir, tmp_path, capsys, monkeypatch
 ):

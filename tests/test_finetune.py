@@ -44,3 +44,31 @@ def test_pretrained_of_another_architecture_is_refused(fixtures_dir):
   target = {"params": target.params, "batch_stats": target.batch_stats}
   with pytest.raises(CheckpointMismatchError, match="use the variant, embed_dim, layers"):
     finetune.pretrained_onto(config.init_from, target)
+
+
+def test_pretrained_at_another_resolution_is_resampled(fixtures_dir):
+  """init_resize=interpolate: the 32-px fixture's weights fit a 64-px model (strip-length
+  tensors resampled, the rest taken as they are); without it they are refused with the
+  hint."""
+  pth = str(fixtures_dir / "smlp_e40_i32_l1121_c10.pth")
+  config = train_test_utils.small_config(
+      **{
+          "model.variant": "",
+          "model.embed_dim": 40,
+          "model.layers": (1, 1, 2, 1),
+          "data.image_size": 64,
+      }
+  )
+  mesh = sharding.create_mesh(1, jax.devices()[:1])
+  state = build(config, train_test_utils.dataset_info(10), mesh).abstract_state
+  target = {"params": state.params, "batch_stats": state.batch_stats}
+  with pytest.raises(CheckpointMismatchError, match="init_resize=interpolate"):
+    finetune.pretrained_onto(pth, target)
+  placed, reinit = finetune.pretrained_onto(pth, target, img_size=64)
+  assert reinit == []  # same classes: the head is taken too
+  got = jax.tree_util.tree_map(lambda x: x.shape, placed)
+  assert got == jax.tree_util.tree_map(lambda x: x.shape, target)
+  _, pre = finetune.load_pretrained(pth)
+  np.testing.assert_array_equal(  # not tied to the strip length: unchanged
+      np.asarray(placed["params"]["patch_embed"]["kernel"]), pre["params"]["patch_embed"]["kernel"]
+  )

@@ -24,6 +24,7 @@ import train_test_utils  # noqa: E402
 from strip_mlp import StripMLP, model_checkpoint, sharding  # noqa: E402
 from strip_mlp.data import config as data_config  # noqa: E402
 from strip_mlp.data import pipeline  # noqa: E402
+from strip_mlp import eval_lib  # noqa: E402
 from strip_mlp import evaluate as ev  # noqa: E402
 from strip_mlp import train_checkpoint  # noqa: E402
 from strip_mlp.errors import EvalError  # noqa: E402
@@ -266,7 +267,7 @@ def test_eval_cli_keeps_results_when_output_cannot_be_written(
   ckpt = tmp_path / "ckpt"
   shutil.copytree(converted_dir, ckpt)
   (tmp_path / "file").write_text("")
-  monkeypatch.setattr(eval_cli, "_check_output", lambda output: None)
+  monkeypatch.setattr(eval_lib, "check_output", lambda output: None)
   monkeypatch.chdir(tmp_path)
   bad = str(tmp_path / "file" / "out.json")
   assert (
@@ -290,7 +291,7 @@ def test_eval_cli_keeps_results_when_output_cannot_be_written(
       EvalError,
       match=r"cannot write the results to .* nor .*/proc/.*" r"eval.json .*printed above as JSON",
   ):
-    eval_cli.write_results(result, bad, str(tmp_path / "file" / "default.json"))
+    eval_lib.write_results(result, bad, str(tmp_path / "file" / "default.json"))
   assert json.loads(capsys.readouterr().out) == result
 
 

@@ -53,9 +53,9 @@ def init_state(
   pretrained: optional {'params', 'batch_stats'} trees of the model's structure whose leaves
   replace the random ones; None leaves (e.g. a re-initialised head) keep the random init.
   Under jit, XLA drops the random init of every replaced leaf. image_size: of the
-  initialising input (default: the model's img_size).
+  initialising input for models without an img_size (PoolFormer, any size works).
   """
-  r = image_size or model.img_size
+  r = getattr(model, "img_size", None) or image_size
   variables = model.init({"params": rng}, jnp.zeros((1, r, r, 3), jnp.float32), train=False)
   params, batch_stats = variables["params"], variables.get("batch_stats", {})
   if pretrained is not None:

@@ -29,6 +29,7 @@ setup(
         "convert": ["torch>=2.4"],
         "test": [
             "pytest>=8.0",
+            "pytest-xdist>=3.5",  # two test processes: the suite is bound by single-threaded compiles
             "chex>=0.1.87",
             "tensorflow-cpu>=2.16",
             "tensorflow-datasets>=4.9.6",

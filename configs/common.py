@@ -53,13 +53,16 @@ def base_config() -> ml_collections.ConfigDict:
   c.num_steps = config_dict.placeholder(int)  # set: wins over num_epochs
   c.warmup_epochs = 20.0
   c.warmup_steps = config_dict.placeholder(int)
+  c.cooldown_epochs = 0.0  # the last ones at lr.min after the cosine (timm's cooldown)
+  c.cooldown_steps = config_dict.placeholder(int)
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.name = "adamw"
   c.optimizer.b1 = 0.9
   c.optimizer.b2 = 0.999
   c.optimizer.eps = 1e-8
-  c.optimizer.weight_decay = 0.05  # not on 1-D params and biases
+  c.optimizer.weight_decay = 0.05
+  c.optimizer.weight_decay_params = "matrices"  # not 1-D params or biases | 'all'
   c.grad_clip_norm = 5.0  # global norm; 0 disables
 
   c.lr = ml_collections.ConfigDict()
@@ -98,6 +101,20 @@ def imagenet_config(variant: str) -> ml_collections.ConfigDict:
   c = base_config()
   c.model.variant = variant
   c.lock()
+  return c
+
+
+def family_config(family: str, variant: str, drop_path: dict) -> ml_collections.ConfigDict:
+  """base_config() training `<family>_<variant>` (strip_mlp.registry) with its paper's drop
+  path; the caller sets the rest of that paper's recipe and locks the config."""
+  if variant not in drop_path:
+    raise ValueError(
+        f"unknown {family} variant {variant!r}; choose one of {tuple(drop_path)} "
+        f"(e.g. --config configs/{family}.py:{next(iter(drop_path))})"
+    )
+  c = base_config()
+  c.model.name = f"{family}_{variant}"
+  c.model.drop_path_rate = drop_path[variant]
   return c
 
 

@@ -106,6 +106,7 @@ def build_schedule(config, plan: Plan) -> optax.Schedule:
       plan.total_steps,
       plan.warmup_steps,
       warmup_prefix=config.lr.warmup_prefix,
+      cooldown_steps=plan.cooldown_steps,
   )
 
 
@@ -118,6 +119,7 @@ def build_optimizer(config, schedule) -> optax.GradientTransformation:
       eps=o.eps,
       weight_decay=o.weight_decay,
       grad_clip_norm=config.grad_clip_norm,
+      mask=optim.WEIGHT_DECAY_MASKS[o.get("weight_decay_params", "matrices")],
   )
 
 

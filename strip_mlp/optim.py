@@ -47,26 +47,31 @@ def warmup_cosine_schedule(
     total_steps: int,
     warmup_steps: int,
     warmup_prefix: bool = False,
+    cooldown_steps: int = 0,
 ) -> optax.Schedule:
   """lr(step) of timm's CosineLRScheduler stepped per update (one cycle).
 
-  warmup_prefix=False (the released default): cosine over [0, total_steps) with the first
-  `warmup_steps` replaced by the linear ramp; True: cosine over the steps after warmup.
+  warmup_prefix=False (the released default): cosine over [0, total_steps - cooldown_steps)
+  with the first `warmup_steps` replaced by the linear ramp; True: cosine over the steps
+  after warmup. The last `cooldown_steps` stay at `min_lr` (timm's cooldown epochs).
   """
   if total_steps <= 0:
     raise ValueError(f"total_steps must be positive, got {total_steps}")
-  if not 0 <= warmup_steps < total_steps:
+  if not (
+      0 <= warmup_steps and 0 <= cooldown_steps and warmup_steps + cooldown_steps < total_steps
+  ):
     raise ValueError(
-        f"warmup ({warmup_steps} steps) must be shorter than training " f"({total_steps} steps)"
+        f"warmup + cooldown ({warmup_steps} + {cooldown_steps} steps) must be shorter than "
+        f"training ({total_steps} steps)"
     )
 
   def schedule(step):
     t = jnp.asarray(step, jnp.float32)
     ramp = warmup_lr + t * (base_lr - warmup_lr) / max(warmup_steps, 1)
     if warmup_prefix:
-      t_cos, t_total = t - warmup_steps, total_steps - warmup_steps
+      t_cos, t_total = t - warmup_steps, total_steps - cooldown_steps - warmup_steps
     else:
-      t_cos, t_total = t, total_steps
+      t_cos, t_total = t, total_steps - cooldown_steps
     frac = jnp.clip(t_cos / t_total, 0.0, 1.0)
     cosine = min_lr + 0.5 * (base_lr - min_lr) * (1.0 + jnp.cos(jnp.pi * frac))
     return jnp.where(t < warmup_steps, ramp, cosine)
@@ -99,6 +104,14 @@ def weight_decay_mask(params: Any) -> Any:
     return bool(jnp.ndim(leaf) > 1 and name != "bias")
 
   return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def decay_all(params: Any) -> Any:
+  """True for every leaf: weight decay on all parameters (RaftMLP's trainer)."""
+  return jax.tree_util.tree_map(lambda _: True, params)
+
+
+WEIGHT_DECAY_MASKS = {"matrices": weight_decay_mask, "all": decay_all}
 
 
 def create_optimizer(

@@ -42,6 +42,7 @@ class Plan:
   min_lr: float
   lr_factor: float
   eval_batch_size: int
+  cooldown_steps: int = 0
 
   def to_dict(self) -> dict:
     return dataclasses.asdict(self)
@@ -83,7 +84,7 @@ def validate_config(
   else:
     n_dev = n_proc = None
   errs = _model_errors(config) + _training_errors(config, n_dev, n_proc)
-  errs += _data_errors(config.data)
+  errs += data_config.config_errors(config.data)
   if config.init_from:
     if not os.path.exists(config.init_from):
       errs.append(
@@ -95,7 +96,7 @@ def validate_config(
 
 def validate_data_config(data: ml_collections.ConfigDict) -> None:
   """ConfigError for `data.*` values that cannot work (also used by eval.py)."""
-  _raise_first(_data_errors(data))
+  _raise_first(data_config.config_errors(data))
 
 
 def _errors():
@@ -214,11 +215,10 @@ def _training_errors(c, n_dev: int | None, n_proc: int | None) -> list[str]:
     )
   else:
     need(c.num_epochs > 0, f"num_epochs={c.num_epochs} must be positive (or set num_steps)")
-  need(c.warmup_epochs >= 0, f"warmup_epochs={c.warmup_epochs} must be >= 0")
-  need(
-      c.warmup_steps is None or c.warmup_steps >= 0,
-      f"warmup_steps={c.warmup_steps} must be >= 0 (or None: warmup_epochs)",
-  )
+  for key in ("warmup", "cooldown"):
+    steps, epochs = c.get(f"{key}_steps"), c.get(f"{key}_epochs", 0.0)
+    need(epochs >= 0, f"{key}_epochs={epochs} must be >= 0")
+    need(steps is None or steps >= 0, f"{key}_steps={steps} must be >= 0 (or None: {key}_epochs)")
   for key in ("eval_every", "checkpoint_every"):
     steps, epochs = c[f"{key}_steps"], c[f"{key}_epochs"]
     if steps is not None:
@@ -237,6 +237,11 @@ def _training_errors(c, n_dev: int | None, n_proc: int | None) -> list[str]:
   need(0 <= o.b1 < 1 and 0 <= o.b2 < 1, f"optimizer.b1/b2 must be in [0, 1), got {o.b1}/{o.b2}")
   need(o.eps > 0, f"optimizer.eps={o.eps} must be positive")
   need(o.weight_decay >= 0, f"optimizer.weight_decay={o.weight_decay} must be >= 0")
+  masks = tuple(optim.WEIGHT_DECAY_MASKS)
+  need(
+      o.get("weight_decay_params", "matrices") in masks,
+      f"optimizer.weight_decay_params={o.get('weight_decay_params')!r} must be one of {masks}",
+  )
   need(c.grad_clip_norm >= 0, f"grad_clip_norm={c.grad_clip_norm} must be >= 0 (0: off)")
   need(c.lr.base > 0, f"lr.base={c.lr.base} must be positive")
   need(
@@ -249,61 +254,6 @@ def _training_errors(c, n_dev: int | None, n_proc: int | None) -> list[str]:
   except ValueError as e:
     errs.append(str(e))
   need(0 <= c.ema_decay < 1, f"ema_decay={c.ema_decay} must be in [0, 1) (0: no EMA)")
-  return errs
-
-
-def _data_errors(d) -> list[str]:
-  """The data keys (the choices of strip_mlp.data.config; no TensorFlow)."""
-  errs, need = _errors()
-  dc = data_config
-  need(d.source in dc.SOURCES, f"data.source={d.source!r} must be one of {dc.SOURCES}")
-  if d.source == "embedded":
-    need(
-        d.name in dc.EMBEDDED_DATASETS,
-        f"data.name={d.name!r} is not an embedded dataset ({', '.join(dc.EMBEDDED_DATASETS)});"
-        " for a TFDS dataset set --config.data.source=tfds",
-    )
-  need(
-      d.source != "folder" or d.folder_root,
-      "data.source='folder' needs --config.data.folder_root=/path/with/train/and/val",
-  )
-  need(d.image_size > 0, f"data.image_size={d.image_size} must be positive")
-  need(
-      d.image_dtype in dc.IMAGE_DTYPES,
-      f"data.image_dtype={d.image_dtype!r} must be one of {dc.IMAGE_DTYPES}",
-  )
-  need(
-      d.interpolation in dc.INTERPOLATIONS,
-      f"data.interpolation={d.interpolation!r} must be one of {dc.INTERPOLATIONS}",
-  )
-  need(
-      d.get("jpeg_dct_method", "") in dc.JPEG_DCT_METHODS,
-      f"data.jpeg_dct_method={d.get('jpeg_dct_method')!r} must be one of {dc.JPEG_DCT_METHODS}",
-  )
-  need(
-      d.random_erasing_mode in dc.ERASING_MODES,
-      f"data.random_erasing_mode={d.random_erasing_mode!r} must be one of {dc.ERASING_MODES}",
-  )
-  for key in ("hflip_prob", "random_erasing_prob", "mixup_prob", "mixup_switch_prob"):
-    need(0 <= d[key] <= 1, f"data.{key}={d[key]} must be in [0, 1]")
-  need(0 <= d.label_smoothing < 1, f"data.label_smoothing={d.label_smoothing} must be in [0, 1)")
-  need(d.mixup_alpha >= 0 and d.cutmix_alpha >= 0, "data.mixup_alpha/cutmix_alpha must be >= 0")
-  need(d.eval_resize_ratio > 0, f"data.eval_resize_ratio={d.eval_resize_ratio} must be positive")
-  for key in ("rrc_scale", "rrc_ratio"):
-    lo_hi = tuple(d[key])
-    need(
-        len(lo_hi) == 2 and 0 < lo_hi[0] <= lo_hi[1],
-        f"data.{key}={lo_hi} must be (low, high) with 0 < low <= high",
-    )
-  need(
-      len(d.mean) == 3 and len(d.std) == 3 and all(s > 0 for s in d.std),
-      f"data.mean/std must be 3 values each (RGB), std positive; got {d.mean}/{d.std}",
-  )
-  if d.randaugment:
-    try:
-      dc.parse_rand_augment(d.randaugment)
-    except (ValueError, TypeError) as e:
-      errs.append(f"data.randaugment={d.randaugment!r}: {e} ('' disables it)")
   return errs
 
 
@@ -352,15 +302,16 @@ def make_plan(config, info) -> Plan:
   total = int(c.num_steps) if c.num_steps else int(math.ceil(c.num_epochs * steps_per_epoch))
   if total <= 0:
     raise ConfigError(f"num_epochs={c.num_epochs} gives {total} steps; it must be positive")
-  warmup = (
-      int(c.warmup_steps)
-      if c.warmup_steps is not None
-      else int(round(c.warmup_epochs * steps_per_epoch))
+  warmup, cooldown = (
+      int(c.get(f"{k}_steps"))
+      if c.get(f"{k}_steps") is not None
+      else int(round(c.get(f"{k}_epochs", 0.0) * steps_per_epoch))
+      for k in ("warmup", "cooldown")
   )
-  if warmup >= total:
+  if warmup + cooldown >= total:
     raise ConfigError(
-        f"warmup ({warmup} steps) must be shorter than training ({total} steps); "
-        "lower warmup_epochs/warmup_steps or train longer"
+        f"warmup + cooldown ({warmup} + {cooldown} steps) must be shorter than training "
+        f"({total} steps); lower warmup_epochs/cooldown_epochs (or *_steps) or train longer"
     )
   n = c.model.num_classes
   if n is not None and n < info.num_classes:
@@ -388,4 +339,5 @@ def make_plan(config, info) -> Plan:
       min_lr=c.lr.min * factor,
       lr_factor=factor,
       eval_batch_size=int(c.eval_batch_size or c.batch_size),
+      cooldown_steps=cooldown,
   )

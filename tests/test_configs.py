@@ -5,10 +5,22 @@ it imports strip_mlp and strip_mlp.data.config only, never TensorFlow or TFDS. A
 build on configs/common.base_config(), so all have the same (flattened) key set.
 """
 
+import importlib
 import json
+import math
 import os
 import subprocess
 import sys
+
+import jax
+import jax.numpy as jnp
+import optax
+import pytest
+
+import train_test_utils  # noqa: E402
+
+from strip_mlp import build as build_lib  # noqa: E402
+from strip_mlp import plan as plan_lib  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(
@@ -56,3 +68,59 @@ def test_configs_load_without_tensorflow_and_share_default_keys():
   assert {"data.source", "data.image_size", "model.variant", "lr.base"} <= default
   for name, keys in loaded.items():
     assert set(keys) == default, (name, set(keys) ^ default)
+
+
+# ----------------------------------------------------------------------------- family recipes
+
+IMAGENET = dict(num_classes=1000, num_train=1_281_167, num_eval=50_000, name="imagenet2012")
+
+
+@pytest.mark.parametrize(
+    "family,variants",
+    [("poolformer", "s12 s24 s36 m36 m48"), ("raftmlp", "s m l"), ("msmlp", "t s b")],
+)
+def test_family_recipes_validate_for_every_variant(family, variants):
+  module = importlib.import_module(f"configs.{family}")
+  for variant in variants.split():
+    c = module.get_config(variant)
+    assert c.model.name == f"{family}_{variant}"
+    plan_lib.validate_config(c, num_devices=8, num_processes=1)
+  with pytest.raises(ValueError, match=f"configs/{family}.py:"):
+    module.get_config("xl")
+
+
+def test_family_recipes_resolve_to_their_papers_numbers():
+  from configs import msmlp, poolformer, raftmlp  # pylint: disable=g-import-not-at-top
+
+  info = train_test_utils.dataset_info(**IMAGENET)
+  spe = IMAGENET["num_train"] / 1024
+  pf = plan_lib.make_plan(poolformer.get_config("m36"), info)
+  assert (pf.base_lr, pf.warmup_lr, pf.min_lr) == pytest.approx((1e-3, 1e-6, 1e-5))
+  assert pf.total_steps == math.ceil(310 * spe) and pf.cooldown_steps == round(10 * spe)
+  assert poolformer.get_config("m36").model.drop_path_rate == 0.3
+  assert int(224 * poolformer.get_config("s12").data.eval_resize_ratio) == 248  # crop 0.9
+
+  ms = plan_lib.make_plan(msmlp.get_config("b"), info)
+  assert (ms.base_lr, ms.warmup_lr, ms.min_lr) == pytest.approx((1e-3, 1e-6, 1e-5))  # x2
+  assert ms.warmup_steps == round(20 * spe) and ms.cooldown_steps == 0
+
+  rc = raftmlp.get_config("s")
+  rp = plan_lib.make_plan(rc, info)
+  assert (rp.base_lr, rp.warmup_lr, rp.min_lr) == pytest.approx((2e-3, 0.0, 1e-5))
+  assert rp.total_steps == math.ceil(305 * IMAGENET["num_train"] / 2048)
+  schedule = build_lib.build_schedule(rc, rp)
+  end_of_warmup = rp.warmup_steps
+  assert float(schedule(end_of_warmup)) == pytest.approx(2e-3)  # cosine starts after warmup
+  params = {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)}
+  tx = build_lib.build_optimizer(rc, optax.constant_schedule(1.0))
+  updates, _ = tx.update(jax.tree_util.tree_map(jnp.zeros_like, params), tx.init(params), params)
+  assert float(jnp.abs(updates["bias"]).max()) > 0  # RaftMLP decays biases too
+
+
+def test_raftmlp_recipe_crops_like_its_trainer():
+  from configs import raftmlp  # pylint: disable=g-import-not-at-top
+  from strip_mlp.data import pipeline  # pylint: disable=g-import-not-at-top
+
+  tc = pipeline.transform_config(raftmlp.get_config("s").data)
+  assert tc.resize_random_crop and tc.interpolation == "bilinear"
+  assert int(tc.image_size * tc.eval_resize_ratio) == 256  # Resize(256) + RandomCrop(224)

@@ -55,6 +55,40 @@ def test_eval_resize_shorter_side_then_center_crop(hw, size, expected):
   assert abs(ys.mean() - (size - 1) / 2) < 1.5 and abs(xs.mean() - (size - 1) / 2) < 1.5
 
 
+def test_resize_and_random_crop_is_a_window_of_the_shorter_side_resize():
+  image = tf.constant(ramp_image(48, 64))
+  full = T.resize(image, [36, 48], "bilinear").numpy()  # int(32 * 9/8) = 36 on the short side
+  offsets = set()
+  for s in range(30):
+    out = T.resize_and_random_crop(image, seed(s), 32, 9 / 8, "bilinear").numpy()
+    assert out.shape == (32, 32, 3)
+    hits = [
+        (t, l)
+        for t in range(36 - 32 + 1)
+        for l in range(48 - 32 + 1)
+        if np.array_equal(out, full[t : t + 32, l : l + 32])
+    ]
+    assert hits, "not a window of the resized image"
+    offsets.add(hits[0])
+  assert len(offsets) > 8  # placed at random, not centred
+  tc = T.TransformConfig(
+      image_size=32,
+      small_image_size=0,
+      resize_random_crop=True,
+      eval_resize_ratio=9 / 8,
+      hflip_prob=0.0,
+      randaugment=None,
+      random_erasing_prob=0.0,
+      mean=(0.0, 0.0, 0.0),
+      std=(1 / 255, 1 / 255, 1 / 255),
+      train_pil_resize=True,
+      interpolation="bilinear",
+  )
+  out = T.train_transform(image, seed(3), tc).numpy()
+  expected = T.resize_and_random_crop(image, T.split_seed(seed(3), 4)[0], 32, 9 / 8, "bilinear")
+  np.testing.assert_allclose(out, expected.numpy().astype(np.float32), atol=1e-3)
+
+
 def test_pad_crop_flip_normalize():
   image = tf.constant(ramp_image(32, 32))
   crops = [T.pad_and_random_crop(image, seed(s), 32, 4).numpy() for s in range(8)]

@@ -42,6 +42,33 @@ def test_schedule_rejects_warmup_longer_than_training():
     optim.warmup_cosine_schedule(1e-3, 0, 0, total_steps=10, warmup_steps=10)
 
 
+@pytest.mark.parametrize("warmup_prefix", [False, True])
+def test_cooldown_holds_min_lr_after_a_shorter_cosine(warmup_prefix):
+  """timm's cooldown epochs: the cosine of a run `cooldown` steps shorter, then min_lr."""
+  base, wlr, mlr, total, warm, cool = 1e-3, 1e-6, 1e-5, 310, 5, 10
+  sched = optim.warmup_cosine_schedule(base, wlr, mlr, total, warm, warmup_prefix, cool)
+  shorter = optim.warmup_cosine_schedule(base, wlr, mlr, total - cool, warm, warmup_prefix)
+  steps = np.arange(total)
+  got = np.asarray(jax.vmap(sched)(steps))
+  np.testing.assert_allclose(got[:300], np.asarray(jax.vmap(shorter)(steps[:300])), rtol=1e-6)
+  np.testing.assert_allclose(got[300:], mlr, rtol=1e-6)
+  assert got[299] > mlr * 1.0001  # still on the cosine one step before the cooldown
+  with pytest.raises(ValueError, match="cooldown"):
+    optim.warmup_cosine_schedule(base, wlr, mlr, 15, 5, warmup_prefix, 10)
+
+
+def test_decay_all_decays_biases_and_norms():
+  params = {"dense": {"kernel": jnp.ones((3, 4)), "bias": jnp.ones((4,))}, "scale": jnp.ones(4)}
+  for name, expected in (("matrices", 1), ("all", 3)):
+    mask = optim.WEIGHT_DECAY_MASKS[name](params)
+    assert sum(jax.tree_util.tree_leaves(mask)) == expected
+    tx = optim.create_optimizer(optax.constant_schedule(0.1), weight_decay=0.5, mask=mask)
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+    updates, _ = tx.update(zeros, tx.init(params), params)  # zero grads: only the decay moves
+    moved = [bool(jnp.any(u != 0)) for u in jax.tree_util.tree_leaves(updates)]
+    assert sum(moved) == expected
+
+
 def test_lr_scaling_rules():
   assert optim.lr_scale_factor("linear_300", 1024) == pytest.approx(1024 / 300)
   assert optim.lr_scale_factor("linear_512", 256) == pytest.approx(0.5)

@@ -122,6 +122,9 @@ def default_data_config() -> ml_collections.ConfigDict:
   # more); False: tf.image.resize there (~0.1 level off)
   c.jpeg_dct_method = JPEG_DCT_METHOD  # PIL's IDCT; '' = TF's default (fast, ~1 level off)
   c.random_resized_crop = True
+  # True: resize the shorter side to int(R * eval_resize_ratio), random R x R crop (torchvision
+  # Resize + RandomCrop, RaftMLP's recipe); wins over random_resized_crop
+  c.resize_random_crop = False
   c.rrc_scale = (0.08, 1.0)
   c.rrc_ratio = (3 / 4, 4 / 3)
   c.small_image_size = 32  # image_size <= this: pad + random crop instead of RRC
@@ -143,3 +146,62 @@ def default_data_config() -> ml_collections.ConfigDict:
   c.mixup_switch_prob = 0.5
   c.label_smoothing = 0.1
   return c
+
+
+def config_errors(d) -> list[str]:
+  """One line per `data.*` value that cannot work (no TensorFlow; plan.validate_config)."""
+  errs = []
+
+  def need(ok, msg):
+    if not ok:
+      errs.append(msg)
+
+  need(d.source in SOURCES, f"data.source={d.source!r} must be one of {SOURCES}")
+  if d.source == "embedded":
+    need(
+        d.name in EMBEDDED_DATASETS,
+        f"data.name={d.name!r} is not an embedded dataset ({', '.join(EMBEDDED_DATASETS)});"
+        " for a TFDS dataset set --config.data.source=tfds",
+    )
+  need(
+      d.source != "folder" or d.folder_root,
+      "data.source='folder' needs --config.data.folder_root=/path/with/train/and/val",
+  )
+  need(d.image_size > 0, f"data.image_size={d.image_size} must be positive")
+  need(
+      d.image_dtype in IMAGE_DTYPES,
+      f"data.image_dtype={d.image_dtype!r} must be one of {IMAGE_DTYPES}",
+  )
+  need(
+      d.interpolation in INTERPOLATIONS,
+      f"data.interpolation={d.interpolation!r} must be one of {INTERPOLATIONS}",
+  )
+  need(
+      d.get("jpeg_dct_method", "") in JPEG_DCT_METHODS,
+      f"data.jpeg_dct_method={d.get('jpeg_dct_method')!r} must be one of {JPEG_DCT_METHODS}",
+  )
+  need(
+      d.random_erasing_mode in ERASING_MODES,
+      f"data.random_erasing_mode={d.random_erasing_mode!r} must be one of {ERASING_MODES}",
+  )
+  for key in ("hflip_prob", "random_erasing_prob", "mixup_prob", "mixup_switch_prob"):
+    need(0 <= d[key] <= 1, f"data.{key}={d[key]} must be in [0, 1]")
+  need(0 <= d.label_smoothing < 1, f"data.label_smoothing={d.label_smoothing} must be in [0, 1)")
+  need(d.mixup_alpha >= 0 and d.cutmix_alpha >= 0, "data.mixup_alpha/cutmix_alpha must be >= 0")
+  need(d.eval_resize_ratio > 0, f"data.eval_resize_ratio={d.eval_resize_ratio} must be positive")
+  for key in ("rrc_scale", "rrc_ratio"):
+    lo_hi = tuple(d[key])
+    need(
+        len(lo_hi) == 2 and 0 < lo_hi[0] <= lo_hi[1],
+        f"data.{key}={lo_hi} must be (low, high) with 0 < low <= high",
+    )
+  need(
+      len(d.mean) == 3 and len(d.std) == 3 and all(s > 0 for s in d.std),
+      f"data.mean/std must be 3 values each (RGB), std positive; got {d.mean}/{d.std}",
+  )
+  if d.randaugment:
+    try:
+      parse_rand_augment(d.randaugment)
+    except (ValueError, TypeError) as e:
+      errs.append(f"data.randaugment={d.randaugment!r}: {e} ('' disables it)")
+  return errs

@@ -136,6 +136,7 @@ def transform_config(cfg) -> transforms.TransformConfig:
       image_size=int(cfg.image_size),
       interpolation=cfg.interpolation,
       random_resized_crop=bool(cfg.random_resized_crop),
+      resize_random_crop=bool(cfg.get("resize_random_crop", False)),
       rrc_scale=tuple(cfg.rrc_scale),
       rrc_ratio=tuple(cfg.rrc_ratio),
       small_image_size=int(cfg.small_image_size),

@@ -215,6 +215,21 @@ def pad_and_random_crop(
   return out
 
 
+def resize_and_random_crop(
+    image: tf.Tensor, seed: tf.Tensor, size: int, resize_ratio: float, method: str
+) -> tf.Tensor:
+  """torchvision Resize(int(size * resize_ratio)) + RandomCrop(size): shorter side resized
+  (aspect kept), then a uniformly placed size x size crop -> uint8 (size, size, 3)."""
+  shape = tf.shape(image)
+  new_h, new_w = eval_resize_shape(shape[0], shape[1], size, resize_ratio)
+  s_top, s_left = split_seed(seed, 2)
+  top = randint_inclusive(uniform(s_top), new_h - size)
+  left = randint_inclusive(uniform(s_left), new_w - size)
+  out = resize(image, tf.stack([new_h, new_w]), method, tf.stack([top, left, size, size]))
+  out.set_shape([size, size, 3])
+  return out
+
+
 def random_flip_left_right(image: tf.Tensor, seed: tf.Tensor, prob: float = 0.5) -> tf.Tensor:
   """Horizontal flip with probability `prob`."""
   return tf.cond(uniform(seed) < prob, lambda: tf.reverse(image, axis=[1]), lambda: image)
@@ -271,6 +286,7 @@ class TransformConfig:
   image_size: int
   interpolation: str = "bicubic"
   random_resized_crop: bool = True
+  resize_random_crop: bool = False
   rrc_scale: tuple = (0.08, 1.0)
   rrc_ratio: tuple = (3 / 4, 4 / 3)
   small_image_size: int = 32
@@ -327,6 +343,11 @@ def train_transform(image_or_bytes: tf.Tensor, seed: tf.Tensor, tc: TransformCon
     image = decode_full(image_or_bytes, tc.jpeg_dct_method)
     image = _resize_to_square_if_needed(image, size, tc.train_interpolation)
     image = pad_and_random_crop(image, s_crop, size, tc.small_image_padding)
+  elif tc.resize_random_crop:
+    image = decode_full(image_or_bytes, tc.jpeg_dct_method)
+    image = resize_and_random_crop(
+        image, s_crop, size, tc.eval_resize_ratio, tc.train_interpolation
+    )
   elif tc.random_resized_crop:
     image = decode_and_random_resized_crop(
         image_or_bytes,

@@ -232,6 +232,12 @@ def _training_errors(c, n_dev: int | None, n_proc: int | None) -> list[str]:
   need(c.log_every_steps >= 1, f"log_every_steps={c.log_every_steps} must be >= 1")
   need(c.keep_checkpoints >= 1, f"keep_checkpoints={c.keep_checkpoints} must be >= 1")
 
+  return errs + _optimizer_errors(c)
+
+
+def _optimizer_errors(c) -> list[str]:
+  """The optimizer, lr and EMA keys."""
+  errs, need = _errors()
   o = c.optimizer
   need(o.name == "adamw", f"optimizer.name={o.name!r}: only 'adamw' (the published recipe)")
   need(0 <= o.b1 < 1 and 0 <= o.b2 < 1, f"optimizer.b1/b2 must be in [0, 1), got {o.b1}/{o.b2}")

@@ -1,15 +1,17 @@
-r"""Our model in a process of its own, timed step by step for the model benchmark.
+r"""Our model in a process of its own, timed step by step for the model and family benchmarks.
 
     python benchmarks/jax_worker.py SPEC_JSON
 
-SPEC_JSON: {"model": create_model keyword arguments plus "variant", "inputs": an .npz with
-`images` (N, R, R, 3) float32 and `labels` (N,) int32, "modes": ["inference", "train"],
+SPEC_JSON: {"model": constructor keyword arguments plus "variant", a variant of any family
+(strip_mlp.registry: "tiny_light", "poolformer_s12", ...), "inputs": an .npz with `images`
+(N, R, R, 3) float32 and `labels` (N,) int32, "modes": ["inference", "train"],
 "compiler_options": {XLA option: value} for the inference function (empty as shipped)}.
 
 Inference is `jax.jit(model.apply)` in eval mode; the train step is forward, backward and
 an AdamW update (optax, weight decay 0.05), jitted with the state donated, dropout paths
 drawn as in training. Both are compiled before the worker reports ready; its first line
-(see `bench_util.serve`) gives per mode the compile seconds and XLA's FLOP count per step.
+(see `bench_util.serve`) gives the parameter count and per mode the compile seconds and
+XLA's FLOP count per step.
 """
 
 import functools
@@ -25,7 +27,7 @@ import optax
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import bench_util  # noqa: E402  pylint: disable=g-import-not-at-top
-from strip_mlp import create_model  # noqa: E402  pylint: disable=g-import-not-at-top
+from strip_mlp import count_params, registry  # noqa: E402  pylint: disable=g-import-not-at-top
 
 
 def _flops(compiled) -> float:
@@ -63,7 +65,7 @@ def _train_step(model, tx):
 
 def main(spec):
   model_kw = dict(spec["model"])
-  model = create_model(model_kw.pop("variant"), **model_kw)
+  model = registry.create(model_kw.pop("variant"), **model_kw)
   data = np.load(spec["inputs"])
   images, labels = jax.device_put(data["images"]), jax.device_put(data["labels"])
   variables = jax.jit(lambda k: model.init(k, images[:1], train=False))(jax.random.key(0))
@@ -86,6 +88,7 @@ def main(spec):
     info[mode] = {"compile_s": round(time.perf_counter() - t0, 2), "flops": _flops(compiled[mode])}
 
   info = {
+      "params": count_params(variables["params"]),
       "modes": info,
       "backend": jax.default_backend(),
       "device": jax.devices()[0].device_kind,

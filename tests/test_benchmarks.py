@@ -1,8 +1,10 @@
-"""Smoke runs of the three benchmarks on tiny settings: each prints its machine header and
-table (the numbers are not asserted, the rows and columns are)."""
+"""Smoke runs of the benchmarks on tiny settings: each prints its machine header and table
+(the numbers are not asserted, the rows and columns are)."""
 
 import importlib.util
 import json
+
+import pytest
 
 from conftest import REPO
 
@@ -97,3 +99,55 @@ def test_input_pipeline_benchmark_runs_on_tiny_folder(capsys):
   assert [r["pipeline"] for r in table] == ["train", "eval"]
   assert all(r["images_per_s"] > 0 for r in table)
   assert "| pipeline | preprocessing | transforms | images/s |" in capsys.readouterr().out
+
+
+def test_family_benchmark_measures_and_trains_each_family(
+    tmp_path, digits_dir, capsys, monkeypatch
+):
+  """Both parts on tiny settings: the speed rows (params from the worker, FLOPs, img/s) and
+  train.py runs of a relative by `--config.model.name`, two seeds, read back per seed."""
+  import train_test_utils  # pylint: disable=g-import-not-at-top
+
+  for key, value in train_test_utils.CACHE_ENV.items():  # the second seed's compile is cached
+    monkeypatch.setenv(key, value)
+  bench = _load("family_benchmark")
+  runs = tmp_path / "runs"
+  result = bench.main(
+      [
+          "--models=poolformer_s12",
+          "--image_size=32",
+          "--batch_size=2",
+          "--repeats=1",
+          "--warmup=0",
+          "--train_models=poolformer_s12",
+          "--seeds=0,1",
+          "--train_steps=3",
+          "--train_flag=--config.warmup_steps=1",
+          f"--train_flag=--config.data.data_dir={digits_dir}",
+          f"--workdir={runs}",
+      ]
+  )
+  (speed,) = result["speed"]
+  assert (speed["model"], speed["family"], speed["params_m"]) == (
+      "poolformer_s12",
+      "poolformer",
+      11.92,
+  )
+  assert speed["inference_images_per_s"] > 0 and speed["train_images_per_s"] > 0
+  assert 2 < speed["gflops_train"] / speed["gflops_inference"] < 6
+  (trained,) = result["train"]
+  assert (trained["model"], trained["steps"], trained["seeds"]) == ("poolformer_s12", 3, 2)
+  each = [float(t) for t in trained["top1_each"].split(" / ")]
+  for seed, top1 in zip((0, 1), each):
+    assert round(bench.read_run(str(runs / f"poolformer_s12_seed{seed}"))["top1"], 2) == top1
+    assert 0 <= top1 <= 100
+  assert trained["top1_mean"] == round(sum(each) / 2, 2) and trained["top1_std"] is not None
+  out = capsys.readouterr().out
+  assert "| model | family | params M | GFLOP/img inference |" in out
+  assert "| poolformer_s12 | poolformer | 11.41 | 3 | 2 |" in out  # 32 px, 10 classes
+
+
+def test_family_benchmark_refuses_unknown_models():
+  bench = _load("family_benchmark")
+  with pytest.raises(SystemExit, match="'poolformer_xl' is not one of"):
+    bench.parse_args(["--models=poolformer_xl"])

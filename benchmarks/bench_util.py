@@ -173,22 +173,36 @@ class Worker:
       self._proc.kill()
       raise SystemExit(f"{name}: {self.info['error']}")
 
-  def run(self, mode: str) -> float:
-    self._proc.stdin.write(mode + "\n")
-    self._proc.stdin.flush()
-    reply = self._proc.stdout.readline()
+  def _ask(self, request: str) -> str:
+    """Sends one request line and returns the reply line (a stopped worker: one-line exit)."""
+    try:
+      self._proc.stdin.write(request + "\n")
+      self._proc.stdin.flush()
+      reply = self._proc.stdout.readline()
+    except BrokenPipeError:
+      reply = ""
     if not reply:
-      raise SystemExit(f"{self.name}: the worker stopped (see the error above)")
-    return float(reply)
+      raise SystemExit(f"{self.name}: the worker stopped ({self._why_stopped()})")
+    return reply
+
+  def _why_stopped(self) -> str:
+    code = self._proc.wait(timeout=60)
+    if code == -9:
+      return "killed, e.g. by the kernel when memory ran out: fewer models or a smaller batch"
+    return f"exit code {code}; see the error above"
+
+  def run(self, mode: str) -> float:
+    return float(self._ask(mode))
 
   def query_info(self) -> dict:
     """The worker's `info` now (e.g. its peak memory after the steps)."""
-    self._proc.stdin.write("info\n")
-    self._proc.stdin.flush()
-    return json.loads(self._proc.stdout.readline())
+    return json.loads(self._ask("info"))
 
   def close(self) -> None:
-    self._proc.stdin.close()
+    try:
+      self._proc.stdin.close()
+    except BrokenPipeError:  # already stopped
+      pass
     self._proc.wait(timeout=120)
 
 

@@ -5,18 +5,22 @@ r"""Strip-MLP beside its relatives: size, FLOPs, speed, and accuracy under one r
     python benchmarks/family_benchmark.py --part train --train_models raftmlp_s \
         --seeds 0,1,2,3 --train_steps 120 --workdir /tmp/family_runs
 
-Part `speed` (every variant of every family at ImageNet size, --image_size, 1000
-classes): each model in a process of its own (jax_worker.py: plain `jax.jit(model.apply)`
-and a forward + backward + AdamW step), all on the same synthetic batch, their steps
+Part `speed` (the --models variants, of any family, at --image_size with 1000 classes):
+each model in a process of its own (jax_worker.py: plain `jax.jit(model.apply)` and a
+forward + backward + AdamW step), all on the same synthetic batch, their steps
 alternating (A B C A B C ...) so that the machine's drift shifts every row alike; rows
-give the parameter count, XLA's FLOPs per image (cost analysis of the compiled programs)
-and the median images/s.
+give the parameter count, XLA's FLOPs per image (cost analysis of the compiled programs;
+a multiply-add counts 2, so about twice the papers' "FLOPs", which count multiply-adds)
+and the median images/s. --malloc sets every worker's host allocator: with glibc's, a
+worker's step after another process's step page-faults its buffers afresh (see
+benchmarks/README.md), so `--malloc tcmalloc` measures the models rather than the harness.
 
 Part `train`: `train.py` itself, once per model and seed, on the embedded digits with the
 recipe of configs/default.py (AdamW, warmup + cosine, clipping, label smoothing; batch
 64) for --train_steps steps, each family's model built at 32 px with 10 classes by
 `--config.model.name`; rows give the final test top-1 per seed, their mean and sample
-standard deviation, and the last logged train loss and train images/s. Each run's
+standard deviation, the last logged train loss (mean over seeds) and the median logged
+train images/s (glibc's allocator, as train.py ships). Each run's
 workdir (metrics.jsonl, log.txt) is kept under --workdir when it is given.
 """
 
@@ -37,6 +41,7 @@ REPO = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 sys.path.insert(0, REPO)
 import bench_util  # noqa: E402  pylint: disable=g-import-not-at-top
+import host_memory  # noqa: E402  pylint: disable=g-import-not-at-top
 
 # Comparable sizes: each family's smallest variant (~10-18M parameters) and the next one
 # up (~21-29M); the larger variants can be named with --models.
@@ -52,6 +57,7 @@ SPEED_COLUMNS = [
     ("inference_images_per_s", "inference img/s"),
     ("train_images_per_s", "train img/s"),
     ("compile_s", "compile s (inf + train)"),
+    ("allocator", "allocator"),
 ]
 TRAIN_COLUMNS = [
     ("model", "model"),
@@ -79,6 +85,12 @@ def parse_args(argv=None):
       type=float,
       default=0.5,
       help="speed: seconds between alternating steps (idle threads spin a while)",
+  )
+  p.add_argument(
+      "--malloc",
+      default="default",
+      choices=sorted(host_memory.SETTINGS),
+      help="speed: host allocator of every worker (tcmalloc: see benchmarks/README.md)",
   )
   p.add_argument("--train_models", default=TRAIN_MODELS, help="train: comma list of variants")
   p.add_argument("--seeds", default="0,1,2", help="train: comma list of seeds")
@@ -158,9 +170,11 @@ def speed(args) -> list:
         job = dict(model=spec, inputs=inputs, modes=list(MODES), compiler_options={})
         print(f"[speed] compiling {name}", file=sys.stderr, flush=True)
         cmd = [sys.executable, os.path.join(HERE, "jax_worker.py"), json.dumps(job)]
-        workers[name] = bench_util.Worker(name, cmd)
+        workers[name] = bench_util.Worker(name, cmd, host_memory.environ_with(args.malloc))
       times = {}
       for mode in MODES:
+        rounds = args.warmup + args.repeats
+        print(f"[speed] timing {mode}: {rounds} rounds", file=sys.stderr, flush=True)
         steps = {name: (lambda w=w, m=mode: w.run(m)) for name, w in workers.items()}
         times[mode] = bench_util.interleave(steps, args.repeats, args.warmup, args.pause)
     finally:
@@ -170,6 +184,7 @@ def speed(args) -> list:
   for name, worker in workers.items():
     info = worker.info
     row = dict(model=name, family=family_name(name), params_m=round(info["params"] / 1e6, 2))
+    row["allocator"] = info["allocator"]
     for mode in MODES:
       sec = bench_util.median(times[mode][name])
       row[f"gflops_{mode}"] = round(info["modes"][mode]["flops"] / batch / 1e9, 2)

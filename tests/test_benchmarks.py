@@ -151,3 +151,15 @@ def test_family_benchmark_refuses_unknown_models():
   bench = _load("family_benchmark")
   with pytest.raises(SystemExit, match="'poolformer_xl' is not one of"):
     bench.parse_args(["--models=poolformer_xl"])
+
+
+def test_a_killed_worker_is_one_line_that_says_why():
+  """A worker the kernel kills (as when memory runs out) ends the benchmark with its name."""
+  import sys  # pylint: disable=g-import-not-at-top
+
+  bench_util = _load("bench_util")
+  dies = "import json, os; print(json.dumps({}), flush=True); input(); os.kill(os.getpid(), 9)"
+  worker = bench_util.Worker("msmlp_t", [sys.executable, "-c", dies])
+  with pytest.raises(SystemExit, match=r"^msmlp_t: the worker stopped \(killed, .*memory"):
+    worker.run("train")
+  worker.close()  # a stopped worker closes quietly

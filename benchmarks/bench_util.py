@@ -4,7 +4,9 @@ Imports neither jax nor torch, so that worker processes load only the framework 
 
 Timing: `interleave` runs each contender's step in turn (A B C A B C ...) after warm-up
 steps, so that all see the same machine state; a shared machine's load then shifts all
-contenders alike and the medians' ratio stays meaningful.
+contenders alike and the medians' ratio stays meaningful. `in_blocks` times each
+contender's steps in a row instead (A A A B B B ..., twice), the steady state of a process
+running alone.
 
 Worker processes (one model each, see `Worker` and `serve`) speak one line per request on
 stdin/stdout: the worker first prints one JSON object (its description, e.g. compile
@@ -86,6 +88,24 @@ def interleave(steps: dict, repeats: int, warmup: int = 1, pause: float = 0.0) -
         times[name].append(seconds)
       if pause and len(steps) > 1:
         time.sleep(pause)
+  return times
+
+
+def in_blocks(steps: dict, repeats: int, warmup: int = 1, passes: int = 2) -> dict:
+  """{name: [seconds] * (repeats * passes)}: each step `warmup` untimed then `repeats`
+  timed times in a row, the contenders in turn, the whole sequence `passes` times.
+
+  The steady state of one process running alone (as train.py does): with glibc's
+  allocator, the step after another process's step page-faults its freed buffers afresh,
+  which `interleave` charges to every step and this charges to the untimed warm-up.
+  """
+  times = {name: [] for name in steps}
+  for _ in range(passes):
+    for name, step in steps.items():
+      for i in range(warmup + repeats):
+        seconds = step()
+        if i >= warmup:
+          times[name].append(seconds)
   return times
 
 

@@ -1,19 +1,21 @@
 r"""Strip-MLP beside its relatives: size, FLOPs, speed, and accuracy under one recipe.
 
     python benchmarks/family_benchmark.py                          # both parts, defaults
-    python benchmarks/family_benchmark.py --part speed --models tiny_light,poolformer_s12
-    python benchmarks/family_benchmark.py --part train --train_models raftmlp_s \
+    python benchmarks/family_benchmark.py --part speed --variants tiny_light,poolformer_s12
+    python benchmarks/family_benchmark.py --part train --train_variants raftmlp_s \
         --seeds 0,1,2,3 --train_steps 120 --workdir /tmp/family_runs
 
-Part `speed` (the --models variants, of any family, at --image_size with 1000 classes):
+Part `speed` (--variants, of any family, at --image_size with 1000 classes):
 each model in a process of its own (jax_worker.py: plain `jax.jit(model.apply)` and a
-forward + backward + AdamW step), all on the same synthetic batch, their steps
-alternating (A B C A B C ...) so that the machine's drift shifts every row alike; rows
-give the parameter count, XLA's FLOPs per image (cost analysis of the compiled programs;
-a multiply-add counts 2, so about twice the papers' "FLOPs", which count multiply-adds)
-and the median images/s. --malloc sets every worker's host allocator: with glibc's, a
-worker's step after another process's step page-faults its buffers afresh (see
-benchmarks/README.md), so `--malloc tcmalloc` measures the models rather than the harness.
+forward + backward + AdamW step), all on the same synthetic batch, in one run; rows give
+the parameter count, XLA's FLOPs per image (cost analysis of the compiled programs; a
+multiply-add counts 2, so about twice the papers' "FLOPs", which count multiply-adds) and
+the median images/s. --order blocks (default) times each model's steps in a row, the
+models in turn, the sequence twice: the steady state of one process, as train.py runs.
+--order interleaved alternates single steps (A B C A B C ...), which spreads the machine's
+drift evenly but, with glibc's allocator, makes every step page-fault its buffers afresh
+after another process's step (benchmarks/README.md); --malloc sets the workers' allocator
+(tcmalloc keeps freed memory mapped, so each worker holds its peak: mind the memory).
 
 Part `train`: `train.py` itself, once per model and seed, on the embedded digits with the
 recipe of configs/default.py (AdamW, warmup + cosine, clipping, label smoothing; batch
@@ -44,9 +46,9 @@ import bench_util  # noqa: E402  pylint: disable=g-import-not-at-top
 import host_memory  # noqa: E402  pylint: disable=g-import-not-at-top
 
 # Comparable sizes: each family's smallest variant (~10-18M parameters) and the next one
-# up (~21-29M); the larger variants can be named with --models.
-SPEED_MODELS = "poolformer_s12,raftmlp_s,tiny_light,poolformer_s24,raftmlp_m,tiny,msmlp_t"
-TRAIN_MODELS = "poolformer_s12,raftmlp_s,tiny_light,msmlp_t"  # the smallest of each family
+# up (~21-29M); the larger variants can be named with --variants.
+SPEED_VARIANTS = "poolformer_s12,raftmlp_s,tiny_light,poolformer_s24,raftmlp_m,tiny,msmlp_t"
+TRAIN_VARIANTS = "poolformer_s12,raftmlp_s,tiny_light,msmlp_t"  # the smallest of each family
 MODES = ("inference", "train")
 SPEED_COLUMNS = [
     ("model", "model"),
@@ -78,13 +80,22 @@ def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   bench_util.add_flags(p, "image_size", "dtype", "repeats", "warmup", "json", dtype="float32")
   p.add_argument("--part", default="speed,train", help="comma list of speed, train")
-  p.add_argument("--models", default=SPEED_MODELS, help="speed: comma list of variant names")
+  p.add_argument(
+      "--variants", default=SPEED_VARIANTS, help="speed: comma list of variants of any family"
+  )
   p.add_argument("--batch_size", type=int, default=16, help="speed: images per step")
   p.add_argument(
       "--pause",
       type=float,
       default=0.5,
-      help="speed: seconds between alternating steps (idle threads spin a while)",
+      help="speed: seconds between interleaved steps (idle threads spin a while)",
+  )
+  p.add_argument(
+      "--order",
+      default="blocks",
+      choices=("blocks", "interleaved"),
+      help="speed: each model's steps in a row, the models in turn, twice (blocks), or one "
+      "step each in turn (interleaved; see bench_util)",
   )
   p.add_argument(
       "--malloc",
@@ -92,7 +103,7 @@ def parse_args(argv=None):
       choices=sorted(host_memory.SETTINGS),
       help="speed: host allocator of every worker (tcmalloc: see benchmarks/README.md)",
   )
-  p.add_argument("--train_models", default=TRAIN_MODELS, help="train: comma list of variants")
+  p.add_argument("--train_variants", default=TRAIN_VARIANTS, help="train: comma list of variants")
   p.add_argument("--seeds", default="0,1,2", help="train: comma list of seeds")
   p.add_argument("--train_steps", type=int, default=60, help="train: steps per run")
   p.add_argument(
@@ -113,8 +124,8 @@ def parse_args(argv=None):
   from strip_mlp import registry  # pylint: disable=g-import-not-at-top
 
   known = registry.all_variants()
-  args.models = bench_util.str_list(args.models, tuple(known))
-  args.train_models = bench_util.str_list(args.train_models, tuple(known))
+  args.variants = bench_util.str_list(args.variants, tuple(known))
+  args.train_variants = bench_util.str_list(args.train_variants, tuple(known))
   if args.train_steps < 1 or not args.seeds:
     raise SystemExit("--train_steps must be >= 1 and --seeds must name at least one seed")
   return args
@@ -165,7 +176,7 @@ def speed(args) -> list:
     )
     workers = {}
     try:
-      for name in args.models:
+      for name in args.variants:
         spec = dict(variant=name, **model_kwargs(name, r, 1000, args.dtype))
         job = dict(model=spec, inputs=inputs, modes=list(MODES), compiler_options={})
         print(f"[speed] compiling {name}", file=sys.stderr, flush=True)
@@ -173,10 +184,12 @@ def speed(args) -> list:
         workers[name] = bench_util.Worker(name, cmd, host_memory.environ_with(args.malloc))
       times = {}
       for mode in MODES:
-        rounds = args.warmup + args.repeats
-        print(f"[speed] timing {mode}: {rounds} rounds", file=sys.stderr, flush=True)
+        print(f"[speed] timing {mode} ({args.order})", file=sys.stderr, flush=True)
         steps = {name: (lambda w=w, m=mode: w.run(m)) for name, w in workers.items()}
-        times[mode] = bench_util.interleave(steps, args.repeats, args.warmup, args.pause)
+        if args.order == "blocks":
+          times[mode] = bench_util.in_blocks(steps, args.repeats, args.warmup)
+        else:
+          times[mode] = bench_util.interleave(steps, args.repeats, args.warmup, args.pause)
     finally:
       for worker in workers.values():
         worker.close()
@@ -265,7 +278,7 @@ def train(args) -> list:
   """One row per model: test top-1 over the seeds after the same steps of one recipe."""
   root = args.workdir or tempfile.mkdtemp(prefix="smlp_family_runs_")
   rows = []
-  for name in args.train_models:
+  for name in args.train_variants:
     runs = []
     for seed in args.seeds:
       t0 = time.time()

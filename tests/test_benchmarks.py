@@ -114,12 +114,12 @@ def test_family_benchmark_measures_and_trains_each_family(
   runs = tmp_path / "runs"
   result = bench.main(
       [
-          "--models=poolformer_s12",
+          "--variants=poolformer_s12",
           "--image_size=32",
           "--batch_size=2",
           "--repeats=1",
           "--warmup=0",
-          "--train_models=poolformer_s12",
+          "--train_variants=poolformer_s12",
           "--seeds=0,1",
           "--train_steps=3",
           "--train_flag=--config.warmup_steps=1",
@@ -150,7 +150,7 @@ def test_family_benchmark_measures_and_trains_each_family(
 def test_family_benchmark_refuses_unknown_models():
   bench = _load("family_benchmark")
   with pytest.raises(SystemExit, match="'poolformer_xl' is not one of"):
-    bench.parse_args(["--models=poolformer_xl"])
+    bench.parse_args(["--variants=poolformer_xl"])
 
 
 def test_a_killed_worker_is_one_line_that_says_why():

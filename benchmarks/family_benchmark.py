@@ -44,6 +44,8 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, REPO)
 import bench_util  # noqa: E402  pylint: disable=g-import-not-at-top
 import host_memory  # noqa: E402  pylint: disable=g-import-not-at-top
+from strip_mlp import registry  # noqa: E402
+from strip_mlp.model import abstract_variables, count_params  # noqa: E402
 
 # Comparable sizes: each family's smallest variant (~10-18M parameters) and the next one
 # up (~21-29M); the larger variants can be named with --variants.
@@ -121,8 +123,6 @@ def parse_args(argv=None):
     raise SystemExit("--dtype: one compute dtype per run")
   args.dtype = args.dtype[0]
   args.seeds = bench_util.int_list(args.seeds)
-  from strip_mlp import registry  # pylint: disable=g-import-not-at-top
-
   known = registry.all_variants()
   args.variants = bench_util.str_list(args.variants, tuple(known))
   args.train_variants = bench_util.str_list(args.train_variants, tuple(known))
@@ -134,29 +134,19 @@ def parse_args(argv=None):
 def model_kwargs(name: str, image_size: int, num_classes: int, dtype: str = "float32") -> dict:
   """Constructor overrides of variant `name` for this input (img_size only where the
   family has one: PoolFormer and MS-MLP take any size with the same parameters)."""
-  from strip_mlp import registry  # pylint: disable=g-import-not-at-top
-
   kw = dict(num_classes=num_classes, dtype=dtype)
-  if "img_size" in registry.family_of_variant(name).model_class().__dataclass_fields__:
+  if registry.family_of_variant(name).has_img_size():
     kw["img_size"] = image_size
   return kw
 
 
 def param_count(name: str, image_size: int, num_classes: int) -> int:
   """Parameters of variant `name` built for this input (shapes only, nothing allocated)."""
-  from strip_mlp import registry  # pylint: disable=g-import-not-at-top
-  from strip_mlp.model import (  # pylint: disable=g-import-not-at-top
-      abstract_variables,
-      count_params,
-  )
-
   model = registry.create(name, **model_kwargs(name, image_size, num_classes))
   return count_params(abstract_variables(model)["params"])
 
 
 def family_name(name: str) -> str:
-  from strip_mlp import registry  # pylint: disable=g-import-not-at-top
-
   return registry.family_of_variant(name).name
 
 

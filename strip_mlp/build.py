@@ -75,7 +75,7 @@ def build_model(config, num_classes: int, image_size: int):
   if m.get("name"):
     family = registry.family_of_variant(m.name)
     kw = dict(num_classes=num_classes, drop_path_rate=m.drop_path_rate, dtype=m.dtype)
-    if "img_size" in family.model_class().__dataclass_fields__:
+    if family.has_img_size():
       kw["img_size"] = image_size
     return family.create(m.name, **kw)
   kw = dict(

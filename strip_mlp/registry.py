@@ -41,6 +41,11 @@ class Family:
   def converter(self):
     return importlib.import_module(self.convert_module)
 
+  def has_img_size(self) -> bool:
+    """Whether the family's models are built for an `img_size` (a constructor field);
+    the others (PoolFormer, MS-MLP) have the same parameters at every input size."""
+    return "img_size" in self.model_class().__dataclass_fields__
+
   def variants(self) -> dict:
     return self.module().VARIANTS
 

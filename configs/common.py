@@ -48,6 +48,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.batch_size = 1024  # global (all devices/processes), per optimizer update
   c.eval_batch_size = config_dict.placeholder(int)  # None: batch_size
   c.grad_accum_steps = 1  # micro-batches per update (same update, less memory)
+  # Examples per group: BatchNorm batch statistics and mixup/cutmix draws are taken per
+  # group of this many consecutive examples of each micro-batch, as the released trainer
+  # takes them per GPU (DDP without SyncBN, `--batch-size 128` per GPU, mixup per
+  # process). 0: over the whole (micro-)batch.
+  c.group_size = 128
 
   c.num_epochs = 300.0
   c.num_steps = config_dict.placeholder(int)  # set: wins over num_epochs
@@ -69,11 +74,17 @@ def base_config() -> ml_collections.ConfigDict:
   c.lr.base = 5e-4
   c.lr.warmup = 5e-7  # lr at step 0, ramped linearly to base
   c.lr.min = 5e-6  # end of the cosine
-  # Each of base/warmup/min is multiplied by the rule's factor of batch_size:
-  # 'linear_300' (released script: x batch/300), 'linear_512' (Swin), 'sqrt_N', 'none'.
-  c.lr.scaling = "linear_300"
+  # Each of base/warmup/min is multiplied by the rule's factor of batch_size: 'none', or
+  # 'linear_N' (x batch/N, e.g. Swin's linear_512) or 'sqrt_N'. The released main.py
+  # computes lr * batch * world_size / EPOCHS and never assigns it (config.defrost() is
+  # followed by config.freeze()): the released runs use 'none', at any batch size.
+  c.lr.scaling = "none"
   c.lr.schedule = "cosine"  # cosine | constant (after the warmup)
   c.lr.warmup_prefix = False  # timm default: cosine phase measured from step 0
+  # Which schedule value an update uses (strip_mlp.optim.LR_TIMINGS): 'released': update i
+  # uses lr(max(i - 1, 0)) (the released train_one_epoch steps the scheduler after the
+  # update); 'current': lr(i).
+  c.lr.timing = "released"
 
   c.ema_decay = 0.0  # > 0: EMA of params and BN stats, evaluated too
 

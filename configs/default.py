@@ -28,6 +28,7 @@ def get_config():
   c.data.shuffle_buffer = 2048
 
   c.batch_size = 64
+  c.group_size = 0  # BatchNorm statistics over the whole batch of 64
   c.eval_batch_size = 120
   c.num_epochs = 15.0
   c.warmup_epochs = 1.0

@@ -10,8 +10,8 @@ warmup 5e-7 -> 5e-4 over 20 epochs, cosine to 5e-6 over 300 epochs (timm, per up
 gradient clipping 5.0, RandAugment, random erasing 0.25, mixup 0.8 / cutmix 1.0, label
 smoothing 0.1, bicubic, eval crop 224/256, batch 1024 (8 GPUs x 128). Where it differs: each
 lr is scaled by batch/512 (Swin's rule, Strip-MLP's is batch/300), drop path per variant.
-MS-MLP-B was trained as 8 x 64 with 2 accumulation steps, the same update as batch 1024:
-`--config.grad_accum_steps=2` does that here.
+MS-MLP-B was trained as 8 x 64 with 2 accumulation steps (README: --batch-size 64
+--accumulation-steps 2): its config here accumulates 2 micro-batches with groups of 64.
 """
 
 from configs import common
@@ -21,6 +21,9 @@ DROP_PATH = {"t": 0.1, "s": 0.4, "b": 0.5}  # configs/msmlp_*_patch4_shift5_224.
 
 def get_config(variant: str = "t"):
   c = common.family_config("msmlp", variant, DROP_PATH)
-  c.lr.scaling = "linear_512"
+  c.lr.scaling = "linear_512"  # main.py assigns lr * total batch / 512 (Swin's rule)
+  if variant == "b":
+    c.grad_accum_steps = 2
+    c.group_size = 64
   c.lock()
   return c

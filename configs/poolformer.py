@@ -31,5 +31,6 @@ def get_config(variant: str = "s12"):
   c.cooldown_epochs = 10.0
   c.grad_clip_norm = 0.0
   c.data.eval_resize_ratio = 1 / (0.9 if variant.startswith("s") else 0.95)  # crop_pct
+  c.lr.timing = "current"  # timm steps it per epoch (not reproduced): lr(i) per update
   c.lock()
   return c

@@ -35,5 +35,8 @@ def get_config(variant: str = "s"):
   c.optimizer.weight_decay_params = "all"
   c.data.resize_random_crop = True
   c.data.interpolation = "bilinear"
+  c.lr.timing = "current"  # its trainer sets the lr of update i from i
+  c.group_size = 0  # one process (DataParallel, batch 2048): one mixup draw per batch
+  c.data.cutmix_alpha = 0.8  # libs/train.py:422 passes the mixup alpha as cutmix_alpha
   c.lock()
   return c

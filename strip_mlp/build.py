@@ -44,10 +44,19 @@ class Built:
     return jax.tree_util.tree_map(lambda x: x.sharding, self.abstract_state)
 
 
-def build(config, info, mesh, *, model=None, schedule: optax.Schedule | None = None) -> Built:
+def build(
+    config,
+    info,
+    mesh,
+    *,
+    model=None,
+    schedule: optax.Schedule | None = None,
+    mix_fn: Callable | None = None,
+) -> Built:
   """Builds a run of `config` on dataset `info` (num_train, num_eval, num_classes) and
-  `mesh`. `model` (any module with `img_size` and the StripMLP call signature) and
-  `schedule` replace the config's (tests of the step on small stand-ins)."""
+  `mesh`. `model` (any module with `img_size` and the StripMLP call signature),
+  `schedule` (lr by update count, used as it is) and `mix_fn` (`steps.make_train_step`)
+  replace the config's (tests of the step on small stand-ins, replayed mixup draws)."""
   plan = make_plan(config, info)
   if model is None:
     model = build_model(config, plan.num_classes, plan.image_size)
@@ -59,7 +68,7 @@ def build(config, info, mesh, *, model=None, schedule: optax.Schedule | None = N
   shardings = jax.tree_util.tree_map(lambda x: x.sharding, abstract)
   repl = sharding.replicated(mesh)
   train_step = jax.jit(
-      steps.make_train_step(model, tx, schedule, config, plan.num_classes, mesh),
+      steps.make_train_step(model, tx, schedule, config, plan.num_classes, mesh, mix_fn),
       in_shardings=(shardings, sharding.batch_sharding(mesh)),
       out_shardings=(shardings, repl),
       donate_argnums=(0,),
@@ -97,17 +106,22 @@ def build_model(config, num_classes: int, image_size: int):
 
 
 def build_schedule(config, plan: Plan) -> optax.Schedule:
+  """lr of the update that follows `count` updates: the config's schedule under its
+  `lr.timing` (optim.LR_TIMINGS)."""
+  timing = config.lr.get("timing", "released")
   if config.lr.schedule == "constant":
-    return optim.constant_schedule(plan.base_lr, plan.warmup_lr, plan.warmup_steps)
-  return optim.warmup_cosine_schedule(
-      plan.base_lr,
-      plan.warmup_lr,
-      plan.min_lr,
-      plan.total_steps,
-      plan.warmup_steps,
-      warmup_prefix=config.lr.warmup_prefix,
-      cooldown_steps=plan.cooldown_steps,
-  )
+    schedule = optim.constant_schedule(plan.base_lr, plan.warmup_lr, plan.warmup_steps)
+  else:
+    schedule = optim.warmup_cosine_schedule(
+        plan.base_lr,
+        plan.warmup_lr,
+        plan.min_lr,
+        plan.total_steps,
+        plan.warmup_steps,
+        warmup_prefix=config.lr.warmup_prefix,
+        cooldown_steps=plan.cooldown_steps,
+    )
+  return optim.timed_schedule(schedule, timing, config.grad_accum_steps)
 
 
 def build_optimizer(config, schedule) -> optax.GradientTransformation:

@@ -18,6 +18,7 @@ import numpy as np
 from jax import lax
 
 from strip_mlp import ops, windows
+from strip_mlp.batch_norm import BatchNorm
 
 BN_MOMENTUM = 0.9  # PyTorch momentum 0.1
 BN_EPS = 1e-5
@@ -63,13 +64,8 @@ def dense(features, in_features, use_bias=True, dtype=jnp.float32, name=None):
 
 
 def batch_norm(train, dtype, name=None):
-  return nn.BatchNorm(
-      use_running_average=not train,
-      momentum=BN_MOMENTUM,
-      epsilon=BN_EPS,
-      dtype=dtype,
-      use_fast_variance=False,
-      name=name,
+  return BatchNorm(
+      use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPS, dtype=dtype, name=name
   )
 
 

@@ -63,6 +63,15 @@ def mixup_cutmix(
   targets = smooth_one_hot(labels, num_classes, label_smoothing)
   if (mixup_alpha <= 0 and cutmix_alpha <= 0) or mix_prob <= 0:
     return images, targets
+  _, height, width, _ = images.shape
+  use_cutmix, lam, box = draw_mix(
+      rng, height, width, mixup_alpha, cutmix_alpha, switch_prob, mix_prob
+  )
+  return apply_mix(images, targets, use_cutmix, lam, box)
+
+
+def draw_mix(rng, height, width, mixup_alpha, cutmix_alpha, switch_prob, mix_prob):
+  """One batch's draw: (use_cutmix bool, lam float32 (1.0: not mixed), box (y0, y1, x0, x1))."""
   k_apply, k_switch, k_mix, k_cut, k_box = jax.random.split(rng, 5)
   if mixup_alpha > 0 and cutmix_alpha > 0:
     use_cutmix = jax.random.uniform(k_switch) < switch_prob
@@ -76,16 +85,24 @@ def mixup_cutmix(
   )
   lam = jnp.where(use_cutmix, lam_cut, lam_mix).astype(jnp.float32)
   lam = jnp.where(jax.random.uniform(k_apply) < mix_prob, lam, 1.0)
+  return use_cutmix, lam, cutmix_box(k_box, height, width, lam)
 
+
+def apply_mix(images, targets, use_cutmix, lam, box):
+  """Mixes (B, H, W, C) images and (B, K) targets with the batch reversed as partner.
+
+  use_cutmix: paste the partner's `box` (y0, y1, x0, x1) and weigh the targets by the
+  pasted area (timm's correct_lam); else images * lam + partner * (1 - lam).
+  """
   _, height, width, _ = images.shape
-  y0, y1, x0, x1 = cutmix_box(k_box, height, width, lam)
+  y0, y1, x0, x1 = box
   rows = jnp.arange(height)[:, None]
   cols = jnp.arange(width)[None, :]
-  box = (rows >= y0) & (rows < y1) & (cols >= x0) & (cols < x1)  # (H, W)
+  inside = (rows >= y0) & (rows < y1) & (cols >= x0) & (cols < x1)  # (H, W)
   lam_box = 1.0 - ((y1 - y0) * (x1 - x0)).astype(jnp.float32) / (height * width)
 
   partner = images[::-1]
-  cut_images = jnp.where(box[None, :, :, None], partner, images)
+  cut_images = jnp.where(inside[None, :, :, None], partner, images)
   mix_images = (
       images.astype(jnp.float32) * lam + partner.astype(jnp.float32) * (1.0 - lam)
   ).astype(images.dtype)

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from strip_mlp.errors import UserError
+from strip_mlp.batch_norm import BatchNorm
 from strip_mlp.layers import BN_EPS, BN_MOMENTUM, Block, PatchConv, dense, strip_patch
 
 VARIANTS = {
@@ -107,9 +108,7 @@ class StripMLP(nn.Module):
           f"blocks{s + 1}",
           [block(length, self.drop_path_rate, self.depthwise_impl, dtype) for _ in range(count)],
       )
-    self.norm = nn.BatchNorm(
-        momentum=BN_MOMENTUM, epsilon=BN_EPS, dtype=dtype, use_fast_variance=False
-    )
+    self.norm = BatchNorm(momentum=BN_MOMENTUM, epsilon=BN_EPS, dtype=dtype)
     if self.num_classes:
       self.head = dense(self.num_classes, 8 * e, dtype=dtype)
 

@@ -72,11 +72,34 @@ def warmup_cosine_schedule(
       t_cos, t_total = t - warmup_steps, total_steps - cooldown_steps - warmup_steps
     else:
       t_cos, t_total = t, total_steps - cooldown_steps
-    frac = jnp.clip(t_cos / t_total, 0.0, 1.0)
-    cosine = min_lr + 0.5 * (base_lr - min_lr) * (1.0 + jnp.cos(jnp.pi * frac))
+    # (1 + cos(pi * f)) / 2 = sin(pi / 2 * (1 - f))^2, with 1 - f from the exact remaining
+    # steps: float32 keeps ~1e-7 relative error near the end, where cos(pi * f) ~ -1 would
+    # cancel to ~1e-6.
+    rest = jnp.clip((t_total - t_cos) / t_total, 0.0, 1.0)
+    cosine = min_lr + (base_lr - min_lr) * jnp.square(jnp.sin(0.5 * jnp.pi * rest))
     return jnp.where(t < warmup_steps, ramp, cosine)
 
   return schedule
+
+
+LR_TIMINGS = {
+    # Update i (from 0, counted over the run) uses the schedule at max(i - 1/k, 0), k the
+    # micro-batches per update: the released train_one_epoch calls
+    # lr_scheduler.step_update(epoch * num_steps + idx) after optimizer.step(), counting
+    # micro-batches, and the first update runs at the warmup lr the scheduler starts at.
+    "released": lambda accum: 1.0 / accum,
+    # Update i uses the schedule at i (timm's train.py: step_update(num_updates + 1) after
+    # the step; optax's count).
+    "current": lambda accum: 0.0,
+}
+
+
+def timed_schedule(schedule: optax.Schedule, timing: str, accum: int = 1) -> optax.Schedule:
+  """lr of the update that follows `count` updates, under `timing` (see LR_TIMINGS)."""
+  lag = LR_TIMINGS[timing](accum)
+  if not lag:
+    return schedule
+  return lambda count: schedule(jnp.maximum(jnp.asarray(count, jnp.float32) - lag, 0.0))
 
 
 def constant_schedule(base_lr: float, warmup_lr: float, warmup_steps: int) -> optax.Schedule:

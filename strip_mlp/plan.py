@@ -181,6 +181,14 @@ def _training_errors(c, n_dev: int | None, n_proc: int | None) -> list[str]:
       f"grad_accum_steps={c.grad_accum_steps} must be >= 1 and divide batch_size="
       f"{c.batch_size}",
   )
+  g = c.get("group_size") or 0
+  micro = c.batch_size // max(c.grad_accum_steps, 1)
+  need(
+      g >= 0 and (g == 0 or micro % g == 0),
+      f"group_size={g} must be 0 (BatchNorm statistics and mixup over the whole batch) or "
+      f"divide the micro-batch (batch_size / grad_accum_steps = {micro}); the released "
+      "per-GPU batch is 128",
+  )
   eb = c.eval_batch_size or c.batch_size
   need(eb > 0, f"eval_batch_size={eb} must be positive")
   need(c.mesh.fsdp >= 1, f"mesh.fsdp={c.mesh.fsdp} must be >= 1")
@@ -255,6 +263,11 @@ def _optimizer_errors(c) -> list[str]:
       f"lr.warmup/lr.min must be >= 0, got {c.lr.warmup}/{c.lr.min}",
   )
   need(c.lr.schedule in _SCHEDULES, f"lr.schedule={c.lr.schedule!r} must be one of {_SCHEDULES}")
+  timings = tuple(optim.LR_TIMINGS)
+  need(
+      c.lr.get("timing", "released") in timings,
+      f"lr.timing={c.lr.get('timing')!r} must be one of {timings}",
+  )
   try:
     optim.lr_scale_factor(c.lr.scaling, 1)
   except ValueError as e:

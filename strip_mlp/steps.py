@@ -93,39 +93,36 @@ def make_train_step(
     config,
     num_classes: int,
     mesh,
+    mix_fn: Callable | None = None,
 ) -> Callable:
   """train_step(state, batch) -> (state, metrics); pure, to be jitted.
 
-  batch: {'image' (B, R, R, 3), 'label' (B,) int}. metrics: loss, grad_norm, lr and
-  params_finite (1.0 when every updated parameter is finite). With grad_accum_steps = k
-  the global batch is processed as k interleaved micro-batches (each spread over all
-  devices) whose gradients are averaged before one optimizer update.
+  batch: {'image' (B, R, R, 3), 'label' (B,) int, any other per-example (B, ...) arrays
+  for `mix_fn`}. schedule: the lr of the update that follows `count` updates (the one
+  `tx` uses). metrics: loss, grad_norm (before clipping), lr and params_finite (1.0 when
+  every updated parameter is finite).
+
+  The batch is processed as the released trainer processes its per-GPU batches:
+  grad_accum_steps = k splits it into k interleaved micro-batches (example j goes to
+  micro-batch j % k, each spread over all devices) whose gradients are averaged before
+  one update, BatchNorm statistics carried from one to the next; group_size = g > 0 then
+  splits each micro-batch into groups of g consecutive examples, each with its own
+  BatchNorm batch statistics (ghost batch norm; the running statistics take the mean of
+  the groups' updates) and its own mixup/cutmix draw with partners inside the group.
+  mix_fn(rng, part) -> (images, soft targets) mixes one group (default: the config's
+  mixup/cutmix and label smoothing).
   """
   d = config.data
   accum = int(config.grad_accum_steps)
+  group = int(config.get("group_size") or 0)
   ema_decay = float(config.ema_decay)
   base_key = jax.random.key(int(config.seed) + 1)
   micro_sharding = NamedSharding(mesh, P(None, sharding.DATA_AXES))
-
-  def loss_fn(params, batch_stats, images, targets, rng):
-    logits, updates = model.apply(
-        {"params": params, "batch_stats": batch_stats},
-        images,
-        train=True,
-        rngs={"drop_path": rng},
-        mutable=["batch_stats"],
-    )
-    return jnp.mean(soft_cross_entropy(logits, targets)), updates.get("batch_stats", {})
-
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-
-  def train_step(state: TrainState, batch: dict):
-    rng = jax.random.fold_in(base_key, state.step)
-    mix_rng, drop_rng = jax.random.split(rng)
-    images, targets = mixup_cutmix(
-        mix_rng,
-        batch["image"],
-        batch["label"],
+  if mix_fn is None:
+    mix_fn = lambda rng, part: mixup_cutmix(
+        rng,
+        part["image"],
+        part["label"],
         num_classes,
         mixup_alpha=d.mixup_alpha,
         cutmix_alpha=d.cutmix_alpha,
@@ -133,13 +130,39 @@ def make_train_step(
         label_smoothing=d.label_smoothing,
         mix_prob=d.mixup_prob,
     )
+
+  def group_loss(params, batch_stats, part, rng):
+    mix_rng, drop_rng = jax.random.split(rng)
+    images, targets = mix_fn(mix_rng, part)
+    logits, updates = model.apply(
+        {"params": params, "batch_stats": batch_stats},
+        images,
+        train=True,
+        rngs={"drop_path": drop_rng},
+        mutable=["batch_stats"],
+    )
+    return jnp.mean(soft_cross_entropy(logits, targets)), updates.get("batch_stats", {})
+
+  def loss_fn(params, batch_stats, part, rng):
+    n = part["label"].shape[0]
+    if not group or group >= n:
+      return group_loss(params, batch_stats, part, rng)
+    groups = jax.tree_util.tree_map(lambda x: x.reshape((n // group, group) + x.shape[1:]), part)
+    rngs = jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(n // group))
+    losses, stats = jax.vmap(group_loss, in_axes=(None, None, 0, 0))(
+        params, batch_stats, groups, rngs
+    )
+    return jnp.mean(losses), jax.tree_util.tree_map(lambda s: jnp.mean(s, axis=0), stats)
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def train_step(state: TrainState, batch: dict):
+    rng = jax.random.fold_in(base_key, state.step)
     if accum == 1:
-      (loss, batch_stats), grads = grad_fn(
-          state.params, state.batch_stats, images, targets, drop_rng
-      )
+      (loss, batch_stats), grads = grad_fn(state.params, state.batch_stats, batch, rng)
     else:
       (loss, batch_stats), grads = accumulated_grads(
-          grad_fn, state, images, targets, drop_rng, accum, micro_sharding
+          grad_fn, state, batch, rng, accum, micro_sharding
       )
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -160,12 +183,10 @@ def make_train_step(
   return train_step
 
 
-def accumulated_grads(
-    grad_fn, state: TrainState, images, targets, drop_rng, accum: int, micro_sharding
-):
+def accumulated_grads(grad_fn, state: TrainState, batch: dict, rng, accum: int, micro_sharding):
   """((mean loss, batch_stats), mean grads) of `grad_fn` over `accum` micro-batches
-  (micro-batch j = examples j, j+k, j+2k, ..., each spread over all devices), BatchNorm
-  statistics carried from one micro-batch to the next."""
+  (micro-batch j = examples j, j+k, j+2k, ..., each spread over all devices, with rng
+  fold_in(rng, j)), BatchNorm statistics carried from one micro-batch to the next."""
 
   def split(x):  # (B, ...) -> (k, B/k, ...)
     x = x.reshape((x.shape[0] // accum, accum) + x.shape[1:]).swapaxes(0, 1)
@@ -173,17 +194,15 @@ def accumulated_grads(
 
   def micro(carry, xs):
     grads, loss, batch_stats = carry
-    imgs, tgts, i = xs
-    (l, batch_stats), g = grad_fn(
-        state.params, batch_stats, imgs, tgts, jax.random.fold_in(drop_rng, i)
-    )
+    part, i = xs
+    (l, batch_stats), g = grad_fn(state.params, batch_stats, part, jax.random.fold_in(rng, i))
     return (jax.tree_util.tree_map(jnp.add, grads, g), loss + l, batch_stats), None
 
   zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
   (grads, loss, batch_stats), _ = jax.lax.scan(
       micro,
       (zeros, jnp.zeros((), jnp.float32), state.batch_stats),
-      (split(images), split(targets), jnp.arange(accum)),
+      (jax.tree_util.tree_map(split, batch), jnp.arange(accum)),
   )
   return (loss / accum, batch_stats), jax.tree_util.tree_map(lambda g: g / accum, grads)
 

@@ -49,7 +49,7 @@ def _check_new_file(dst: str) -> None:
 
 def _to_flax(args) -> str:
   from strip_mlp.model_checkpoint import save_checkpoint  # pylint: disable=g-import-not-at-top
-  from strip_mlp.registry import torch_to_flax  # pylint: disable=g-import-not-at-top
+  from strip_mlp import registry  # pylint: disable=g-import-not-at-top
 
   if args.step is not None or args.which is not None or args.ema is not None:
     raise UsageError(
@@ -61,14 +61,9 @@ def _to_flax(args) -> str:
         f"checkpoint directory or train.py workdir to .pth use --to-torch "
         f"{args.src} OUT.pth"
     )
-  model, variables = torch_to_flax(args.src)
+  model, variables = registry.torch_to_flax(args.src)
   dst = save_checkpoint(args.dst, model, variables)
-  cfg = model.config_dict()
-  if "embed_dim" in cfg:  # Strip-MLP
-    arch = f"embed_dim={cfg['embed_dim']} layers={cfg['layers']} img_size={cfg['img_size']}"
-  else:
-    arch = type(model).__name__ + "".join(f" {k}={cfg[k]}" for k in ("img_size",) if k in cfg)
-  return f"converted {args.src} -> {dst}: {arch} num_classes={cfg['num_classes']}"
+  return f"converted {args.src} -> {dst}: {registry.family_of_model(model).describe(model)}"
 
 
 def _to_torch(args) -> str:

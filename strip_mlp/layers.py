@@ -1,7 +1,7 @@
 """The layers of Strip-MLP as Flax modules, NHWC.
 
-The function is the one the released PyTorch weights compute (see
-`shared/spec/strip_mlp_architecture.md`); parameter names mirror the PyTorch
+The function is the one the released PyTorch weights compute (the official
+`models/strip_mlp.py` of github.com/Med-Process/Strip_MLP); parameter names mirror the PyTorch
 `state_dict` so that `strip_mlp.convert` is a table of renames and transposes.
 Parameters are float32; `dtype` sets the compute dtype (e.g. jnp.bfloat16). Every layer
 works on maps of any size; the strip layers, whose weights are tied to the strip length

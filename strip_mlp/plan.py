@@ -26,7 +26,13 @@ from strip_mlp.model import VARIANTS, validate_architecture
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-  """Durations and sizes derived from the config and the dataset."""
+  """Durations and sizes derived from the config and the dataset.
+
+  eval_every / checkpoint_every: steps between evaluations / checkpoints; fractional when
+  set in epochs (N epochs = N * steps_per_epoch steps), so that they fall on the first step
+  at or after each multiple of N epochs (train_helpers.is_time) and a run of a whole number
+  of such intervals evaluates and saves once at its end, not also a step or two before it.
+  """
 
   num_classes: int
   image_size: int
@@ -35,8 +41,8 @@ class Plan:
   steps_per_epoch: float
   total_steps: int
   warmup_steps: int
-  eval_every: int
-  checkpoint_every: int
+  eval_every: float
+  checkpoint_every: float
   base_lr: float
   warmup_lr: float
   min_lr: float
@@ -299,10 +305,11 @@ def read_dataset_info(data: ml_collections.ConfigDict):
     raise ConfigError(f"cannot open the dataset ({where}): {what}") from None
 
 
-def _interval(steps: int | None, epochs: float, steps_per_epoch: float) -> int:
+def _interval(steps: int | None, epochs: float, steps_per_epoch: float) -> float:
+  """Steps between two events: `steps` when set, else `epochs` epochs (not rounded), >= 1."""
   if steps:
-    return int(steps)
-  return max(1, int(round(epochs * steps_per_epoch)))
+    return float(steps)
+  return max(1.0, epochs * steps_per_epoch)
 
 
 def make_plan(config, info) -> Plan:

@@ -24,13 +24,16 @@ STRIP_MLP = "strip_mlp"
 class Family:
   """Where a family lives: its model class and creator, and its converter module
   (infer_architecture, state_dict_to_variables, variables_to_state_dict and, except for
-  Strip-MLP, is_<family>_state_dict)."""
+  Strip-MLP, is_<family>_state_dict); its name for people (title) and the constructor
+  keywords that one line about a model shows (summary_keys, all in its config_dict)."""
 
   name: str
   model_module: str
   class_name: str
   create_name: str
   convert_module: str
+  title: str
+  summary_keys: tuple[str, ...]
 
   def module(self):
     return importlib.import_module(self.model_module)
@@ -52,17 +55,33 @@ class Family:
   def create(self, variant: str, **overrides):
     return getattr(self.module(), self.create_name)(variant, **overrides)
 
+  def describe(self, model) -> str:
+    """One line about `model` (of this family): its title and summary keywords, e.g.
+    'MS-MLP embed_dim=96 depths=[3, 3, 9, 3] num_classes=1000'."""
+    config = model.config_dict()
+    return " ".join([self.title] + [f"{k}={config[k]}" for k in self.summary_keys])
+
 
 FAMILIES = {
     f.name: f
     for f in (
-        Family(STRIP_MLP, "strip_mlp.model", "StripMLP", "create_model", "strip_mlp.convert"),
+        Family(
+            STRIP_MLP,
+            "strip_mlp.model",
+            "StripMLP",
+            "create_model",
+            "strip_mlp.convert",
+            title="Strip-MLP",
+            summary_keys=("embed_dim", "layers", "img_size", "num_classes"),
+        ),
         Family(
             "poolformer",
             "strip_mlp.models.poolformer",
             "PoolFormer",
             "create_poolformer",
             "strip_mlp.models.poolformer_convert",
+            title="PoolFormer",
+            summary_keys=("layers", "embed_dims", "num_classes"),
         ),
         Family(
             "raftmlp",
@@ -70,6 +89,8 @@ FAMILIES = {
             "RaftMLP",
             "create_raftmlp",
             "strip_mlp.models.raftmlp_convert",
+            title="RaftMLP",
+            summary_keys=("dims", "depths", "img_size", "num_classes"),
         ),
         Family(
             "msmlp",
@@ -77,6 +98,8 @@ FAMILIES = {
             "MSMLP",
             "create_msmlp",
             "strip_mlp.models.msmlp_convert",
+            title="MS-MLP",
+            summary_keys=("embed_dim", "depths", "num_classes"),
         ),
     )
 }

@@ -33,8 +33,10 @@ def fmt_duration(seconds: float) -> str:
   return str(datetime.timedelta(seconds=int(max(0.0, seconds))))
 
 
-def is_time(step: int, every: int) -> bool:
-  return step % every == 0
+def is_time(step: int, every: float) -> bool:
+  """Whether `step` is the first step at or after a multiple of `every` (> 0, may be
+  fractional: every=112.3 gives 113, 225, 337, ...; an integer gives its multiples)."""
+  return step // every > (step - 1) // every
 
 
 def first_nonfinite(step_metrics: list[dict], first_step: int):

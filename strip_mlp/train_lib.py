@@ -190,9 +190,14 @@ def _log_setup(config, mesh, info, plan):
       f"plan: {plan.total_steps} steps of {config.batch_size} images "
       f"({plan.total_steps / plan.steps_per_epoch:.1f} epochs, {plan.steps_per_epoch:.1f} steps/"
       f"epoch), warmup {plan.warmup_steps}, lr {plan.base_lr:.3g} (x{plan.lr_factor:.3g} by "
-      f"{config.lr.scaling}), eval every {plan.eval_every}, checkpoint every "
-      f"{plan.checkpoint_every}"
+      f"{config.lr.scaling}), eval every {_steps(plan.eval_every)}, checkpoint every "
+      f"{_steps(plan.checkpoint_every)}"
   )
+
+
+def _steps(every: float) -> str:
+  """An interval in steps, to 0.1 step ('112.3', '500')."""
+  return f"{every:.1f}".removesuffix(".0")
 
 
 def _restore_or_init(config, run: Built, ckpt: train_checkpoint.Checkpointer):

@@ -1,5 +1,10 @@
 """Shared test set-up: 8 fake CPU devices, one persistent compilation cache and quiet logs
-for the whole session, the reference fixtures, and the data sets the data tests read."""
+for the whole session, the Strip-MLP reference fixtures, and the data sets the data tests read.
+
+Every fixture lives in this repository. The Strip-MLP ones are tests/fixtures/strip_mlp/*.npz,
+made by the official PyTorch code with tests/fixtures/strip_mlp/make_fixtures.py (its
+docstring says how to regenerate them); their weights are rebuilt here from
+tests/synthetic_weights.py."""
 
 import os
 
@@ -10,7 +15,7 @@ import pathlib  # noqa: E402
 import pytest  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-FIXTURES = REPO.parent / "shared" / "fixtures" / "torch_reference"
+FIXTURES = REPO / "tests" / "fixtures" / "strip_mlp"
 FIXTURE_NAMES = ("smlp_e40_i32_l1121_c10", "smlp_e48_i64_l1111_c100")
 
 
@@ -25,10 +30,23 @@ def _compilation_cache_and_quiet_logs():
 
 
 @pytest.fixture(scope="session")
-def fixtures_dir():
-  if not FIXTURES.is_dir():
-    pytest.fail(f"reference fixtures not found at {FIXTURES}: the repo must sit beside shared/")
-  return FIXTURES
+def fixtures_dir(tmp_path_factory):
+  """A folder holding, for each name in FIXTURE_NAMES, NAME.npz (the official outputs, a copy
+  of tests/fixtures/strip_mlp/NAME.npz) and NAME.pth (its weights as the release saves them:
+  torch.save({'model': state_dict}), rebuilt by synthetic_weights and checked by checksum)."""
+  import shutil  # pylint: disable=g-import-not-at-top
+
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import synthetic_weights  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+
+  out = tmp_path_factory.mktemp("strip_mlp_fixtures")
+  for name in FIXTURE_NAMES:
+    shutil.copyfile(FIXTURES / f"{name}.npz", out / f"{name}.npz")
+    with np.load(FIXTURES / f"{name}.npz") as z:
+      sd = synthetic_weights.rebuild(str(z["weights"]))
+    torch.save({"model": {k: torch.from_numpy(v) for k, v in sd.items()}}, out / f"{name}.pth")
+  return out
 
 
 # ----------------------------------------------------------------------------- data sets

@@ -3,6 +3,8 @@ checks every family runs (parity, round trip, bf16, training gradients)."""
 
 import json
 import pathlib
+import sys
+import types
 
 import jax
 import jax.numpy as jnp
@@ -59,6 +61,52 @@ def save_pth(path, sd: dict, wrap: str):
       },
   }[wrap]
   torch.save(obj, path)
+
+
+def fake_yacs_cfgnode():
+  """(yacs, yacs.config, CfgNode): modules and a class that pickles exactly like
+  yacs.config.CfgNode (yacs need not be installed)."""
+  yacs, config = types.ModuleType("yacs"), types.ModuleType("yacs.config")
+
+  class CfgNode(dict):
+
+    def __init__(self, init_dict=None):
+      super().__init__(init_dict or {})
+      self.__dict__["__immutable__"] = False
+      self.__dict__["__deprecated_keys__"] = set()
+
+  CfgNode.__module__, CfgNode.__qualname__ = "yacs.config", "CfgNode"
+  config.CfgNode, yacs.config = CfgNode, config
+  return yacs, config, CfgNode
+
+
+def save_training_checkpoint(path, sd: dict, model_cfg: dict, monkeypatch):
+  """torch.save of a checkpoint as the Swin-derived trainers of Strip-MLP and MS-MLP save it:
+  {'model': sd (torch tensors), 'optimizer', 'lr_scheduler', 'max_accuracy', 'epoch',
+  'config': a yacs CfgNode whose MODEL node is `model_cfg`}; yacs is hidden again after."""
+  yacs, config, cfg_node = fake_yacs_cfgnode()
+  node = lambda d: cfg_node({k: node(v) if isinstance(v, dict) else v for k, v in d.items()})
+  with monkeypatch.context() as m:
+    m.setitem(sys.modules, "yacs", yacs)
+    m.setitem(sys.modules, "yacs.config", config)
+    cfg = node({"MODEL": model_cfg, "TRAIN": {"BASE_LR": 5e-4, "EPOCHS": 300}})
+    params = [torch.nn.Parameter(v.clone()) for v in list(sd.values())[:3]]
+    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.05)
+    sum(p.sum() for p in params).backward()
+    opt.step()
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=10)
+    torch.save(
+        {
+            "model": sd,
+            "optimizer": opt.state_dict(),
+            "lr_scheduler": sched.state_dict(),
+            "max_accuracy": 81.2,
+            "epoch": 299,
+            "config": cfg,
+        },
+        path,
+    )
+  assert "yacs" not in sys.modules
 
 
 def _logits_and_stages(module, x):

@@ -124,3 +124,38 @@ def test_raftmlp_recipe_crops_like_its_trainer():
   tc = pipeline.transform_config(raftmlp.get_config("s").data)
   assert tc.resize_random_crop and tc.interpolation == "bilinear"
   assert int(tc.image_size * tc.eval_resize_ratio) == 256  # Resize(256) + RandomCrop(224)
+
+
+def _event_steps(plan, every: float) -> list:
+  """The steps at which train_lib's loop evaluates (every=plan.eval_every) or saves
+  (plan.checkpoint_every) in an uninterrupted run: each interval, and the last step."""
+  from strip_mlp.train_helpers import is_time  # pylint: disable=g-import-not-at-top
+
+  last = plan.total_steps
+  return [s for s in range(1, last + 1) if is_time(s, every) or s == last]
+
+
+def test_demo_evaluates_and_saves_once_at_its_end():
+  """15 epochs of 1,438 digits in batches of 64 are 338 steps; every 5 epochs (112.3 steps)
+  falls on steps 113, 225 and 338, not on 336 and then 338 again."""
+  from configs import default  # pylint: disable=g-import-not-at-top
+
+  info = train_test_utils.dataset_info(num_classes=10, num_train=1438, num_eval=359)
+  plan = plan_lib.make_plan(default.get_config(), info)
+  assert plan.total_steps == 338
+  assert _event_steps(plan, plan.eval_every) == [113, 225, 338]
+  assert _event_steps(plan, plan.checkpoint_every) == [113, 225, 338]
+
+
+def test_epoch_intervals_fall_on_the_first_step_of_each_multiple():
+  info = train_test_utils.dataset_info(**IMAGENET)  # 1251.1 steps per epoch at batch 1024
+  config = importlib.import_module("configs.common").base_config()
+  config.num_epochs, config.eval_every_epochs, config.checkpoint_every_epochs = 300, 1, 20
+  plan = plan_lib.make_plan(config, info)
+  evals = _event_steps(plan, plan.eval_every)
+  assert len(evals) == 300 and evals[:2] == [1252, 2503] and evals[-1] == plan.total_steps
+  saves = _event_steps(plan, plan.checkpoint_every)
+  assert len(saves) == 15 and saves[-1] == plan.total_steps
+  config.eval_every_steps, config.num_steps, config.warmup_epochs = 20, 70, 0.0  # in steps
+  plan = plan_lib.make_plan(config, info)
+  assert _event_steps(plan, plan.eval_every) == [20, 40, 60, 70]

@@ -7,7 +7,6 @@ import os
 import pickle
 import subprocess
 import sys
-import types
 
 import jax
 import numpy as np
@@ -15,6 +14,7 @@ import pytest
 import torch
 
 import convert_torch_weights
+import family_fixtures as ff
 from conftest import FIXTURE_NAMES, REPO
 from strip_mlp import load_checkpoint, save_checkpoint
 from strip_mlp.train_checkpoint import Checkpointer
@@ -55,60 +55,12 @@ class _Evil:
     return (os.system, (f"touch {self.marker}",))
 
 
-def _fake_yacs_cfgnode():
-  """A class that pickles exactly like yacs.config.CfgNode (yacs need not be installed)."""
-  yacs, config = types.ModuleType("yacs"), types.ModuleType("yacs.config")
-
-  class CfgNode(dict):
-
-    def __init__(self, init_dict=None):
-      super().__init__(init_dict or {})
-      self.__dict__["__immutable__"] = False
-      self.__dict__["__deprecated_keys__"] = set()
-
-  CfgNode.__module__, CfgNode.__qualname__ = "yacs.config", "CfgNode"
-  config.CfgNode, yacs.config = CfgNode, config
-  return yacs, config, CfgNode
-
-
-def _training_checkpoint(sd, path, monkeypatch):
-  """Writes a checkpoint shaped like the released trainer's, then hides yacs again."""
-  yacs, config, cfg_node = _fake_yacs_cfgnode()
-  with monkeypatch.context() as m:
-    m.setitem(sys.modules, "yacs", yacs)
-    m.setitem(sys.modules, "yacs.config", config)
-    cfg = cfg_node(
-        {
-            "MODEL": cfg_node(
-                {"TYPE": "smlp", "NUM_CLASSES": 10, "SMLP": cfg_node({"LAYERS": [1, 1, 2, 1]})}
-            ),
-            "TRAIN": cfg_node({"BASE_LR": 5e-4, "EPOCHS": 300}),
-        }
-    )
-    params = [torch.nn.Parameter(v.clone()) for v in list(sd.values())[:3]]
-    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.05)
-    sum(p.sum() for p in params).backward()
-    opt.step()
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=10)
-    torch.save(
-        {
-            "model": sd,
-            "optimizer": opt.state_dict(),
-            "lr_scheduler": sched.state_dict(),
-            "max_accuracy": 81.2,
-            "epoch": 299,
-            "config": cfg,
-        },
-        path,
-    )
-  assert "yacs" not in sys.modules
-
-
 def test_training_checkpoint_with_yacs_config_loads_without_yacs(
     tmp_path, fixture_sd, reference, monkeypatch
 ):
   path = tmp_path / "ckpt_epoch_299.pth"
-  _training_checkpoint(fixture_sd, path, monkeypatch)
+  model_cfg = {"TYPE": "smlp", "NUM_CLASSES": 10, "SMLP": {"LAYERS": [1, 1, 2, 1]}}
+  ff.save_training_checkpoint(path, fixture_sd, model_cfg, monkeypatch)
   assert "yacs.config.CfgNode" in torch.serialization.get_unsafe_globals_in_checkpoint(path)
   monkeypatch.setitem(sys.modules, "yacs", None)  # yacs is not importable
   _, variables = torch_to_flax(str(path))

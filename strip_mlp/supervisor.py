@@ -33,7 +33,7 @@ import subprocess
 import sys
 import time
 
-ENV_FD = "STRIP_MLP_SUPERVISOR_FD"  # set in the child: the write end of the report pipe
+ENV_FD = "STRIP_MLP_SUPERVISOR_FD"  # in the child: "<report pipe's write fd>:<parent pid>"
 EXIT_PEER_LOST = 75  # EX_TEMPFAIL: a rerun of the same command resumes
 HOLD_S = 3.0  # how long log records wait for a fatal report before they are shown
 FATAL_MARKERS = (b"JAX distributed service detected fatal errors",)
@@ -71,18 +71,27 @@ def wants_several_processes(argv: list[str], env=os.environ) -> bool:
   )
 
 
+def _report_fd() -> int | None:
+  """The report pipe, in the supervised child itself only (not in processes it starts,
+  which inherit the environment but not the pipe)."""
+  fd, _, parent = os.environ.get(ENV_FD, "").partition(":")
+  if not parent.isdigit() or int(parent) != os.getppid():
+    return None
+  return int(fd)
+
+
 def is_child() -> bool:
-  return bool(os.environ.get(ENV_FD))
+  return _report_fd() is not None
 
 
 def report(**fields) -> None:
   """Child: sends `fields` (JSON values) to the parent; nothing when not supervised."""
-  fd = os.environ.get(ENV_FD)
-  if not fd:
+  fd = _report_fd()
+  if fd is None:
     return
   try:
-    os.write(int(fd), (json.dumps(fields) + "\n").encode())
-  except (OSError, ValueError):
+    os.write(fd, (json.dumps(fields) + "\n").encode())
+  except OSError:
     pass  # the parent is gone (the child is being killed too) or the fd was closed
 
 
@@ -263,7 +272,7 @@ def _run_child(prog: str) -> int:
       _child_command(),
       stderr=subprocess.PIPE,
       pass_fds=(write_fd,),
-      env={**os.environ, ENV_FD: str(write_fd)},
+      env={**os.environ, ENV_FD: f"{write_fd}:{parent}"},
       preexec_fn=in_child,
   )
   os.close(write_fd)

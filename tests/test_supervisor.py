@@ -122,6 +122,21 @@ def test_wants_several_processes(argv, env, expected):
   assert supervisor.wants_several_processes(argv, env) == expected
 
 
+def test_only_the_supervised_child_itself_reports(monkeypatch):
+  read_fd, write_fd = os.pipe()
+  try:
+    monkeypatch.setenv(supervisor.ENV_FD, f"{write_fd}:{os.getppid() + 1}")  # a grandchild
+    assert not supervisor.is_child()
+    supervisor.report(step=1)
+    monkeypatch.setenv(supervisor.ENV_FD, f"{write_fd}:{os.getppid()}")
+    assert supervisor.is_child()
+    supervisor.report(step=2)
+    assert os.read(read_fd, 100) == b'{"step": 2}\n'
+  finally:
+    os.close(read_fd)
+    os.close(write_fd)
+
+
 # A program that is supervised like train.py: the child reports, then does what argv[1] says.
 FAKE = textwrap.dedent("""
     import os, signal, sys, time

@@ -117,7 +117,7 @@ def test_a_second_sigterm_escalates_unless_a_supervisor_forwarded_it(supervised,
   from strip_mlp import supervisor  # pylint: disable=g-import-not-at-top
 
   if supervised:
-    monkeypatch.setenv(supervisor.ENV_FD, "-1")
+    monkeypatch.setenv(supervisor.ENV_FD, f"-1:{os.getppid()}")
   previous_calls = []
   old = signal.signal(signal.SIGTERM, lambda *a: previous_calls.append(a[0]))
   watcher = train_helpers.PreemptionWatcher(signals=(signal.SIGTERM,))

@@ -12,7 +12,10 @@ environment (SLURM, Open MPI, TPU pods) or from --coordinator_address/--num_proc
 
 Every problem with the flags, the config, the data or the workdir is reported as one line
 `train.py: error: ...` on stderr (exit code 1) before anything is initialised or compiled;
-Ctrl-C prints where to resume (exit code 130). Compiled programs are kept in a persistent
+Ctrl-C prints where to resume (exit code 130). In a multi-process run, when a process dies
+hard (SIGKILL, out of memory, host gone), every other one stops within about
+--heartbeat_timeout_seconds with one line naming it and the checkpoint a rerun resumes
+from (exit code 75; strip_mlp/supervisor.py). Compiled programs are kept in a persistent
 cache (--compilation_cache_dir), so a rerun skips most of the compile time.
 """
 
@@ -22,6 +25,10 @@ import signal
 import sys
 
 PROG = "train.py"
+if __name__ == "__main__":
+  from strip_mlp import supervisor  # no JAX: multi-process runs start as a child, here
+
+  supervisor.supervise(PROG)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 _STDERR_FD = os.dup(2)  # stderr even while TensorFlow's import notices are redirected
 

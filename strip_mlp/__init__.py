@@ -4,17 +4,32 @@
     model = create_model('tiny_light', num_classes=1000, img_size=224)
     model, variables = load_checkpoint('converted_dir')   # from convert_torch_weights.py
 
-Importing the package needs neither TensorFlow nor PyTorch.
+Importing the package needs neither TensorFlow nor PyTorch, and not even JAX: the names
+below load their module on first use (PEP 562), so a light module such as
+strip_mlp.supervisor starts in milliseconds.
 """
 
-from strip_mlp.model_checkpoint import load_checkpoint, save_checkpoint
-from strip_mlp.model import VARIANTS, StripMLP, count_params, create_model
+import importlib
 
-__all__ = [
-    "VARIANTS",
-    "StripMLP",
-    "count_params",
-    "create_model",
-    "load_checkpoint",
-    "save_checkpoint",
-]
+_EXPORTS = {
+    "load_checkpoint": "strip_mlp.model_checkpoint",
+    "save_checkpoint": "strip_mlp.model_checkpoint",
+    "VARIANTS": "strip_mlp.model",
+    "StripMLP": "strip_mlp.model",
+    "count_params": "strip_mlp.model",
+    "create_model": "strip_mlp.model",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+  if name not in _EXPORTS:
+    raise AttributeError(f"module 'strip_mlp' has no attribute {name!r}")
+  value = getattr(importlib.import_module(_EXPORTS[name]), name)
+  globals()[name] = value
+  return value
+
+
+def __dir__():
+  return sorted(set(globals()) | set(_EXPORTS))

@@ -17,6 +17,7 @@ from absl import flags
 from absl import logging
 import ml_collections
 
+from strip_mlp import supervisor
 from strip_mlp.errors import NotWritableError, UserError
 
 DEFAULT_COMPILATION_CACHE = os.path.join(
@@ -33,12 +34,21 @@ class UsageError(UserError, ValueError):
 
 
 def define_process_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
-  """--coordinator_address/--num_processes/--process_id and --compilation_cache_dir."""
+  """--coordinator_address/--num_processes/--process_id/--heartbeat_timeout_seconds and
+  --compilation_cache_dir."""
   flags.DEFINE_string(
       "coordinator_address", None, "host:port of process 0 for multi-process runs.", flag_values=fv
   )
   flags.DEFINE_integer("num_processes", None, "Number of processes.", flag_values=fv)
   flags.DEFINE_integer("process_id", None, "Index of this process.", flag_values=fv)
+  flags.DEFINE_integer(
+      "heartbeat_timeout_seconds",
+      30,
+      "Multi-process runs: a process that sends JAX's distributed runtime no heartbeat for "
+      "this long (killed, out of memory, host gone) counts as dead, and every other process "
+      "stops with one line and exit code 75; rerunning the same command resumes.",
+      flag_values=fv,
+  )
   flags.DEFINE_string(
       "compilation_cache_dir",
       None,
@@ -54,8 +64,18 @@ def start_processes(fv: flags.FlagValues = flags.FLAGS) -> None:
   compilation cache, as the process flags say."""
   from strip_mlp import sharding  # pylint: disable=g-import-not-at-top  (imports jax)
 
-  sharding.maybe_initialize_distributed(fv.coordinator_address, fv.num_processes, fv.process_id)
+  import jax  # pylint: disable=g-import-not-at-top
+
+  started = sharding.maybe_initialize_distributed(
+      fv.coordinator_address, fv.num_processes, fv.process_id, fv.heartbeat_timeout_seconds
+  )
   sharding.enable_compilation_cache(compilation_cache_dir(fv.compilation_cache_dir))
+  if started:
+    supervisor.report(
+        process=jax.process_index(),
+        processes=jax.process_count(),
+        coordinator=fv.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS"),
+    )
 
 
 def compilation_cache_dir(flag_value: str | None) -> str:
@@ -226,12 +246,16 @@ def error_line(e: BaseException, out_of_memory_fix: str, os_error_suffix: str = 
 
 def guarded(prog: str, fn, *args, out_of_memory_fix: str, os_error_suffix: str = "") -> int:
   """Runs fn(*args); an error a user can cause becomes `<prog>: error: <line>` on stderr
-  and exit code 1. Other exceptions (bugs) propagate with their traceback."""
+  and exit code 1. Other exceptions (bugs, and collectives failed by a dead peer)
+  propagate with their traceback, in a multi-process run only once JAX's runtime has had
+  the time to say whether a process died (sharding.await_verdict_after_error)."""
   try:
     fn(*args)
   except Exception as e:  # pylint: disable=broad-except  (re-raised below unless ours)
     line = error_line(e, out_of_memory_fix, os_error_suffix)
     if line is None:
+      if "strip_mlp.sharding" in sys.modules:  # JAX was started
+        sys.modules["strip_mlp.sharding"].await_verdict_after_error()
       raise
     print(f"{prog}: error: {line}", file=sys.stderr, flush=True)
     return 1

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import os
+import time
 from typing import Any, Iterator, Sequence
 
 import jax
@@ -20,6 +21,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from strip_mlp.errors import DistributedSetupError
+from strip_mlp.supervisor import cluster_env_detected
 
 try:  # jax >= 0.5: say that the axes are sharded automatically (jax.make_mesh's default
   from jax.sharding import AxisType  # became Explicit); older jax has only automatic axes.
@@ -29,6 +31,10 @@ except ImportError:  # pragma: no cover
 DATA_AXES = ("data", "fsdp")
 # Leaves smaller than this stay replicated under FSDP (sharding them costs more than it saves).
 FSDP_MIN_SIZE = 2**12
+# Seconds without a heartbeat after which JAX's distributed runtime counts a process as dead
+# and stops all others (JAX's own default is 100).
+DEFAULT_HEARTBEAT_TIMEOUT_S = 30
+_heartbeat_timeout_s = DEFAULT_HEARTBEAT_TIMEOUT_S
 
 
 def _check_process_flags(coordinator_address, num_processes, process_id, cluster: bool):
@@ -79,6 +85,7 @@ def maybe_initialize_distributed(
     coordinator_address: str | None = None,
     num_processes: int | None = None,
     process_id: int | None = None,
+    heartbeat_timeout_seconds: int = DEFAULT_HEARTBEAT_TIMEOUT_S,
 ) -> bool:
   """Calls `jax.distributed.initialize` when several processes run; returns whether it did.
 
@@ -107,10 +114,16 @@ def maybe_initialize_distributed(
   _check_process_flags(coordinator_address, num_processes, process_id, cluster)
   if num_processes == 1 and coordinator_address is None and not cluster:
     return False  # --num_processes=1 --process_id=0: one plain process
+  if heartbeat_timeout_seconds < 1:
+    raise DistributedSetupError(
+        f"--heartbeat_timeout_seconds={heartbeat_timeout_seconds} must be >= 1 (seconds)"
+    )
   if coordinator_address is not None:
     kwargs.update(
         coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id
     )
+  _heartbeat_timeout_s = heartbeat_timeout_seconds
+  kwargs.update(heartbeat_timeout_seconds=heartbeat_timeout_seconds)
   try:
     jax.distributed.initialize(**kwargs)
   except (RuntimeError, ValueError) as e:
@@ -141,6 +154,26 @@ def enable_compilation_cache(directory: str | None) -> str | None:
       return None
   jax.config.update("jax_compilation_cache_dir", directory)
   return directory
+
+
+def await_verdict_after_error(grace_s: float = 10.0) -> None:
+  """After an unexpected error in a multi-process run, before it is reported: waits until
+  every process gets here too (they failed alike; returns) or JAX's runtime finds a dead
+  process (it then ends this one, and train.py's supervisor says which process died), at
+  most the heartbeat timeout plus `grace_s` (then returns). A collective whose peer died
+  fails here at once, long before the runtime knows who died. No-op in one process."""
+  from jax._src import distributed  # pylint: disable=g-import-not-at-top
+
+  client = getattr(distributed.global_state, "client", None)
+  if client is None:
+    return
+  try:
+    client.wait_at_barrier(
+        "strip_mlp_unexpected_error", int((_heartbeat_timeout_s + grace_s) * 1000)
+    )
+  except Exception as e:  # pylint: disable=broad-except
+    if "DEADLINE_EXCEEDED" not in str(e):  # it failed: the runtime's verdict is near
+      time.sleep(grace_s)
 
 
 def barrier(name: str):

@@ -20,6 +20,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from strip_mlp import supervisor
 from strip_mlp.train_checkpoint import CONFIG_FILE, Checkpointer
 
 
@@ -139,13 +140,15 @@ class Progress:
 
 class Saver:
   """Starts checkpoint saves with their meta, logs "saved" once a step is committed, and
-  remembers the newest checkpoint this run or an earlier one saved (`last_saved`)."""
+  remembers the newest checkpoint this run or an earlier one saved (`last_saved`). Tells
+  train.py's supervisor (strip_mlp/supervisor.py) the directory and each committed step."""
 
   def __init__(
       self, ckpt: Checkpointer, meta: dict, steps_per_epoch: float, last_saved: int | None
   ):
     self.ckpt, self.meta, self.steps_per_epoch = ckpt, meta, steps_per_epoch
     self.last_saved = last_saved
+    supervisor.report(checkpoints=ckpt.directory, committed=last_saved)
 
   def save(self, step: int, state, best_top1: float, metrics: dict | None = None):
     meta = dict(self.meta, epoch=float(step / self.steps_per_epoch), best_top1=best_top1)
@@ -157,6 +160,7 @@ class Saver:
     """Logs the steps orbax has committed since the last call; `wait` blocks for the save
     in flight first."""
     for step in (self.ckpt.wait() if wait else self.ckpt.newly_committed()):
+      supervisor.report(committed=step)
       log(f"saved checkpoint {self.ckpt.directory}/{step}")
 
   def last_saved_path(self) -> str | None:
@@ -166,7 +170,9 @@ class Saver:
 class PreemptionWatcher:
   """Turns SIGTERM and Ctrl-C (SIGINT) into a flag the loop polls (save, then stop); all
   processes agree before acting. A second signal goes to the previous handler (Ctrl-C
-  twice: KeyboardInterrupt at once)."""
+  twice: KeyboardInterrupt at once), except a second SIGTERM under train.py's supervisor:
+  a scheduler that signals every process of a job reaches it directly and through the
+  supervisor, and that is still one request."""
 
   def __init__(self, signals=(signal.SIGTERM, signal.SIGINT)):
     self._flag = False
@@ -177,6 +183,8 @@ class PreemptionWatcher:
 
   def _handler(self, signum, frame):
     previous = self._old.get(signum)
+    if self._flag and signum == signal.SIGTERM and supervisor.is_child():
+      return
     if self._flag and callable(previous):
       previous(signum, frame)
       return

@@ -106,3 +106,27 @@ def test_nan_gradients_behind_a_finite_loss_stop_without_saving(tmp_path, monkey
   assert steps == [1, 2], os.listdir(tmp_path / "checkpoints")
   rows = utils.read_metrics(tmp_path)
   assert [r["step"] for r in rows] == [1, 2] and "params_finite" not in rows[0]
+
+
+@pytest.mark.parametrize("supervised", [False, True])
+def test_a_second_sigterm_escalates_unless_a_supervisor_forwarded_it(supervised, monkeypatch):
+  """Under train.py's supervisor a scheduler's SIGTERM can arrive twice (directly and
+  forwarded): still one request to save and stop, not a kill."""
+  import signal  # pylint: disable=g-import-not-at-top
+
+  from strip_mlp import supervisor  # pylint: disable=g-import-not-at-top
+
+  if supervised:
+    monkeypatch.setenv(supervisor.ENV_FD, f"-1:{os.getppid()}")
+  previous_calls = []
+  old = signal.signal(signal.SIGTERM, lambda *a: previous_calls.append(a[0]))
+  watcher = train_helpers.PreemptionWatcher(signals=(signal.SIGTERM,))
+  try:
+    with contextlib.redirect_stdout(io.StringIO()):
+      os.kill(os.getpid(), signal.SIGTERM)
+      os.kill(os.getpid(), signal.SIGTERM)
+    assert watcher.should_stop(step=1, every=1)
+  finally:
+    watcher.close()
+    signal.signal(signal.SIGTERM, old)
+  assert previous_calls == ([] if supervised else [signal.SIGTERM])

@@ -83,7 +83,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.lr.warmup_prefix = False  # timm default: cosine phase measured from step 0
   # Which schedule value an update uses (strip_mlp.optim.LR_TIMINGS): 'released': update i
   # uses lr(max(i - 1, 0)) (the released train_one_epoch steps the scheduler after the
-  # update); 'current': lr(i).
+  # update); 'current': lr(i); 'epoch': lr at the start of i's epoch (timm per epoch).
   c.lr.timing = "released"
 
   c.ema_decay = 0.0  # > 0: EMA of params and BN stats, evaluated too

@@ -11,8 +11,8 @@ cooldown epochs at 1e-5 (timm's cooldown, 310 in all), no gradient clipping, dro
 variant, eval crop 0.9 (S) / 0.95 (M). The same as ours: AdamW (wd 0.05, not on 1-D params
 and biases), RandAugment rand-m9-mstd0.5-inc1, random erasing 0.25, mixup 0.8 / cutmix 1.0,
 label smoothing 0.1, bicubic, batch 1024 (8 GPUs x 128).
-Not reproduced: timm's lr steps once per epoch (here per update, the same curve sampled
-finely), and its 'random' train interpolation (bilinear or bicubic per image; bicubic here).
+timm's lr steps once per epoch (a staircase: `lr.timing = "epoch"`). Not reproduced: its
+'random' train interpolation (bilinear or bicubic per image; bicubic here) and apex fp16.
 """
 
 from configs import common
@@ -31,6 +31,6 @@ def get_config(variant: str = "s12"):
   c.cooldown_epochs = 10.0
   c.grad_clip_norm = 0.0
   c.data.eval_resize_ratio = 1 / (0.9 if variant.startswith("s") else 0.95)  # crop_pct
-  c.lr.timing = "current"  # timm steps it per epoch (not reproduced): lr(i) per update
+  c.lr.timing = "epoch"  # timm's scheduler is stepped once per epoch (t_in_epochs=True)
   c.lock()
   return c

@@ -121,7 +121,7 @@ def build_schedule(config, plan: Plan) -> optax.Schedule:
         warmup_prefix=config.lr.warmup_prefix,
         cooldown_steps=plan.cooldown_steps,
     )
-  return optim.timed_schedule(schedule, timing, config.grad_accum_steps)
+  return optim.timed_schedule(schedule, timing, config.grad_accum_steps, plan.steps_per_epoch)
 
 
 def build_optimizer(config, schedule) -> optax.GradientTransformation:

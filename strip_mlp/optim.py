@@ -83,23 +83,28 @@ def warmup_cosine_schedule(
 
 
 LR_TIMINGS = {
-    # Update i (from 0, counted over the run) uses the schedule at max(i - 1/k, 0), k the
-    # micro-batches per update: the released train_one_epoch calls
+    # The schedule's argument for the update that follows `t` updates, with k micro-batches
+    # per update and `spe` updates per epoch.
+    # 'released': max(t - 1/k, 0). The released train_one_epoch calls
     # lr_scheduler.step_update(epoch * num_steps + idx) after optimizer.step(), counting
     # micro-batches, and the first update runs at the warmup lr the scheduler starts at.
-    "released": lambda accum: 1.0 / accum,
-    # Update i uses the schedule at i (timm's train.py: step_update(num_updates + 1) after
-    # the step; optax's count).
-    "current": lambda accum: 0.0,
+    "released": lambda t, k, spe: jnp.maximum(t - 1.0 / k, 0.0),
+    # 'current': t (timm's train.py with a per-update scheduler; optax's count).
+    "current": lambda t, k, spe: t,
+    # 'epoch': the start of t's epoch, a staircase (timm's schedulers with t_in_epochs=True,
+    # stepped once per epoch: every update of epoch e at lr(e)).
+    "epoch": lambda t, k, spe: jnp.floor(t / spe) * spe,
 }
 
 
-def timed_schedule(schedule: optax.Schedule, timing: str, accum: int = 1) -> optax.Schedule:
+def timed_schedule(
+    schedule: optax.Schedule, timing: str, accum: int = 1, steps_per_epoch: float = 1.0
+) -> optax.Schedule:
   """lr of the update that follows `count` updates, under `timing` (see LR_TIMINGS)."""
-  lag = LR_TIMINGS[timing](accum)
-  if not lag:
+  if timing == "current":
     return schedule
-  return lambda count: schedule(jnp.maximum(jnp.asarray(count, jnp.float32) - lag, 0.0))
+  at = LR_TIMINGS[timing]
+  return lambda count: schedule(at(jnp.asarray(count, jnp.float32), accum, steps_per_epoch))
 
 
 def constant_schedule(base_lr: float, warmup_lr: float, warmup_steps: int) -> optax.Schedule:

@@ -48,16 +48,19 @@ def test_one_value_per_channel_stays_finite():
   assert all(np.all(np.isfinite(g)) for g in jax.tree_util.tree_leaves(grads))
 
 
-def _setup(accum, model_size):
+def _setup(accum, image_size):
+  """Batch 32 of `image_size` px for a model built at 32 px (embed 8, one block in stage 4:
+  its strip layer runs on windows when the images are larger), groups of 8."""
   config = utils.small_config(
       **{"grad_accum_steps": accum, "group_size": 8, "batch_size": 32, "data.mixup_alpha": 0.8}
   )
-  info = types.SimpleNamespace(name="x", num_classes=10, num_train=320, num_eval=32, image_size=32)
-  model = StripMLP(embed_dim=16, layers=(1, 1, 1, 1), img_size=model_size, num_classes=10,
+  info = types.SimpleNamespace(name="x", num_classes=10, num_train=320, num_eval=32,
+                               image_size=image_size)
+  model = StripMLP(embed_dim=8, layers=(0, 0, 0, 1), img_size=32, num_classes=10,
                    drop_path_rate=0.0)
   rng = np.random.default_rng(1)
   batch = {
-      "image": rng.normal(size=(32, 32, 32, 3)).astype(np.float32),
+      "image": rng.normal(size=(32, image_size, image_size, 3)).astype(np.float32),
       "label": rng.integers(0, 10, 32).astype(np.int32),
   }
   return config, info, model, batch
@@ -67,6 +70,16 @@ def _by_hand(run, config, state, batch):
   """The loss and running statistics the grouped step must give, one group at a time."""
   from strip_mlp.mixup import mixup_cutmix  # pylint: disable=g-import-not-at-top
 
+  @jax.jit
+  def group(stats, images, labels, rng):
+    mix_rng, drop_rng = jax.random.split(rng)
+    images, targets = mixup_cutmix(mix_rng, images, labels, 10, mixup_alpha=0.8,
+                                   cutmix_alpha=config.data.cutmix_alpha, label_smoothing=0.1)
+    logits, upd = run.model.apply({"params": state.params, "batch_stats": stats}, images,
+                                  train=True, rngs={"drop_path": drop_rng},
+                                  mutable=["batch_stats"])
+    return -jnp.mean(jnp.sum(targets * jax.nn.log_softmax(logits), -1)), upd["batch_stats"]
+
   k, g = config.grad_accum_steps, config.group_size
   rng = jax.random.fold_in(jax.random.key(config.seed + 1), 0)
   stats, losses = state.batch_stats, []
@@ -75,27 +88,24 @@ def _by_hand(run, config, state, batch):
     micro_rng = jax.random.fold_in(rng, j) if k > 1 else rng
     updates = []
     for i in range(len(micro["label"]) // g):
-      mix_rng, drop_rng = jax.random.split(jax.random.fold_in(micro_rng, i))
-      images, targets = mixup_cutmix(
-          mix_rng, micro["image"][i * g : (i + 1) * g], micro["label"][i * g : (i + 1) * g], 10,
-          mixup_alpha=0.8, cutmix_alpha=config.data.cutmix_alpha, label_smoothing=0.1)
-      logits, upd = run.model.apply({"params": state.params, "batch_stats": stats}, images,
-                                    train=True, rngs={"drop_path": drop_rng},
-                                    mutable=["batch_stats"])
-      losses.append(-jnp.mean(jnp.sum(targets * jax.nn.log_softmax(logits), -1)))
-      updates.append(upd["batch_stats"])
+      part = slice(i * g, (i + 1) * g)
+      loss, upd = group(stats, micro["image"][part], micro["label"][part],
+                        jax.random.fold_in(micro_rng, i))
+      losses.append(loss)
+      updates.append(upd)
     stats = jax.tree_util.tree_map(lambda *u: jnp.mean(jnp.stack(u), 0), *updates)
   return float(jnp.mean(jnp.stack(losses))), stats
 
 
-@pytest.mark.parametrize("accum,model_size", [(1, 32), (2, 32), (1, 16)])
-def test_ghost_groups_are_separate_batches_on_eight_devices(accum, model_size):
-  """group_size 8 of a batch of 32 (2 micro-batches with accum 2; strip windows when the
-  model is built at 16 px for 32 px images): per group statistics and mixup draws, the mean
-  of the groups' running-statistic updates, on 8 devices (groups split over devices)."""
-  config, info, model, batch = _setup(accum, model_size)
+@pytest.mark.parametrize("accum,image_size,fsdp", [(1, 32, 1), (2, 32, 2), (1, 64, 1)])
+def test_ghost_groups_are_separate_batches_on_eight_devices(accum, image_size, fsdp):
+  """group_size 8 of a batch of 32 (2 micro-batches with accum 2; strip windows with 64 px
+  images for the 32 px model): per group statistics and mixup draws, the mean of the
+  groups' running-statistic updates, on 8 devices (groups split over devices; parameters
+  split over pairs of them with fsdp 2)."""
+  config, info, model, batch = _setup(accum, image_size)
   with jax.default_matmul_precision("highest"):
-    run = build(config, info, sharding.create_mesh(1), model=model)
+    run = build(config, info, sharding.create_mesh(fsdp), model=model)
     state = run.init(jax.random.key(0))
     want_loss, want_stats = _by_hand(run, config, state, batch)
     new, metrics = run.train_step(state, batch)

@@ -99,12 +99,20 @@ def test_family_recipes_resolve_to_their_papers_numbers():
   assert pf.total_steps == math.ceil(310 * spe) and pf.cooldown_steps == round(10 * spe)
   assert poolformer.get_config("m36").model.drop_path_rate == 0.3
   assert int(224 * poolformer.get_config("s12").data.eval_resize_ratio) == 248  # crop 0.9
+  pf_sched = build_lib.build_schedule(poolformer.get_config("m36"), pf)
+  first_epochs = [float(pf_sched(i)) for i in (0, int(spe) - 1, int(spe) + 1, int(2 * spe) - 1)]
+  # The per-epoch staircase (5e-5 off timm's epoch units: the warmup is whole steps here).
+  assert first_epochs == pytest.approx([1e-6, 1e-6, 2.008e-4, 2.008e-4], rel=1e-4)
 
   ms = plan_lib.make_plan(msmlp.get_config("b"), info)
   assert (ms.base_lr, ms.warmup_lr, ms.min_lr) == pytest.approx((1e-3, 1e-6, 1e-5))  # x2
   assert ms.warmup_steps == round(20 * spe) and ms.cooldown_steps == 0
+  msb = msmlp.get_config("b")
+  assert (msb.grad_accum_steps, msb.group_size) == (2, 64)  # README: 8 GPUs x 64, 2 steps
+  assert msmlp.get_config("t").grad_accum_steps == 1
 
   rc = raftmlp.get_config("s")
+  assert (rc.group_size, rc.data.cutmix_alpha) == (0, 0.8)  # one draw per batch; its alpha
   rp = plan_lib.make_plan(rc, info)
   assert (rp.base_lr, rp.warmup_lr, rp.min_lr) == pytest.approx((2e-3, 0.0, 1e-5))
   assert rp.total_steps == math.ceil(305 * IMAGENET["num_train"] / 2048)

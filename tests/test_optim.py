@@ -214,3 +214,20 @@ def test_ema_tracks_the_params():
       want,
   )
   assert not np.allclose(after["Dense_0"]["kernel"], before["Dense_0"]["kernel"])
+
+
+def test_lr_timings():
+  """'released': update i at lr(max(i - 1/k, 0)) (k = 2: the scheduler counts
+  micro-batches); 'current': lr(i); 'epoch': lr at the start of i's epoch (timm stepped once
+  per epoch, 2.5 updates per epoch here)."""
+  sched = optim.warmup_cosine_schedule(1e-3, 1e-6, 1e-5, 20, 5)
+  at = lambda timing, k=1: [
+      float(optim.timed_schedule(sched, timing, k, 2.5)(i)) for i in range(8)
+  ]
+  value = lambda t: float(sched(t))
+  close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-7)
+  close(at("current"), [value(i) for i in range(8)])
+  close(at("released"), [value(max(i - 1, 0)) for i in range(8)])
+  close(at("released", 2), [value(max(i - 0.5, 0)) for i in range(8)])
+  close(at("epoch"), [value(e) for e in (0, 0, 0, 2.5, 2.5, 5, 5, 5)])
+  close(at("released")[:2], [1e-6, 1e-6])  # the first two updates at the warmup lr

@@ -45,8 +45,8 @@ def define_process_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
       "heartbeat_timeout_seconds",
       30,
       "Multi-process runs: a process that sends JAX's distributed runtime no heartbeat for "
-      "this long (killed, out of memory, host gone) counts as dead, and every other process "
-      "stops with one line and exit code 75; rerunning the same command resumes.",
+      "this long (killed, out of memory, host gone) counts as dead and the others stop "
+      "(train.py: with one line and exit code 75; rerunning the same command resumes).",
       flag_values=fv,
   )
   flags.DEFINE_string(

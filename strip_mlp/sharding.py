@@ -92,16 +92,15 @@ def maybe_initialize_distributed(
   Explicit arguments win; otherwise a cluster environment is detected (SLURM, Open MPI,
   Cloud TPU pods, or JAX_COORDINATOR_ADDRESS set by a launcher) and JAX reads it. A single
   plain process does nothing. A launcher may also set JAX_COORDINATOR_ADDRESS,
-  JAX_NUM_PROCESSES and JAX_PROCESS_ID. Must run before anything touches a JAX device.
+  JAX_NUM_PROCESSES and JAX_PROCESS_ID. Must run before anything touches a JAX device. A
+  process that sends no heartbeat for `heartbeat_timeout_seconds` counts as dead: JAX's
+  runtime then ends every other process (strip_mlp/supervisor.py: how train.py says so).
   Raises DistributedSetupError (one line) for incomplete flags or a failed start.
   """
+  global _heartbeat_timeout_s
   env = os.environ
   explicit = coordinator_address is not None or (num_processes or 1) > 1 or process_id is not None
-  cluster = (
-      int(env.get("SLURM_NTASKS", "1") or 1) > 1
-      or int(env.get("OMPI_COMM_WORLD_SIZE", "1") or 1) > 1
-      or "," in env.get("TPU_WORKER_HOSTNAMES", "")
-  )
+  cluster = cluster_env_detected(env)
   detected = cluster or bool(env.get("JAX_COORDINATOR_ADDRESS"))
   if not (explicit or detected):
     return False

@@ -80,6 +80,16 @@ CASES = [
         ["--coordinator_address=nohost", "--num_processes=2", "--process_id=0"],
         "must be HOST:PORT",
     ),
+    (
+        "train.py",
+        [
+            "--coordinator_address=localhost:1",
+            "--num_processes=2",
+            "--process_id=0",
+            "--heartbeat_timeout_seconds=0",
+        ],
+        "--heartbeat_timeout_seconds=0 must be >= 1",
+    ),
     ("train.py", ["--workdir={tmp}/file"], "exists and is not a directory"),
     ("train.py", ["--workdir={tmp}/file/run"], "cannot create --workdir {tmp}/file/run"),
     # Read-only workdirs that even root cannot write: procfs (fresh, and existing).

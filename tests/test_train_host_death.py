@@ -95,6 +95,7 @@ def test_a_killed_process_stops_the_other_with_one_line_and_a_rerun_resumes(tmp_
   finally:
     _finish(procs)
   seconds = time.time() - t_kill
+  print(f"process 0 stopped {seconds:.1f}s after the kill")  # shown by pytest -s
   checkpoints = os.path.join(workdir, "checkpoints")
   step = max(int(n) for n in os.listdir(checkpoints) if n.isdigit())
   assert 5 <= step < utils.TOTAL_STEPS

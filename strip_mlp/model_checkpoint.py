@@ -28,7 +28,6 @@ import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from strip_mlp import checkpoint_recovery, registry, train_checkpoint
-from strip_mlp.checkpoint_recovery import READ_ERRORS, describe_read_error
 
 from strip_mlp.errors import CheckpointWriteError, EvalError, NotACheckpointError
 from strip_mlp.model import StripMLP, abstract_variables
@@ -338,8 +337,9 @@ def restore_onto(
         directory,
         args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True),
     )
-  except READ_ERRORS as e:
-    raise EvalError(damaged(describe_read_error(e, os.path.dirname(directory)))) from None
+  except checkpoint_recovery.READ_ERRORS as e:
+    why = checkpoint_recovery.describe_read_error(e, os.path.dirname(directory))
+    raise EvalError(damaged(why)) from None
   variables = restored[key] if key else restored
   return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
 
@@ -349,8 +349,9 @@ def _tree_metadata(directory: str, damaged: Callable[[str], str]) -> dict:
 
   try:
     md = ocp.PyTreeCheckpointHandler().metadata(epath.Path(directory))
-  except READ_ERRORS as e:
-    raise EvalError(damaged(describe_read_error(e, os.path.dirname(directory)))) from None
+  except checkpoint_recovery.READ_ERRORS as e:
+    why = checkpoint_recovery.describe_read_error(e, os.path.dirname(directory))
+    raise EvalError(damaged(why)) from None
   tree = getattr(md, "tree", md)
   return dict(tree) if tree is not None else {}
 

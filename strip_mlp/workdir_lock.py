@@ -60,11 +60,12 @@ class WorkdirLock:
       threading.Thread(target=self._heartbeat, name="workdir-lock", daemon=True).start()
 
   def _heartbeat(self):
+    path, token = self.path, self.token  # release() clears self.path
     while not self._stop.wait(HEARTBEAT_S):
       try:
-        if _read(self.path).get("token") != self.token:
+        if _read(path).get("token") != token:
           return  # taken over (after looking dead): never touch another run's lock
-        os.utime(self.path)
+        os.utime(path)
       except OSError:
         return
 

@@ -10,13 +10,14 @@ processes (one per host), JAX's distributed runtime is started from the cluster
 environment (SLURM, Open MPI, TPU pods) or from --coordinator_address/--num_processes/
 --process_id (or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID).
 
-Every problem with the flags, the config, the data or the workdir is reported as one line
-`train.py: error: ...` on stderr (exit code 1) before anything is initialised or compiled;
-Ctrl-C prints where to resume (exit code 130). In a multi-process run, when a process dies
-hard (SIGKILL, out of memory, host gone), every other one stops within about
---heartbeat_timeout_seconds with one line naming it and the checkpoint a rerun resumes
-from (exit code 75; strip_mlp/supervisor.py). Compiled programs are kept in a persistent
-cache (--compilation_cache_dir), so a rerun skips most of the compile time.
+Every problem with the flags, the config, the data or the workdir (another live run holds
+it; none of its checkpoints reads back) is reported as one line `train.py: error: ...` on
+stderr (exit code 1) before anything is initialised or compiled; Ctrl-C prints where to
+resume (exit code 130). In a multi-process run, when a process dies hard (SIGKILL, out of
+memory, host gone), every other one stops within about --heartbeat_timeout_seconds with one
+line naming it and the checkpoint a rerun resumes from (exit code 75;
+strip_mlp/supervisor.py). Compiled programs are kept in a persistent cache
+(--compilation_cache_dir), so a rerun skips most of the compile time.
 """
 
 import json
@@ -50,7 +51,7 @@ from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from strip_mlp import cli, data  # noqa: E402
+from strip_mlp import cli, data, workdir_lock  # noqa: E402
 
 data.import_tensorflow_quietly()  # the data pipeline's, with its start-up notices dropped
 
@@ -124,6 +125,7 @@ def _on_sigint(signum, frame):
   del signum, frame
   if _on_sigint.seen:
     _say("interrupted again; exiting without waiting for checkpoint writes")
+    workdir_lock.release_all()
     os._exit(130)  # pylint: disable=protected-access
   _on_sigint.seen = True
   raise KeyboardInterrupt
@@ -144,7 +146,11 @@ def _train(config, workdir: str):
     checkpoints = os.path.join(workdir, "checkpoints")
     if os.path.isdir(checkpoints):
       cli.check_writable_dir(checkpoints, "the checkpoint directory")
-  train_lib.train_and_evaluate(config, workdir)
+  lock = workdir_lock.acquire(workdir)  # refused at once when a live run holds it
+  try:
+    train_lib.train_and_evaluate(config, workdir)
+  finally:
+    lock.release()
 
 
 def main(argv):
@@ -152,6 +158,7 @@ def main(argv):
     _fail(f"unexpected arguments: {' '.join(argv[1:])} (flags are --name=value)")
   cli.quiet_logging()
   signal.signal(signal.SIGINT, _on_sigint)
+  workdir_lock.release_on_sigterm()  # the training loop saves first on SIGTERM
   workdir = _WORKDIR.value or _default_workdir()
   try:
     return cli.guarded(

@@ -67,3 +67,8 @@ class EmptyClassFolderError(UserError, ValueError):
 
 class UndecodableImageError(UserError, ValueError):
   """Image files of a folder dataset that TF cannot decode; the message names the first."""
+
+
+class CheckpointDamagedError(UserError, ValueError):
+  """No training checkpoint of a workdir can be read back (truncated, missing or garbled
+  files, no commit marker); the message names each step, why, and that nothing changed."""

@@ -19,7 +19,7 @@ import json
 import os
 import shutil
 import tempfile
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +27,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from strip_mlp import registry, train_checkpoint
+from strip_mlp import checkpoint_recovery, registry, train_checkpoint
 
 from strip_mlp.errors import CheckpointWriteError, EvalError, NotACheckpointError
 from strip_mlp.model import StripMLP, abstract_variables
@@ -35,6 +35,7 @@ from strip_mlp.storage_errors import (
     StorageNoiseFilter,
     format_bytes,
     is_storage_error,
+    quiet_closed_event_loop_errors,
     storage_error_reason,
     tree_nbytes,
 )
@@ -262,6 +263,7 @@ def load_weights(
       None,
       root,
       "the checkpoint is damaged; convert the .pth file again",
+      lambda why: f"checkpoint {root} is damaged ({why}); convert the .pth file again",
   )
   return LoadedCheckpoint(model, variables, "converted", root)
 
@@ -279,7 +281,8 @@ def _load_workdir(
     )
   model = _model(meta["model"], where, dtype=dtype)
   state_dir = os.path.join(where, train_checkpoint.STATE)
-  if ema and not _tree_metadata(state_dir).get("ema"):
+  damaged = lambda why: checkpoint_recovery.eval_message(checkpoints_dir, step, why)
+  if ema and not _tree_metadata(state_dir, damaged).get("ema"):
     raise EvalError(
         f"checkpoint {where} has no EMA weights (trained with ema_decay=0); "
         "evaluate the raw weights: drop --ema"
@@ -291,7 +294,8 @@ def _load_workdir(
       mesh,
       "ema" if ema else None,
       where,
-      "the checkpoint is damaged or was written by another version " "of train.py",
+      "the checkpoint is damaged or was written by another version of train.py",
+      damaged,
   )
   cfg_path = os.path.join(workdir, train_checkpoint.CONFIG_FILE)
   train_config = _read_json(cfg_path).get("config") if os.path.isfile(cfg_path) else None
@@ -299,14 +303,21 @@ def _load_workdir(
 
 
 def restore_onto(
-    directory: str, abstract: dict, mesh: Mesh, key: str | None, where: str, hint: str
+    directory: str,
+    abstract: dict,
+    mesh: Mesh,
+    key: str | None,
+    where: str,
+    hint: str,
+    damaged: Callable[[str], str],
 ) -> dict:
   """{'params', 'batch_stats'} read from the orbax tree in `directory` (at `key` of it, or
   at its top) straight into arrays replicated over `mesh`; other entries (optimizer state,
   the other weights) are not read. Checks the stored shapes against `abstract` first
-  (EvalError naming `where` and `hint`). Every process calls it (any topology: the
+  (EvalError naming `where` and `hint`); files that cannot be read raise EvalError with
+  `damaged(what is wrong, in a few words)`. Every process calls it (any topology: the
   shardings come from `mesh`, not from the checkpoint)."""
-  stored = _tree_metadata(directory)
+  stored = _tree_metadata(directory, damaged)
   stored = stored.get(key, {}) if key else stored
   problem = describe_mismatch(
       shape_map({k: stored.get(k, {}) for k in abstract}), shape_map(abstract)
@@ -320,21 +331,27 @@ def restore_onto(
   if key:
     target = {key: target}
   restore_args = jax.tree_util.tree_map(lambda _: ocp.ArrayRestoreArgs(sharding=repl), target)
-  restored = ocp.Checkpointer(ocp.PyTreeCheckpointHandler()).restore(
-      directory,
-      args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True),
-  )
+  quiet_closed_event_loop_errors()  # left by the reads of a failed restore
+  try:
+    restored = ocp.Checkpointer(ocp.PyTreeCheckpointHandler()).restore(
+        directory,
+        args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True),
+    )
+  except checkpoint_recovery.READ_ERRORS as e:
+    why = checkpoint_recovery.describe_read_error(e, os.path.dirname(directory))
+    raise EvalError(damaged(why)) from None
   variables = restored[key] if key else restored
   return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
 
 
-def _tree_metadata(directory: str) -> dict:
+def _tree_metadata(directory: str, damaged: Callable[[str], str]) -> dict:
   from etils import epath  # pylint: disable=g-import-not-at-top
 
   try:
     md = ocp.PyTreeCheckpointHandler().metadata(epath.Path(directory))
-  except (OSError, ValueError, FileNotFoundError) as e:
-    raise EvalError(f"cannot read checkpoint {directory}: {e}") from None
+  except checkpoint_recovery.READ_ERRORS as e:
+    why = checkpoint_recovery.describe_read_error(e, os.path.dirname(directory))
+    raise EvalError(damaged(why)) from None
   tree = getattr(md, "tree", md)
   return dict(tree) if tree is not None else {}
 

@@ -13,7 +13,8 @@ processes have finished writing (plus a commit marker on object stores), so a cr
 mid-save leaves no directory that `latest_step` would return; leftovers are deleted when
 the next manager opens the directory. Arrays are stored per shard with their global shape,
 so a checkpoint restores onto any number of devices/processes: pass targets that carry the
-new shardings.
+new shardings. A run resumes from the newest step that reads back in full and sets damaged
+ones aside (checkpoint_recovery); eval.py names a damaged step in one line.
 
 A save that fails (disk full, permissions) raises CheckpointSaveError, one line, from
 whichever call first sees it (save, newly_committed, wait or close); the previous
@@ -30,9 +31,11 @@ import os
 from typing import Any
 
 import orbax.checkpoint as ocp
+from etils import epath
 from flax import serialization
 from orbax.checkpoint import checkpoint_managers as ocm
 
+from strip_mlp import checkpoint_recovery
 from strip_mlp.errors import CheckpointMismatchError, CheckpointSaveError, EvalError
 from strip_mlp.model import ARCHITECTURE_KEYS
 from strip_mlp.storage_errors import (
@@ -46,8 +49,8 @@ from strip_mlp.tree_diff import describe_mismatch, shape_map
 CHECKPOINT_DIR = "checkpoints"
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
-STATE = "state"
-META = "meta"
+STATE = checkpoint_recovery.STATE
+META = checkpoint_recovery.META
 
 
 class Checkpointer:
@@ -104,6 +107,7 @@ class Checkpointer:
           **best,
       )
     self._filter = StorageNoiseFilter(self.directory).attach()
+    self._filter.messages.update(_DAMAGED_STEP_NOTES)  # a damaged step is reported as one
     try:
       with self._filter.quiet(_READ_ONLY_WARNING if read_only else None):
         self.manager = ocp.CheckpointManager(
@@ -241,57 +245,57 @@ class Checkpointer:
 
   # --------------------------------------------------------------------------- restore
   def read_meta(self, step: int) -> dict:
-    return dict(
-        self.manager.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))[META]
-    )
+    """The meta of checkpoint `step` (JSON; read without orbax's cross-process barrier)."""
+    return dict(ocp.JsonCheckpointHandler().restore(epath.Path(self.directory) / str(step) / META))
 
   def check_compatible(self, step: int, target: Any, model_config: dict | None = None):
     """Raises CheckpointMismatchError (one line saying what to do) if checkpoint `step`
     does not fit `target` (the abstract train state)."""
-    where = os.path.join(self.directory, str(step))
-    hint = (
-        f"start a fresh --workdir, or train with the config that wrote it "
-        f"({os.path.dirname(self.directory)}/config.json)"
-    )
-    if model_config is not None:
-      stored = self.read_meta(step).get("model")
-      if stored is not None:
-        diff = {
-            k: (stored.get(k), v)
-            for k, v in model_config.items()
-            if k in ARCHITECTURE_KEYS + ("family",) and _norm(stored.get(k)) != _norm(v)
-        }
-        if diff:
-          desc = ", ".join(
-              f"{k} {a!r} in the checkpoint vs {b!r} now" for k, (a, b) in sorted(diff.items())
-          )
-          raise CheckpointMismatchError(
-              f"checkpoint {where} was written for a different model ({desc}); {hint}"
-          )
     tree = self.manager.item_metadata(step)[STATE]
-    tree = getattr(tree, "tree", tree)
-    problem = describe_mismatch(
-        shape_map(tree), shape_map(serialization.to_state_dict(target)), expected_in="now"
+    check_fits(
+        os.path.join(self.directory, str(step)),
+        self.read_meta(step),
+        getattr(tree, "tree", tree),
+        target,
+        model_config,
     )
-    if problem:
-      raise CheckpointMismatchError(
-          f"checkpoint {where} does not fit the model/optimizer being trained: {problem}; {hint}"
-      )
 
   def restore(self, step: int, target: Any) -> tuple[Any, dict]:
     """(state, meta) of checkpoint `step`; `target` is a pytree of ShapeDtypeStructs with
-    the shardings wanted now (any device count), of the same structure as the saved state."""
-    restored = self.manager.restore(
-        step,
-        args=ocp.args.Composite(
-            **{
-                STATE: ocp.args.StandardRestore(serialization.to_state_dict(target)),
-                META: ocp.args.JsonRestore(),
-            }
-        ),
+    the shardings wanted now (any device count), of the same structure as the saved state.
+    Every process calls it; it has no barrier (checkpoint_recovery.read_step)."""
+    return checkpoint_recovery.read_step(os.path.join(self.directory, str(step)), target)
+
+
+def check_fits(where: str, meta: dict, tree: Any, target: Any, model_config: dict | None):
+  """Raises CheckpointMismatchError (one line saying what to do) if the checkpoint at
+  `where`, with `meta` and the stored state's tree metadata `tree`, does not fit `target`
+  (the abstract train state) or was written for another model than `model_config`."""
+  hint = (
+      f"start a fresh --workdir, or train with the config that wrote it "
+      f"({os.path.dirname(os.path.dirname(where))}/config.json)"
+  )
+  stored = meta.get("model") if model_config is not None else None
+  if stored is not None:
+    diff = {
+        k: (stored.get(k), v)
+        for k, v in model_config.items()
+        if k in ARCHITECTURE_KEYS + ("family",) and _norm(stored.get(k)) != _norm(v)
+    }
+    if diff:
+      desc = ", ".join(
+          f"{k} {a!r} in the checkpoint vs {b!r} now" for k, (a, b) in sorted(diff.items())
+      )
+      raise CheckpointMismatchError(
+          f"checkpoint {where} was written for a different model ({desc}); {hint}"
+      )
+  problem = describe_mismatch(
+      shape_map(tree), shape_map(serialization.to_state_dict(target)), expected_in="now"
+  )
+  if problem:
+    raise CheckpointMismatchError(
+        f"checkpoint {where} does not fit the model/optimizer being trained: {problem}; {hint}"
     )
-    state = serialization.from_state_dict(target, restored[STATE])
-    return state, dict(restored[META])
 
 
 def is_step_dir(path: str) -> bool:
@@ -303,8 +307,14 @@ def is_step_dir(path: str) -> bool:
 
 def select_step(checkpoints_dir: str, step: int | None, which: str) -> tuple[int, dict]:
   """(step, its meta) to read from `checkpoints_dir` (opened read-only): `step` if given,
-  else the latest or the best (highest eval top-1). Raises EvalError (one line)."""
-  ckpt = Checkpointer(checkpoints_dir, read_only=True)
+  else the latest or the best (highest eval top-1). Raises EvalError (one line), also when
+  that step is damaged (checkpoint_recovery.file_problem, an unreadable meta)."""
+  try:
+    ckpt = Checkpointer(checkpoints_dir, read_only=True)
+  except checkpoint_recovery.READ_ERRORS as e:  # orbax reads the metrics of every step
+    if isinstance(e, EvalError):
+      raise
+    raise EvalError(checkpoint_recovery.eval_message(checkpoints_dir, None, str(e))) from None
   try:
     steps = ckpt.all_steps()
     if not steps:
@@ -318,7 +328,14 @@ def select_step(checkpoints_dir: str, step: int | None, which: str) -> tuple[int
       raise EvalError(f"--which={which!r}: use 'latest' or 'best'")
     if step is None:
       step = steps[-1] if which == "latest" else _best_step(ckpt, steps)
-    return int(step), ckpt.read_meta(int(step))
+    step = int(step)
+    why = checkpoint_recovery.file_problem(os.path.join(checkpoints_dir, str(step)))
+    if why is None:
+      try:
+        return step, ckpt.read_meta(step)
+      except checkpoint_recovery.READ_ERRORS as e:
+        why = checkpoint_recovery.describe_read_error(e, os.path.join(checkpoints_dir, str(step)))
+    raise EvalError(checkpoint_recovery.eval_message(checkpoints_dir, step, why))
   finally:
     ckpt.close()
 
@@ -363,3 +380,7 @@ def _norm(v):
 
 _NO_METRICS_WARNING = "Requested `tracked_metric`; did not provide metrics."
 _READ_ONLY_WARNING = "Given directory is read only=%s"
+_DAMAGED_STEP_NOTES = (
+    "Failed to json parse Metadata file: %s, file content: %s, error: %s",
+    "Metadata file does not exist: %s",
+)

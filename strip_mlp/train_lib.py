@@ -22,6 +22,7 @@ import ml_collections
 
 from strip_mlp import evaluate, finetune, registry, sharding, train_checkpoint
 from strip_mlp.build import Built, build
+from strip_mlp.checkpoint_recovery import find_resume_point
 from strip_mlp.errors import TrainingDivergedError
 from strip_mlp.metric_writer import MetricWriter
 from strip_mlp.model import count_params
@@ -70,8 +71,10 @@ def train_and_evaluate(
   _log_setup(config, mesh, info, plan)
 
   # ---- state: the newest checkpoint, else init (+ optional pretrained weights)
+  ckpt_dir = os.path.join(workdir, train_checkpoint.CHECKPOINT_DIR)
+  state, best_top1 = _restore_or_init(config, run, ckpt_dir)  # before orbax opens the dir
   ckpt = train_checkpoint.Checkpointer(
-      os.path.join(workdir, train_checkpoint.CHECKPOINT_DIR),
+      ckpt_dir,
       keep=config.keep_checkpoints,
       keep_best=config.keep_best,
       async_save=config.async_checkpointing,
@@ -81,7 +84,6 @@ def train_and_evaluate(
       "num_devices": int(mesh.devices.size),
       "num_processes": jax.process_count(),
   }
-  state, best_top1 = _restore_or_init(config, run, ckpt)
   start_step = int(jax.device_get(state.step))
   save_config(config, plan, workdir, dict(meta, mesh=dict(mesh.shape)))
   end_step = plan.total_steps if stop_at_step is None else min(plan.total_steps, stop_at_step)
@@ -200,15 +202,23 @@ def _steps(every: float) -> str:
   return f"{every:.1f}".removesuffix(".0")
 
 
-def _restore_or_init(config, run: Built, ckpt: train_checkpoint.Checkpointer):
-  """(state, best eval top-1 so far) from the newest checkpoint, else a fresh init (from
-  config.init_from's weights when given)."""
-  latest = ckpt.latest_step()
-  if latest is not None:
-    ckpt.check_compatible(latest, run.abstract_state, registry.model_config(run.model))
-    state, stored = ckpt.restore(latest, run.abstract_state)
-    log(f"resumed from {ckpt.directory}/{latest} (step {int(stored['step'])})")
-    return state, float(stored.get("best_top1", -1.0))
+def _restore_or_init(config, run: Built, ckpt_dir: str):
+  """(state, best eval top-1 so far) from the newest intact checkpoint in `ckpt_dir`
+  (damaged newer ones are set aside with a one-line warning; none intact: one-line
+  CheckpointDamagedError), else a fresh init (from config.init_from's weights if given)."""
+  model_config = registry.model_config(run.model)
+  point = find_resume_point(
+      ckpt_dir,
+      run.abstract_state,
+      lambda where, meta, tree: train_checkpoint.check_fits(
+          where, meta, tree, run.abstract_state, model_config
+      ),
+  )
+  if point.warning:
+    log(point.warning)
+  if point.step is not None:
+    log(f"resumed from {ckpt_dir}/{point.step} (step {int(point.meta['step'])})")
+    return point.state, float(point.meta.get("best_top1", -1.0))
   t0 = time.time()
   pretrained = None
   if config.init_from:

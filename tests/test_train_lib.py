@@ -174,6 +174,7 @@ def test_sigterm_or_ctrl_c_saves_and_resume_continues(tmp_path, sig):
   saved = int(log.split("preempted at step ")[1].split(":")[0])
   assert 3 <= saved < utils.TOTAL_STEPS
   assert sorted(int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit()) == [saved]
+  assert not os.path.exists(tmp_path / "train.lock")  # released on SIGTERM / Ctrl-C
 
   result, log = run(utils.small_config(**MINI), tmp_path, stop_at_step=saved + 2)
   assert f"resumed from {tmp_path}/checkpoints/{saved}" in log

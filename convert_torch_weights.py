@@ -48,8 +48,9 @@ def _check_new_file(dst: str) -> None:
 
 
 def _to_flax(args) -> str:
-  from strip_mlp.model_checkpoint import save_checkpoint  # pylint: disable=g-import-not-at-top
-  from strip_mlp import registry  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from strip_mlp.checkpoints.model_checkpoint import save_checkpoint
+  from strip_mlp.models import registry  # pylint: disable=g-import-not-at-top
 
   if args.step is not None or args.which is not None or args.ema is not None:
     raise UsageError(
@@ -68,8 +69,9 @@ def _to_flax(args) -> str:
 
 def _to_torch(args) -> str:
   import jax  # pylint: disable=g-import-not-at-top
-  from strip_mlp import model_checkpoint, sharding  # pylint: disable=g-import-not-at-top
-  from strip_mlp import registry  # pylint: disable=g-import-not-at-top
+  from strip_mlp.checkpoints import model_checkpoint  # pylint: disable=g-import-not-at-top
+  from strip_mlp.runtime import sharding  # pylint: disable=g-import-not-at-top
+  from strip_mlp.models import registry  # pylint: disable=g-import-not-at-top
 
   dst = os.path.abspath(args.dst)
   _check_new_file(dst)
@@ -126,7 +128,8 @@ def write_new_file(dst: str, write) -> None:
     if os.path.exists(tmp):
       os.remove(tmp)
     if isinstance(e, (OSError, RuntimeError)) and not isinstance(e, UserError):
-      from strip_mlp.storage_errors import storage_error_reason  # pylint: disable=g-import-not-at-top
+      # pylint: disable-next=g-import-not-at-top
+      from strip_mlp.checkpoints.storage_errors import storage_error_reason
 
       raise ConvertError(
           f"cannot write {dst}: {storage_error_reason(e)[1]}; nothing was "

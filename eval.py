@@ -34,7 +34,8 @@ from absl import flags  # noqa: E402
 import ml_collections  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from strip_mlp import cli, data  # noqa: E402
+from strip_mlp.runtime import cli  # noqa: E402
+from strip_mlp import data  # noqa: E402
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "default.py")
 _STDERR_FD = os.dup(2)  # stderr even while TensorFlow's import notices are redirected
@@ -133,7 +134,8 @@ def _config(fv: flags.FlagValues) -> tuple[ml_collections.ConfigDict, bool]:
 
 def _workdir_config(path: str) -> ml_collections.ConfigDict | None:
   from configs import common  # pylint: disable=g-import-not-at-top
-  from strip_mlp import model_checkpoint, train_checkpoint  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from strip_mlp.checkpoints import model_checkpoint, train_checkpoint
 
   try:
     kind, root, _ = model_checkpoint.locate_checkpoint(path)
@@ -162,8 +164,9 @@ def _workdir_config(path: str) -> ml_collections.ConfigDict | None:
 
 
 def run(fv: flags.FlagValues) -> dict:
-  """Evaluates as the flags say (strip_mlp.eval_lib.run) with the config `_config` picks."""
-  from strip_mlp import eval_lib  # pylint: disable=g-import-not-at-top
+  """Evaluates as the flags say (strip_mlp.evaluation.eval_lib.run) with the config `_config`
+  picks."""
+  from strip_mlp.evaluation import eval_lib  # pylint: disable=g-import-not-at-top
 
   if not fv.checkpoint:
     raise cli.UsageError("--checkpoint=DIR is required")

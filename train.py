@@ -16,7 +16,7 @@ stderr (exit code 1) before anything is initialised or compiled; Ctrl-C prints w
 resume (exit code 130). In a multi-process run, when a process dies hard (SIGKILL, out of
 memory, host gone), every other one stops within about --heartbeat_timeout_seconds with one
 line naming it and the checkpoint a rerun resumes from (exit code 75;
-strip_mlp/supervisor.py). Compiled programs are kept in a persistent cache
+strip_mlp/runtime/supervisor.py). Compiled programs are kept in a persistent cache
 (--compilation_cache_dir), so a rerun skips most of the compile time.
 """
 
@@ -27,7 +27,7 @@ import sys
 
 PROG = "train.py"
 if __name__ == "__main__":
-  from strip_mlp import supervisor  # no JAX: multi-process runs start as a child, here
+  from strip_mlp.runtime import supervisor  # no JAX: multi-process runs start as a child, here
 
   supervisor.supervise(PROG)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -51,7 +51,9 @@ from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from strip_mlp import cli, data, workdir_lock  # noqa: E402
+from strip_mlp.runtime import cli  # noqa: E402
+from strip_mlp import data  # noqa: E402
+from strip_mlp.checkpoints import workdir_lock  # noqa: E402
 
 data.import_tensorflow_quietly()  # the data pipeline's, with its start-up notices dropped
 
@@ -93,7 +95,7 @@ def _default_workdir() -> str:
 
 def _resume_point(workdir: str) -> str:
   """What a rerun will do, from the files in the workdir (for the Ctrl-C message)."""
-  from strip_mlp import train_checkpoint  # pylint: disable=g-import-not-at-top
+  from strip_mlp.checkpoints import train_checkpoint  # pylint: disable=g-import-not-at-top
 
   step, saved = None, []
   try:
@@ -136,7 +138,7 @@ _on_sigint.seen = False
 
 def _train(config, workdir: str):
   import jax  # pylint: disable=g-import-not-at-top
-  from strip_mlp import plan, train_lib  # pylint: disable=g-import-not-at-top
+  from strip_mlp.train import plan, train_lib  # pylint: disable=g-import-not-at-top
 
   plan.validate_config(config, check_devices=False)  # before a (blocking) multi-process start
   cli.start_processes()

@@ -30,7 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from strip_mlp import create_model, windows  # noqa: E402  pylint: disable=g-import-not-at-top
+from strip_mlp import create_model  # noqa: E402  pylint: disable=g-import-not-at-top
+from strip_mlp.models import windows  # noqa: E402  pylint: disable=g-import-not-at-top
 
 
 def parse_args(argv=None):

@@ -44,8 +44,8 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, REPO)
 import bench_util  # noqa: E402  pylint: disable=g-import-not-at-top
 import host_memory  # noqa: E402  pylint: disable=g-import-not-at-top
-from strip_mlp import registry  # noqa: E402
-from strip_mlp.model import abstract_variables, count_params  # noqa: E402
+from strip_mlp.models import registry  # noqa: E402
+from strip_mlp.models.strip_mlp import abstract_variables, count_params  # noqa: E402
 
 # Comparable sizes: each family's smallest variant (~10-18M parameters) and the next one
 # up (~21-29M); the larger variants can be named with --variants.

@@ -3,7 +3,7 @@ r"""Our model in a process of its own, timed step by step for the model and fami
     python benchmarks/jax_worker.py SPEC_JSON
 
 SPEC_JSON: {"model": constructor keyword arguments plus "variant", a variant of any family
-(strip_mlp.registry: "tiny_light", "poolformer_s12", ...), "inputs": an .npz with `images`
+(strip_mlp.models.registry: "tiny_light", "poolformer_s12", ...), "inputs": an .npz with `images`
 (N, R, R, 3) float32 and `labels` (N,) int32, "modes": ["inference", "train"],
 "compiler_options": {XLA option: value} for the inference function (empty as shipped)}.
 
@@ -27,7 +27,8 @@ import optax
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import bench_util  # noqa: E402  pylint: disable=g-import-not-at-top
-from strip_mlp import count_params, registry  # noqa: E402  pylint: disable=g-import-not-at-top
+from strip_mlp import count_params  # noqa: E402  pylint: disable=g-import-not-at-top
+from strip_mlp.models import registry  # noqa: E402  pylint: disable=g-import-not-at-top
 
 
 def _flops(compiled) -> float:

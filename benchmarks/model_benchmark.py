@@ -134,7 +134,7 @@ def _model_spec(args, variant, dtype) -> dict:
 def _official_arch(spec) -> dict:
   """StripMLPNet's arguments for the model `spec` describes (variant sizes resolved here)."""
   sys.path.insert(0, os.path.dirname(HERE))
-  from strip_mlp.model import VARIANTS  # pylint: disable=g-import-not-at-top
+  from strip_mlp.models.strip_mlp import VARIANTS  # pylint: disable=g-import-not-at-top
 
   sizes = VARIANTS[spec["variant"]]
   return dict(

@@ -5,7 +5,7 @@ r"""Train-step throughput of the published recipe (AdamW, mixup/cutmix, drop pat
     python benchmarks/train_step_benchmark.py --variants base --batch_size 128 --repeats 20
 
 Synthetic images (the input pipeline is not measured), the jitted, donated train step of
-strip_mlp.build (what train.py compiles) on all local devices; prints a table row per variant.
+strip_mlp.train.build (what train.py compiles) on all local devices; prints a table row per variant.
 """
 
 import argparse
@@ -22,8 +22,9 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_util  # noqa: E402  pylint: disable=g-import-not-at-top
 from configs import common  # noqa: E402
-from strip_mlp import count_params, sharding  # noqa: E402
-from strip_mlp.build import build  # noqa: E402
+from strip_mlp import count_params  # noqa: E402
+from strip_mlp.runtime import sharding  # noqa: E402
+from strip_mlp.train.build import build  # noqa: E402
 
 IMAGENET = types.SimpleNamespace(num_train=1_281_167, num_eval=50_000, num_classes=1000)
 

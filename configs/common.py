@@ -13,7 +13,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from strip_mlp.data import config as data_config
-from strip_mlp.model import VARIANTS
+from strip_mlp.models.strip_mlp import VARIANTS
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -29,12 +29,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.img_size = config_dict.placeholder(int)  # None: data.image_size
   c.model.drop_path_rate = 0.1  # released trainer: 0.1 in every block
   c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (params stay f32)
-  # Formulation of the ops (same parameters, same function; strip_mlp.ops): 'auto' picks
+  # Formulation of the ops (same parameters, same function; strip_mlp.models.ops): 'auto' picks
   # the fastest per backend. depthwise: auto | xla | shift; patchify: auto | xla | einsum.
   c.model.depthwise_impl = "auto"
   c.model.patchify_impl = "auto"
   c.model.remat = False  # recompute each block in the backward pass (memory)
-  # Another family by variant name (strip_mlp.registry): poolformer_s12 ... poolformer_m48,
+  # Another family by variant name (strip_mlp.models.registry): poolformer_s12 ... poolformer_m48,
   # raftmlp_s/m/l, msmlp_t/s/b; '' is Strip-MLP (model.variant / embed_dim + layers).
   c.model.name = ""
 
@@ -81,7 +81,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.lr.scaling = "none"
   c.lr.schedule = "cosine"  # cosine | constant (after the warmup)
   c.lr.warmup_prefix = False  # timm default: cosine phase measured from step 0
-  # Which schedule value an update uses (strip_mlp.optim.LR_TIMINGS): 'released': update i
+  # Which schedule value an update uses (strip_mlp.train.optim.LR_TIMINGS): 'released': update i
   # uses lr(max(i - 1, 0)) (the released train_one_epoch steps the scheduler after the
   # update); 'current': lr(i); 'epoch': lr at the start of i's epoch (timm per epoch).
   c.lr.timing = "released"
@@ -116,7 +116,7 @@ def imagenet_config(variant: str) -> ml_collections.ConfigDict:
 
 
 def family_config(family: str, variant: str, drop_path: dict) -> ml_collections.ConfigDict:
-  """base_config() training `<family>_<variant>` (strip_mlp.registry) with its paper's drop
+  """base_config() training `<family>_<variant>` (strip_mlp.models.registry) with its paper's drop
   path; the caller sets the rest of that paper's recipe and locks the config."""
   if variant not in drop_path:
     raise ValueError(

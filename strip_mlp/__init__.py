@@ -6,18 +6,18 @@
 
 Importing the package needs neither TensorFlow nor PyTorch, and not even JAX: the names
 below load their module on first use (PEP 562), so a light module such as
-strip_mlp.supervisor starts in milliseconds.
+strip_mlp.runtime.supervisor starts in milliseconds.
 """
 
 import importlib
 
 _EXPORTS = {
-    "load_checkpoint": "strip_mlp.model_checkpoint",
-    "save_checkpoint": "strip_mlp.model_checkpoint",
-    "VARIANTS": "strip_mlp.model",
-    "StripMLP": "strip_mlp.model",
-    "count_params": "strip_mlp.model",
-    "create_model": "strip_mlp.model",
+    "load_checkpoint": "strip_mlp.checkpoints.model_checkpoint",
+    "save_checkpoint": "strip_mlp.checkpoints.model_checkpoint",
+    "VARIANTS": "strip_mlp.models.strip_mlp",
+    "StripMLP": "strip_mlp.models.strip_mlp",
+    "count_params": "strip_mlp.models.strip_mlp",
+    "create_model": "strip_mlp.models.strip_mlp",
 }
 
 __all__ = sorted(_EXPORTS)

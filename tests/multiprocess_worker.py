@@ -28,7 +28,7 @@ def main():
       process_id=int(process_id),
       initialization_timeout=120,
   )
-  from strip_mlp import train_lib  # pylint: disable=g-import-not-at-top
+  from strip_mlp.train import train_lib  # pylint: disable=g-import-not-at-top
 
   config = train_test_utils.small_config(**train_test_utils.MINI)
   result = train_lib.train_and_evaluate(config, workdir, stop_at_step=int(stop_at))

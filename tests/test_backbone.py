@@ -11,11 +11,12 @@ from flax import traverse_util
 from jax import lax
 
 from conftest import FIXTURE_NAMES
-from strip_mlp import StripMLP, VARIANTS, count_params, create_model, windows
+from strip_mlp import StripMLP, VARIANTS, count_params, create_model
+from strip_mlp.models import windows
 from strip_mlp.convert import state_dict_to_variables, torch_to_flax, variables_to_state_dict
-from strip_mlp.layers import StripMixing
-from strip_mlp.model import ModelInputError, abstract_variables
-from strip_mlp.torch_io import read_state_dict
+from strip_mlp.models.strip_mlp_layers import StripMixing
+from strip_mlp.models.strip_mlp import ModelInputError, abstract_variables
+from strip_mlp.convert.torch_io import read_state_dict
 
 SMALL = FIXTURE_NAMES[0]  # embed 40, layers 1,1,2,1, 32 px: strip lengths 8, 4, 2, 1
 # One block in stage 1 and stage 4: both ends of the strip lengths, at a small compile.

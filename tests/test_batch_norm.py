@@ -9,10 +9,10 @@ import pytest
 import torch
 
 import train_test_utils as utils
-from strip_mlp import sharding
-from strip_mlp.batch_norm import BatchNorm
-from strip_mlp.build import build
-from strip_mlp.model import StripMLP
+from strip_mlp.runtime import sharding
+from strip_mlp.models.batch_norm import BatchNorm
+from strip_mlp.train.build import build
+from strip_mlp.models.strip_mlp import StripMLP
 
 
 def _torch_step(x_nhwc, momentum=0.1):
@@ -68,7 +68,7 @@ def _setup(accum, image_size):
 
 def _by_hand(run, config, state, batch):
   """The loss and running statistics the grouped step must give, one group at a time."""
-  from strip_mlp.mixup import mixup_cutmix  # pylint: disable=g-import-not-at-top
+  from strip_mlp.train.mixup import mixup_cutmix  # pylint: disable=g-import-not-at-top
 
   @jax.jit
   def group(stats, images, labels, rng):
@@ -117,7 +117,7 @@ def test_ghost_groups_are_separate_batches_on_eight_devices(accum, image_size, f
 
 def test_group_size_must_divide_the_micro_batch():
   from strip_mlp.errors import ConfigError  # pylint: disable=g-import-not-at-top
-  from strip_mlp.plan import validate_config  # pylint: disable=g-import-not-at-top
+  from strip_mlp.train.plan import validate_config  # pylint: disable=g-import-not-at-top
 
   with pytest.raises(ConfigError, match=r"group_size=24 must be 0 .* micro-batch .* = 32"):
     validate_config(utils.small_config(group_size=24, grad_accum_steps=2), check_devices=False)

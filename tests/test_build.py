@@ -1,15 +1,16 @@
-"""build(config, info, mesh) (strip_mlp/build.py): the model a config names, of any family,
+"""build(config, info, mesh) (strip_mlp/train/build.py): the model a config names, of any family,
 with its abstract train state (nothing compiled)."""
 
 import jax
 import pytest
 
 import train_test_utils
-from strip_mlp import registry, sharding
-from strip_mlp.build import build
+from strip_mlp.models import registry
+from strip_mlp.runtime import sharding
+from strip_mlp.train.build import build
 from strip_mlp.errors import ConfigError
-from strip_mlp.model import StripMLP, abstract_variables, count_params
-from strip_mlp.plan import validate_config
+from strip_mlp.models.strip_mlp import StripMLP, abstract_variables, count_params
+from strip_mlp.train.plan import validate_config
 
 
 @pytest.mark.parametrize(

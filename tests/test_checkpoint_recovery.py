@@ -18,10 +18,10 @@ import pytest
 
 import train_test_utils  # noqa: F401,E402  (the session's compilation cache)
 
-from strip_mlp import checkpoint_recovery  # noqa: E402
-from strip_mlp.checkpoint_recovery import find_resume_point  # noqa: E402
+from strip_mlp.checkpoints import checkpoint_recovery  # noqa: E402
+from strip_mlp.checkpoints.checkpoint_recovery import find_resume_point  # noqa: E402
 from strip_mlp.errors import CheckpointDamagedError, CheckpointMismatchError  # noqa: E402
-from strip_mlp.train_checkpoint import Checkpointer  # noqa: E402
+from strip_mlp.checkpoints.train_checkpoint import Checkpointer  # noqa: E402
 
 
 def _state(step):

@@ -128,7 +128,7 @@ import sys
 import jax, numpy as np
 from strip_mlp import StripMLP, save_checkpoint
 from strip_mlp.data import digits
-from strip_mlp.model import abstract_variables
+from strip_mlp.models.strip_mlp import abstract_variables
 model = StripMLP(embed_dim=16, layers=(0, 0, 0, 0), img_size=32, num_classes=10)
 zeros = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), abstract_variables(model))
 save_checkpoint(sys.argv[1], model, dict(zeros))
@@ -249,7 +249,7 @@ def test_patchify_impl_is_a_config_key():
   """Documented in the README: accepted by the config and checked like depthwise_impl."""
   sys.path.insert(0, REPO)
   from configs import default  # pylint: disable=g-import-not-at-top
-  from strip_mlp import plan  # pylint: disable=g-import-not-at-top
+  from strip_mlp.train import plan  # pylint: disable=g-import-not-at-top
 
   config = default.get_config()
   for impl in ("auto", "xla", "einsum"):

@@ -19,8 +19,8 @@ import pytest
 
 import train_test_utils  # noqa: E402
 
-from strip_mlp import build as build_lib  # noqa: E402
-from strip_mlp import plan as plan_lib  # noqa: E402
+from strip_mlp.train import build as build_lib  # noqa: E402
+from strip_mlp.train import plan as plan_lib  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(
@@ -137,7 +137,7 @@ def test_raftmlp_recipe_crops_like_its_trainer():
 def _event_steps(plan, every: float) -> list:
   """The steps at which train_lib's loop evaluates (every=plan.eval_every) or saves
   (plan.checkpoint_every) in an uninterrupted run: each interval, and the last step."""
-  from strip_mlp.train_helpers import is_time  # pylint: disable=g-import-not-at-top
+  from strip_mlp.train.train_helpers import is_time  # pylint: disable=g-import-not-at-top
 
   last = plan.total_steps
   return [s for s in range(1, last + 1) if is_time(s, every) or s == last]

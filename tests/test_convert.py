@@ -17,10 +17,10 @@ import convert_torch_weights
 import family_fixtures as ff
 from conftest import FIXTURE_NAMES, REPO
 from strip_mlp import load_checkpoint, save_checkpoint
-from strip_mlp.train_checkpoint import Checkpointer
+from strip_mlp.checkpoints.train_checkpoint import Checkpointer
 from strip_mlp.convert import flax_to_torch, torch_to_flax, variables_to_state_dict
 from strip_mlp.errors import CheckpointFormatError
-from strip_mlp.torch_io import read_state_dict
+from strip_mlp.convert.torch_io import read_state_dict
 
 SMALL = FIXTURE_NAMES[0]
 

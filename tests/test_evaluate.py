@@ -1,4 +1,4 @@
-"""Evaluation (strip_mlp/evaluate.py, eval.py): every example counted once on 1 and 8
+"""Evaluation (strip_mlp/evaluation/evaluate.py, eval.py): every example counted once on 1 and 8
 devices and on simulated hosts, exact agreement with a direct computation, the converted
 PyTorch fixture's predictions, training-workdir checkpoints (latest/best/step, EMA/raw),
 and the one-line errors.
@@ -21,17 +21,19 @@ import pytest
 
 import train_test_utils  # noqa: E402
 
-from strip_mlp import StripMLP, model_checkpoint, sharding  # noqa: E402
+from strip_mlp import StripMLP  # noqa: E402
+from strip_mlp.checkpoints import model_checkpoint  # noqa: E402
+from strip_mlp.runtime import sharding  # noqa: E402
 from strip_mlp.data import config as data_config  # noqa: E402
 from strip_mlp.data import pipeline  # noqa: E402
-from strip_mlp import eval_lib  # noqa: E402
-from strip_mlp import evaluate as ev  # noqa: E402
-from strip_mlp import train_checkpoint  # noqa: E402
+from strip_mlp.evaluation import eval_lib  # noqa: E402
+from strip_mlp.evaluation import evaluate as ev  # noqa: E402
+from strip_mlp.checkpoints import train_checkpoint  # noqa: E402
 from strip_mlp.errors import EvalError  # noqa: E402
-from strip_mlp.model_checkpoint import save_checkpoint  # noqa: E402
-from strip_mlp.steps import TrainState  # noqa: E402
+from strip_mlp.checkpoints.model_checkpoint import save_checkpoint  # noqa: E402
+from strip_mlp.train.steps import TrainState  # noqa: E402
 from strip_mlp.convert import torch_to_flax  # noqa: E402
-from strip_mlp.model import abstract_variables  # noqa: E402
+from strip_mlp.models.strip_mlp import abstract_variables  # noqa: E402
 
 SPLIT_SIZE = 359  # digits 'test'
 FIXTURE = "smlp_e40_i32_l1121_c10"  # 32 px, 10 classes: fits the digits

@@ -1,4 +1,4 @@
-"""Fine-tuning (strip_mlp/finetune.py): fitting pretrained weights to the model
+"""Fine-tuning (strip_mlp/train/finetune.py): fitting pretrained weights to the model
 being fine-tuned. Reading and writing converted directories is tested with the converter
 (tests/test_convert.py) and reading any path with evaluation (tests/test_evaluate.py)."""
 
@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 import train_test_utils
-from strip_mlp import finetune, sharding
-from strip_mlp.build import build
+from strip_mlp.train import finetune
+from strip_mlp.runtime import sharding
+from strip_mlp.train.build import build
 from strip_mlp.errors import CheckpointMismatchError
 
 

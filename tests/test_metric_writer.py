@@ -1,11 +1,11 @@
-"""metrics.jsonl and TensorBoard scalars (strip_mlp/metric_writer.py)."""
+"""metrics.jsonl and TensorBoard scalars (strip_mlp/train/metric_writer.py)."""
 
 import json
 
 import numpy as np
 import tensorflow as tf
 
-from strip_mlp.metric_writer import MetricWriter
+from strip_mlp.train.metric_writer import MetricWriter
 
 
 def test_metrics_rows_after_the_resumed_step_are_dropped(tmp_path, capsys):

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from strip_mlp.mixup import mixup_cutmix, smooth_one_hot
+from strip_mlp.train.mixup import mixup_cutmix, smooth_one_hot
 
 B, H, W, K = 6, 16, 12, 10
 LABELS = jnp.array([0, 3, 5, 7, 8, 9])
@@ -101,7 +101,7 @@ def test_switch_probability_deterministic_and_jittable():
 
 def test_mixup_module_imports_without_tensorflow():
   code = (
-      "import sys; import strip_mlp.mixup; "
+      "import sys; import strip_mlp.train.mixup; "
       "assert 'tensorflow' not in sys.modules, 'mixup pulled in tensorflow'"
   )
   subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

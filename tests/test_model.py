@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from jax import lax
 
-from strip_mlp import StripMLP, VARIANTS, count_params, create_model, ops
-from strip_mlp.model import abstract_variables
+from strip_mlp import StripMLP, VARIANTS, count_params, create_model
+from strip_mlp.models import ops
+from strip_mlp.models.strip_mlp import abstract_variables
 
 TINY = dict(embed_dim=16, layers=(1, 1, 1, 1), img_size=32, num_classes=10)
 
@@ -243,7 +244,7 @@ def test_drop_path_zero_rate_is_deterministic_in_training():
 
 
 def test_drop_path_scales_kept_paths():
-  from strip_mlp.layers import DropPath
+  from strip_mlp.models.strip_mlp_layers import DropPath
 
   x = jnp.ones((2000, 1, 1, 1))
   y = DropPath(0.25).apply({}, x, train=True, rngs={"drop_path": jax.random.PRNGKey(0)})

@@ -15,9 +15,9 @@ import torch
 
 
 from strip_mlp import StripMLP
-from strip_mlp.mixup import mixup_cutmix
-from strip_mlp.layers import GRN, spatial_l2_norm
-from strip_mlp.steps import soft_cross_entropy
+from strip_mlp.train.mixup import mixup_cutmix
+from strip_mlp.models.strip_mlp_layers import GRN, spatial_l2_norm
+from strip_mlp.train.steps import soft_cross_entropy
 
 # One block in stage 1 (8x8 maps) and stage 4 (1x1 maps): the hazards, at half the compile.
 TINY = dict(embed_dim=16, layers=(1, 0, 0, 1), img_size=32, num_classes=10, drop_path_rate=0.0)

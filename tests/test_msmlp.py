@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from conftest import REPO
-from strip_mlp.model import count_params
-from strip_mlp.models import msmlp_convert as convert
+from strip_mlp.models.strip_mlp import count_params
+from strip_mlp.convert import msmlp as convert
 from strip_mlp.models.msmlp import VARIANTS, ArchitectureError, MSMLP, chunk_sizes, create_msmlp
-from strip_mlp.torch_io import CheckpointFormatError
+from strip_mlp.convert.torch_io import CheckpointFormatError
 
 FIXTURES = REPO / "tests" / "fixtures" / "msmlp"
 RELEASED, GROUPS3 = "msmlp_e9_i32_d1211_c10", "msmlp_e5_i64_d1111_c7_g3"

@@ -11,8 +11,9 @@ import pytest
 
 import train_test_utils  # noqa: E402
 
-from strip_mlp import optim, sharding  # noqa: E402
-from strip_mlp.build import build  # noqa: E402
+from strip_mlp.train import optim  # noqa: E402
+from strip_mlp.runtime import sharding  # noqa: E402
+from strip_mlp.train.build import build  # noqa: E402
 
 
 def timm_cosine_lr(t, base, warmup_lr, min_lr, total, warmup, warmup_prefix=False):
@@ -81,8 +82,8 @@ def test_lr_scaling_rules():
 def test_weight_decay_mask_is_the_released_rule(fixtures_dir):
   """Every parameter decays unless the PyTorch tensor is 1-D or named '*.bias'."""
   from strip_mlp.convert import infer_architecture, torch_key
-  from strip_mlp.model import StripMLP
-  from strip_mlp.torch_io import read_state_dict
+  from strip_mlp.models.strip_mlp import StripMLP
+  from strip_mlp.convert.torch_io import read_state_dict
 
   sd = read_state_dict(str(fixtures_dir / "smlp_e40_i32_l1121_c10.pth"))
   model = StripMLP(**infer_architecture(sd))

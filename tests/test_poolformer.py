@@ -8,16 +8,16 @@ import numpy as np
 import pytest
 
 import family_fixtures as ff
-from strip_mlp.model import count_params
-from strip_mlp.models import poolformer_convert as pc
-from strip_mlp import torch_mapping as tm
+from strip_mlp.models.strip_mlp import count_params
+from strip_mlp.convert import poolformer as pc
+from strip_mlp.convert import torch_mapping as tm
 from strip_mlp.models.poolformer import (
     VARIANTS,
     PoolFormer,
     PoolFormerConfigError,
     create_poolformer,
 )
-from strip_mlp.torch_io import CheckpointFormatError
+from strip_mlp.convert.torch_io import CheckpointFormatError
 
 TOL = 1e-5
 FIXTURES = ("poolformer_l1121_i28_c10", "poolformer_l2111_p5_nols_i36_c7")

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 
 import family_fixtures as ff
-from strip_mlp.model import count_params
-from strip_mlp.models import raftmlp_convert as rc
-from strip_mlp import torch_mapping as tm
+from strip_mlp.models.strip_mlp import count_params
+from strip_mlp.convert import raftmlp as rc
+from strip_mlp.convert import torch_mapping as tm
 from strip_mlp.models.raftmlp import VARIANTS, RaftMLP, RaftMLPConfigError, create_raftmlp
-from strip_mlp.torch_io import CheckpointFormatError
+from strip_mlp.convert.torch_io import CheckpointFormatError
 
 TOL = 1e-5
 FIXTURES = ("raftmlp_l1121_i32_c10", "raftmlp_l11_i24_c5")

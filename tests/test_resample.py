@@ -8,9 +8,10 @@ import pytest
 from flax import traverse_util
 
 from conftest import FIXTURE_NAMES
-from strip_mlp import StripMLP, create_model, ops, resample
+from strip_mlp import StripMLP, create_model
+from strip_mlp.models import ops, resample
 from strip_mlp.convert import torch_to_flax
-from strip_mlp.model import abstract_variables
+from strip_mlp.models.strip_mlp import abstract_variables
 
 STRIP_LEAVES = {
     ("proj_h", "kernel"),

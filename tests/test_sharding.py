@@ -1,5 +1,5 @@
 """Meshes, FSDP partition specs and the start of JAX's distributed runtime
-(strip_mlp/sharding.py)."""
+(strip_mlp/runtime/sharding.py)."""
 
 import os
 import socket
@@ -12,7 +12,7 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from strip_mlp import sharding
+from strip_mlp.runtime import sharding
 from strip_mlp.errors import DistributedSetupError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -1,4 +1,4 @@
-"""train.py's supervisor (strip_mlp/supervisor.py): the stderr filter, the one line, and
+"""train.py's supervisor (strip_mlp/runtime/supervisor.py): the stderr filter, the one line, and
 the parent/child plumbing, on a fake child that dies as JAX's runtime makes a survivor die
 (no JAX here; tests/test_train_host_death.py runs the real thing)."""
 
@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from strip_mlp import supervisor
+from strip_mlp.runtime import supervisor
 
 # What a survivor's runtime writes when process 1 stopped sending heartbeats (jaxlib 0.10.2,
 # shortened), and when the coordinator (process 0) is gone.
@@ -141,7 +141,7 @@ def test_only_the_supervised_child_itself_reports(monkeypatch):
 FAKE = textwrap.dedent("""
     import os, signal, sys, time
     sys.path.insert(0, {repo!r})
-    from strip_mlp import supervisor
+    from strip_mlp.runtime import supervisor
     supervisor.supervise("fake.py")
     supervisor.report(process=0, processes=2, checkpoints={ckpt!r}, committed=3)
     what = sys.argv[1].split("=")[1]

@@ -24,10 +24,11 @@ from orbax.checkpoint._src.serialization import serialization
 
 import train_test_utils  # noqa: E402
 
-from strip_mlp import sharding, storage_errors  # noqa: E402
+from strip_mlp.runtime import sharding  # noqa: E402
+from strip_mlp.checkpoints import storage_errors  # noqa: E402
 from strip_mlp.errors import CheckpointMismatchError, CheckpointSaveError  # noqa: E402
-from strip_mlp.steps import TrainState  # noqa: E402
-from strip_mlp.train_checkpoint import Checkpointer  # noqa: E402
+from strip_mlp.train.steps import TrainState  # noqa: E402
+from strip_mlp.checkpoints.train_checkpoint import Checkpointer  # noqa: E402
 from strip_mlp.errors import UserError  # noqa: E402
 
 
@@ -92,7 +93,7 @@ _CRASH_SCRIPT = textwrap.dedent("""
     import os, sys
     import numpy as np, jax.numpy as jnp
     sys.path.insert(0, {repo!r})
-    from strip_mlp.train_checkpoint import Checkpointer
+    from strip_mlp.checkpoints.train_checkpoint import Checkpointer
     ckpt = Checkpointer(sys.argv[1])
     big = {{"w": jnp.asarray(np.random.RandomState(0).randn(4096, 4096).astype(np.float32))}}
     ckpt.save(1, {{"w": jnp.ones(3)}}, {{}})
@@ -327,7 +328,7 @@ _DISK_FULL_SCRIPT = textwrap.dedent("""
     import resource, signal, sys
     import numpy as np, jax.numpy as jnp
     sys.path.insert(0, {repo!r})
-    from strip_mlp.train_checkpoint import Checkpointer
+    from strip_mlp.checkpoints.train_checkpoint import Checkpointer
     from strip_mlp.errors import CheckpointSaveError
     ckpt = Checkpointer(sys.argv[1])
     ckpt.save(1, {{"w": jnp.ones(3)}}, {{}})

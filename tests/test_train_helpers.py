@@ -12,8 +12,9 @@ import pytest
 
 import train_test_utils as utils  # noqa: E402
 
-from strip_mlp import sharding, train_helpers, train_lib  # noqa: E402
-from strip_mlp import steps as steps_lib  # noqa: E402
+from strip_mlp.runtime import sharding  # noqa: E402
+from strip_mlp.train import train_helpers, train_lib  # noqa: E402
+from strip_mlp.train import steps as steps_lib  # noqa: E402
 from strip_mlp.errors import TrainingDivergedError  # noqa: E402
 
 BAD_LABEL = 9
@@ -114,7 +115,7 @@ def test_a_second_sigterm_escalates_unless_a_supervisor_forwarded_it(supervised,
   forwarded): still one request to save and stop, not a kill."""
   import signal  # pylint: disable=g-import-not-at-top
 
-  from strip_mlp import supervisor  # pylint: disable=g-import-not-at-top
+  from strip_mlp.runtime import supervisor  # pylint: disable=g-import-not-at-top
 
   if supervised:
     monkeypatch.setenv(supervisor.ENV_FD, f"-1:{os.getppid()}")

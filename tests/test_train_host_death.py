@@ -15,8 +15,9 @@ import numpy as np
 
 import train_test_utils as utils
 
-from strip_mlp import sharding, supervisor, train_checkpoint
-from strip_mlp.build import build
+from strip_mlp.runtime import sharding, supervisor
+from strip_mlp.checkpoints import train_checkpoint
+from strip_mlp.train.build import build
 from strip_mlp.data import pipeline
 
 HEARTBEAT_S = 5

@@ -19,11 +19,12 @@ import pytest
 
 import train_test_utils as utils  # noqa: E402
 
-from strip_mlp import finetune, sharding, train_lib  # noqa: E402
+from strip_mlp.train import finetune, train_lib  # noqa: E402
+from strip_mlp.runtime import sharding  # noqa: E402
 from strip_mlp.data import pipeline  # noqa: E402
-from strip_mlp.build import build  # noqa: E402
+from strip_mlp.train.build import build  # noqa: E402
 from strip_mlp.errors import ConfigError, TrainingDivergedError  # noqa: E402
-from strip_mlp.plan import validate_config  # noqa: E402
+from strip_mlp.train.plan import validate_config  # noqa: E402
 
 MINI = utils.MINI
 

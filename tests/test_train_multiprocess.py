@@ -12,9 +12,11 @@ import numpy as np
 
 import train_test_utils as utils  # noqa: E402
 
-from strip_mlp import sharding, train_checkpoint, train_lib  # noqa: E402
+from strip_mlp.runtime import sharding  # noqa: E402
+from strip_mlp.checkpoints import train_checkpoint  # noqa: E402
+from strip_mlp.train import train_lib  # noqa: E402
 from strip_mlp.data import pipeline  # noqa: E402
-from strip_mlp.build import build  # noqa: E402
+from strip_mlp.train.build import build  # noqa: E402
 
 STEPS = 3
 TIMEOUT_S = 480

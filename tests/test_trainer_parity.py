@@ -50,7 +50,7 @@ def _config(case):
 
 def _replayed_mix(rng, part):
   """The released draw of this micro-batch (carried per example) through our apply_mix."""
-  from strip_mlp.mixup import apply_mix, smooth_one_hot  # pylint: disable=g-import-not-at-top
+  from strip_mlp.train.mixup import apply_mix, smooth_one_hot  # pylint: disable=g-import-not-at-top
 
   del rng
   box = tuple(part["mix_box"][0, i] for i in range(4))
@@ -80,7 +80,9 @@ def _batches(ref, case):
 
 
 def _train(name):
-  from strip_mlp import build, convert, sharding  # pylint: disable=g-import-not-at-top
+  from strip_mlp.train import build  # pylint: disable=g-import-not-at-top
+  from strip_mlp import convert  # pylint: disable=g-import-not-at-top
+  from strip_mlp.runtime import sharding  # pylint: disable=g-import-not-at-top
 
   ref = np.load(FIXTURES / f"{name}.npz")
   case = json.loads(str(ref["case"]))
@@ -145,7 +147,7 @@ def test_released_lr_is_not_scaled_by_batch():
   """The released main.py computes a batch-scaled lr and never assigns it: the fixtures'
   runs trained at the config's 5e-4, and so does the ImageNet config at batch 1024."""
   from configs import imagenet_tiny_light  # pylint: disable=g-import-not-at-top
-  from strip_mlp import plan  # pylint: disable=g-import-not-at-top
+  from strip_mlp.train import plan  # pylint: disable=g-import-not-at-top
 
   case = json.loads(str(np.load(FIXTURES / "plain.npz")["case"]))
   assert case["base_lr"] == 5e-4

@@ -148,7 +148,7 @@ def test_eval_on_a_damaged_step_is_one_line(workdir, env):
 _HOLDER = """
 import os, sys, time
 sys.path.insert(0, {repo!r})
-from strip_mlp import workdir_lock
+from strip_mlp.checkpoints import workdir_lock
 workdir_lock.acquire(sys.argv[1])
 print("held", flush=True)
 if sys.argv[2] == "die":

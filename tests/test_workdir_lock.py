@@ -12,8 +12,8 @@ import time
 
 import pytest
 
-from strip_mlp import workdir_lock  # noqa: E402
-from strip_mlp.workdir_lock import WorkdirBusyError  # noqa: E402
+from strip_mlp.checkpoints import workdir_lock  # noqa: E402
+from strip_mlp.checkpoints.workdir_lock import WorkdirBusyError  # noqa: E402
 
 
 def _write_lock(workdir, age_s=0.0, **fields):

@@ -3,7 +3,7 @@
     cfg = default_data_config()      # ml_collections.ConfigDict, every data.* key
     spec = parse_rand_augment(cfg.randaugment)
 
-Configs, validation (strip_mlp.plan) and the TF modules of strip_mlp.data all take their
+Configs, validation (strip_mlp.train.plan) and the TF modules of strip_mlp.data all take their
 choices and defaults from here, so each is defined once. Importing this module imports
 neither TensorFlow nor TFDS.
 """
@@ -139,7 +139,7 @@ def default_data_config() -> ml_collections.ConfigDict:
   c.eval_resize_ratio = 256 / 224
   c.mean = IMAGENET_MEAN
   c.std = IMAGENET_STD
-  # --- batch-level mixing (applied in the train step by strip_mlp.mixup.mixup_cutmix)
+  # --- batch-level mixing (applied in the train step by strip_mlp.train.mixup.mixup_cutmix)
   c.mixup_alpha = 0.8
   c.cutmix_alpha = 1.0
   c.mixup_prob = 1.0

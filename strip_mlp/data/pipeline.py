@@ -34,7 +34,8 @@ import jax
 import tensorflow as tf
 
 from strip_mlp.data import digits, folders, sources, transforms
-from strip_mlp.sharding import device_iterator, to_global_arrays  # noqa: F401  (re-exported)
+# re-exported:
+from strip_mlp.runtime.sharding import device_iterator, to_global_arrays  # noqa: F401
 from strip_mlp.data.config import (
     EMBEDDED_DATASETS,
     IMAGE_DTYPES,

@@ -1,1 +1,1 @@
-"""Vision-MLP relatives of Strip-MLP in Flax (NHWC), one module per family."""
+"""The model families (Strip-MLP and its Vision-MLP relatives), their layers and the registry."""

@@ -3,7 +3,7 @@ Vision MLPs', 2022) as Flax modules, NHWC.
 
 The function is that of the official PyTorch release; parameter names mirror its
 `state_dict` (`layers_0/blocks_1/dwconv_lr_2/kernel` <-> `layers.0.blocks.1.dwconv_lr.2.weight`)
-so that `strip_mlp.models.msmlp_convert` is a table of renames and transposes.
+so that `strip_mlp.convert.msmlp` is a table of renames and transposes.
 Parameters are float32; `dtype` sets the compute dtype (e.g. jnp.bfloat16).
 
 A mix-shift block splits its C channels into len(shift_dist) groups as `torch.chunk` does
@@ -21,9 +21,9 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from strip_mlp import ops
+from strip_mlp.models import ops
 from strip_mlp.errors import UserError
-from strip_mlp.layers import DropPath, gelu, torch_bias_init, torch_kernel_init
+from strip_mlp.models.strip_mlp_layers import DropPath, gelu, torch_bias_init, torch_kernel_init
 
 RELEASED_SHIFT_DIST = (-2, -1, 0, 1, 2)
 RELEASED_MIX_SIZE = ((1, 1, 3, 5, 7), (1, 3, 3, 5, 7), (1, 5, 5, 5, 7), (1, 7, 7, 7, 7))

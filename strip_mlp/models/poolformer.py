@@ -20,8 +20,15 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from strip_mlp.errors import UserError
-from strip_mlp.layers import DropPath, gelu, pool_and_classify, torch_bias_init, torch_kernel_init
-from strip_mlp.layers import position_table_init as trunc_normal_02  # timm trunc_normal_(.02)
+from strip_mlp.models.strip_mlp_layers import (
+    DropPath,
+    gelu,
+    pool_and_classify,
+    torch_bias_init,
+    torch_kernel_init,
+)
+# timm's trunc_normal_(.02):
+from strip_mlp.models.strip_mlp_layers import position_table_init as trunc_normal_02
 
 _S_DIMS = (64, 128, 320, 512)
 _M_DIMS = (96, 192, 384, 768)

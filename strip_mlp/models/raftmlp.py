@@ -32,7 +32,7 @@ import numpy as np
 from jax import lax
 
 from strip_mlp.errors import UserError
-from strip_mlp.layers import (
+from strip_mlp.models.strip_mlp_layers import (
     DropPath,
     dense,
     gelu,

@@ -1,7 +1,7 @@
 """The train state and the pure step functions that jit compiles.
 
 `train_step(state, batch) -> (state, metrics)` and `eval_step(variables, batch) -> sums`
-are pure functions of arrays; `strip_mlp.build` jits them with their shardings. All
+are pure functions of arrays; `strip_mlp.train.build` jits them with their shardings. All
 randomness of a step comes from fold_in(key(seed + 1), step), so a resumed run draws
 exactly what an uninterrupted one would.
 """
@@ -16,8 +16,9 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from strip_mlp import optim, sharding
-from strip_mlp.mixup import mixup_cutmix
+from strip_mlp.train import optim
+from strip_mlp.runtime import sharding
+from strip_mlp.train.mixup import mixup_cutmix
 
 
 @flax.struct.dataclass

@@ -8,7 +8,7 @@ place, so a crash never leaves a half-written DIR); `load_checkpoint` reads it.
 `locate_checkpoint` is the one place that decides what a path names (a converted
 directory, a PyTorch .pth file, a training workdir, its checkpoints/ directory or one step
 directory); `load_weights` reads the model and {'params', 'batch_stats'} from any of them
-straight onto the devices of a mesh (replicated); `strip_mlp.finetune` reads the same paths
+straight onto the devices of a mesh (replicated); `strip_mlp.train.finetune` reads the same paths
 for train.py --config.init_from. Every problem is a UserError with one line.
 """
 
@@ -27,11 +27,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from strip_mlp import checkpoint_recovery, registry, train_checkpoint
+from strip_mlp.checkpoints import checkpoint_recovery, train_checkpoint
+from strip_mlp.models import registry
 
 from strip_mlp.errors import CheckpointWriteError, EvalError, NotACheckpointError
-from strip_mlp.model import StripMLP, abstract_variables
-from strip_mlp.storage_errors import (
+from strip_mlp.models.strip_mlp import StripMLP, abstract_variables
+from strip_mlp.checkpoints.storage_errors import (
     StorageNoiseFilter,
     format_bytes,
     is_storage_error,
@@ -39,7 +40,7 @@ from strip_mlp.storage_errors import (
     storage_error_reason,
     tree_nbytes,
 )
-from strip_mlp.tree_diff import describe_mismatch, shape_map
+from strip_mlp.checkpoints.tree_diff import describe_mismatch, shape_map
 
 FORMAT = "strip_mlp.model/1"
 CONFIG_FILE = "config.json"

@@ -35,7 +35,7 @@ from etils import epath
 from flax import serialization
 from jax.experimental import multihost_utils
 
-from strip_mlp import storage_errors
+from strip_mlp.checkpoints import storage_errors
 from strip_mlp.errors import CheckpointDamagedError, CheckpointMismatchError, UserError
 
 STATE, META, METRICS = "state", "meta", "metrics"  # the items of a step (train_checkpoint)

@@ -14,10 +14,10 @@ import re
 
 import numpy as np
 
-from strip_mlp import torch_mapping as tm
+from strip_mlp.convert import torch_mapping as tm
 from strip_mlp.errors import CheckpointFormatError
-from strip_mlp.model import ARCHITECTURE_KEYS, StripMLP, abstract_variables
-from strip_mlp.torch_io import read_state_dict
+from strip_mlp.models.strip_mlp import ARCHITECTURE_KEYS, StripMLP, abstract_variables
+from strip_mlp.convert.torch_io import read_state_dict
 
 _MODULE_RENAMES = {
     "dwsc_bn": "dwsc.conv_merge.BN",

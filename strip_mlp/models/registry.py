@@ -67,10 +67,10 @@ FAMILIES = {
     for f in (
         Family(
             STRIP_MLP,
-            "strip_mlp.model",
+            "strip_mlp.models.strip_mlp",
             "StripMLP",
             "create_model",
-            "strip_mlp.convert",
+            "strip_mlp.convert.strip_mlp",
             title="Strip-MLP",
             summary_keys=("embed_dim", "layers", "img_size", "num_classes"),
         ),
@@ -79,7 +79,7 @@ FAMILIES = {
             "strip_mlp.models.poolformer",
             "PoolFormer",
             "create_poolformer",
-            "strip_mlp.models.poolformer_convert",
+            "strip_mlp.convert.poolformer",
             title="PoolFormer",
             summary_keys=("layers", "embed_dims", "num_classes"),
         ),
@@ -88,7 +88,7 @@ FAMILIES = {
             "strip_mlp.models.raftmlp",
             "RaftMLP",
             "create_raftmlp",
-            "strip_mlp.models.raftmlp_convert",
+            "strip_mlp.convert.raftmlp",
             title="RaftMLP",
             summary_keys=("dims", "depths", "img_size", "num_classes"),
         ),
@@ -97,7 +97,7 @@ FAMILIES = {
             "strip_mlp.models.msmlp",
             "MSMLP",
             "create_msmlp",
-            "strip_mlp.models.msmlp_convert",
+            "strip_mlp.convert.msmlp",
             title="MS-MLP",
             summary_keys=("embed_dim", "depths", "num_classes"),
         ),
@@ -172,7 +172,7 @@ def state_dict_to_model(state_dict: dict, **model_overrides):
 
 def torch_to_flax(path: str, **model_overrides):
   """Reads a `.pth` of any registered family -> (model, variables)."""
-  from strip_mlp.torch_io import read_state_dict  # pylint: disable=g-import-not-at-top
+  from strip_mlp.convert.torch_io import read_state_dict  # pylint: disable=g-import-not-at-top
 
   return state_dict_to_model(read_state_dict(path), **model_overrides)
 

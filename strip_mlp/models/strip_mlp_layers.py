@@ -5,7 +5,7 @@ The function is the one the released PyTorch weights compute (the official
 `state_dict` so that `strip_mlp.convert` is a table of renames and transposes.
 Parameters are float32; `dtype` sets the compute dtype (e.g. jnp.bfloat16). Every layer
 works on maps of any size; the strip layers, whose weights are tied to the strip length
-they were trained at, go through `strip_mlp.windows` on maps of another size.
+they were trained at, go through `strip_mlp.models.windows` on maps of another size.
 """
 
 import math
@@ -17,8 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from strip_mlp import ops, windows
-from strip_mlp.batch_norm import BatchNorm
+from strip_mlp.models import ops, windows
+from strip_mlp.models.batch_norm import BatchNorm
 
 BN_MOMENTUM = 0.9  # PyTorch momentum 0.1
 BN_EPS = 1e-5
@@ -146,7 +146,7 @@ class StripMixing(nn.Module):
 
   channels: the block's full width C; resolution: the trained strip length L. Acts on
   x (N, H, W, C/2), any H, W: everything up to `proj_w` (the part tied to L) runs on the
-  L x L windows of `strip_mlp.windows` (at H == W == L on x itself), `fuse_w` on the map.
+  L x L windows of `strip_mlp.models.windows` (at H == W == L on x itself), `fuse_w` on the map.
   In training, `bn` takes its batch statistics over the windows (as MLP-DINO).
   """
 

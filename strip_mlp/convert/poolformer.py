@@ -1,11 +1,11 @@
 """Official PoolFormer state dicts <-> Flax variables, with strict accounting.
 
-    from strip_mlp.models.poolformer_convert import torch_to_flax
+    from strip_mlp.convert.poolformer import torch_to_flax
     model, variables = torch_to_flax("poolformer_s12.pth.tar")
     logits = model.apply(variables, images_nhwc)
 
 Released files are plain state dicts; {'model': ...} and {'state_dict': ...} wrappers and
-`module.` prefixes are accepted too (`strip_mlp.torch_io`, which never runs pickled code).
+`module.` prefixes are accepted too (`strip_mlp.convert.torch_io`, which never runs pickled code).
 Layouts: convs OIHW <-> HWIO, the MLP's 1x1 convs (O, I, 1, 1) <-> (I, O), the head
 (O, I) <-> (I, O); norms and layer scales as they are.
 """
@@ -14,9 +14,9 @@ import re
 
 import numpy as np
 
-from strip_mlp import torch_mapping as tm
+from strip_mlp.convert import torch_mapping as tm
 from strip_mlp.models.poolformer import VARIANTS, PoolFormer, PoolFormerConfigError
-from strip_mlp.torch_io import CheckpointFormatError, read_state_dict
+from strip_mlp.convert.torch_io import CheckpointFormatError, read_state_dict
 
 _NETWORK = re.compile(r"network_(\d+)(?:_(\d+))?$")
 _LEAF_RENAMES = {"kernel": "weight", "scale": "weight"}

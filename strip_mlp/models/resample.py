@@ -24,7 +24,7 @@ import numpy as np
 from flax import traverse_util
 
 from strip_mlp.errors import UserError
-from strip_mlp.model import StripMLP, abstract_variables
+from strip_mlp.models.strip_mlp import StripMLP, abstract_variables
 
 
 class ResampleError(UserError, ValueError):

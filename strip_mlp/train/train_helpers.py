@@ -20,8 +20,8 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from strip_mlp import supervisor
-from strip_mlp.train_checkpoint import CONFIG_FILE, Checkpointer
+from strip_mlp.runtime import supervisor
+from strip_mlp.checkpoints.train_checkpoint import CONFIG_FILE, Checkpointer
 
 
 def log(msg: str):
@@ -141,7 +141,7 @@ class Progress:
 class Saver:
   """Starts checkpoint saves with their meta, logs "saved" once a step is committed, and
   remembers the newest checkpoint this run or an earlier one saved (`last_saved`). Tells
-  train.py's supervisor (strip_mlp/supervisor.py) the directory and each committed step."""
+  train.py's supervisor (strip_mlp/runtime/supervisor.py) the directory and each committed step."""
 
   def __init__(
       self, ckpt: Checkpointer, meta: dict, steps_per_epoch: float, last_saved: int | None

@@ -21,7 +21,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from strip_mlp.errors import DistributedSetupError
-from strip_mlp.supervisor import cluster_env_detected
+from strip_mlp.runtime.supervisor import cluster_env_detected
 
 try:  # jax >= 0.5: say that the axes are sharded automatically (jax.make_mesh's default
   from jax.sharding import AxisType  # became Explicit); older jax has only automatic axes.
@@ -94,7 +94,7 @@ def maybe_initialize_distributed(
   plain process does nothing. A launcher may also set JAX_COORDINATOR_ADDRESS,
   JAX_NUM_PROCESSES and JAX_PROCESS_ID. Must run before anything touches a JAX device. A
   process that sends no heartbeat for `heartbeat_timeout_seconds` counts as dead: JAX's
-  runtime then ends every other process (strip_mlp/supervisor.py: how train.py says so).
+  runtime then ends every other process (strip_mlp/runtime/supervisor.py: how train.py says so).
   Raises DistributedSetupError (one line) for incomplete flags or a failed start.
   """
   global _heartbeat_timeout_s

@@ -16,7 +16,7 @@ import numpy as np
 from flax import traverse_util
 
 from strip_mlp.errors import CheckpointFormatError
-from strip_mlp.tree_diff import key_report
+from strip_mlp.checkpoints.tree_diff import key_report
 
 
 def to_torch(layout: str, a: np.ndarray) -> np.ndarray:

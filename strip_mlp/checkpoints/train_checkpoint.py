@@ -35,16 +35,16 @@ from etils import epath
 from flax import serialization
 from orbax.checkpoint import checkpoint_managers as ocm
 
-from strip_mlp import checkpoint_recovery
+from strip_mlp.checkpoints import checkpoint_recovery
 from strip_mlp.errors import CheckpointMismatchError, CheckpointSaveError, EvalError
-from strip_mlp.model import ARCHITECTURE_KEYS
-from strip_mlp.storage_errors import (
+from strip_mlp.models.strip_mlp import ARCHITECTURE_KEYS
+from strip_mlp.checkpoints.storage_errors import (
     StorageNoiseFilter,
     is_storage_error,
     save_error_message,
     tree_nbytes,
 )
-from strip_mlp.tree_diff import describe_mismatch, shape_map
+from strip_mlp.checkpoints.tree_diff import describe_mismatch, shape_map
 
 CHECKPOINT_DIR = "checkpoints"
 CONFIG_FILE = "config.json"

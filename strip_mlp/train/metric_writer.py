@@ -9,7 +9,7 @@ import os
 
 import jax
 
-from strip_mlp.train_checkpoint import METRICS_FILE
+from strip_mlp.checkpoints.train_checkpoint import METRICS_FILE
 
 
 class MetricWriter:

@@ -12,7 +12,10 @@ import os
 
 import jax
 
-from strip_mlp import cli, evaluate, model_checkpoint, plan, sharding
+from strip_mlp.runtime import cli, sharding
+from strip_mlp.evaluation import evaluate
+from strip_mlp.checkpoints import model_checkpoint
+from strip_mlp.train import plan
 from strip_mlp.errors import EvalError
 
 
@@ -113,7 +116,7 @@ def at_size(ckpt, img_size: int, resize: str):
     raise cli.UsageError(f"--img_size={img_size} must be a multiple of 32")
   if resize == "windows" or img_size == getattr(ckpt.model, "img_size", img_size):
     return ckpt
-  from strip_mlp import resample  # pylint: disable=g-import-not-at-top
+  from strip_mlp.models import resample  # pylint: disable=g-import-not-at-top
 
   target = ckpt.model.clone(img_size=img_size)
   variables = resample.resample_variables(ckpt.variables, ckpt.model, target)

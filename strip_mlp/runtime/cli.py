@@ -17,7 +17,7 @@ from absl import flags
 from absl import logging
 import ml_collections
 
-from strip_mlp import supervisor
+from strip_mlp.runtime import supervisor
 from strip_mlp.errors import NotWritableError, UserError
 
 DEFAULT_COMPILATION_CACHE = os.path.join(
@@ -62,7 +62,7 @@ def define_process_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
 def start_processes(fv: flags.FlagValues = flags.FLAGS) -> None:
   """Starts JAX's distributed runtime (when several processes run) and the persistent
   compilation cache, as the process flags say."""
-  from strip_mlp import sharding  # pylint: disable=g-import-not-at-top  (imports jax)
+  from strip_mlp.runtime import sharding  # pylint: disable=g-import-not-at-top  (imports jax)
 
   import jax  # pylint: disable=g-import-not-at-top
 
@@ -254,8 +254,8 @@ def guarded(prog: str, fn, *args, out_of_memory_fix: str, os_error_suffix: str =
   except Exception as e:  # pylint: disable=broad-except  (re-raised below unless ours)
     line = error_line(e, out_of_memory_fix, os_error_suffix)
     if line is None:
-      if "strip_mlp.sharding" in sys.modules:  # JAX was started
-        sys.modules["strip_mlp.sharding"].await_verdict_after_error()
+      if "strip_mlp.runtime.sharding" in sys.modules:  # JAX was started
+        sys.modules["strip_mlp.runtime.sharding"].await_verdict_after_error()
       raise
     print(f"{prog}: error: {line}", file=sys.stderr, flush=True)
     return 1

@@ -18,10 +18,11 @@ import os
 import jax
 import ml_collections
 
-from strip_mlp import ops, optim
+from strip_mlp.models import ops
+from strip_mlp.train import optim
 from strip_mlp.data import config as data_config
 from strip_mlp.errors import ConfigError, UserError
-from strip_mlp.model import VARIANTS, validate_architecture
+from strip_mlp.models.strip_mlp import VARIANTS, validate_architecture
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,7 +124,7 @@ def _model_errors(c) -> list[str]:
       f"init_resize={c.get('init_resize')!r} must be '' or 'interpolate'",
   )
   if m.get("name"):
-    from strip_mlp import registry  # pylint: disable=g-import-not-at-top
+    from strip_mlp.models import registry  # pylint: disable=g-import-not-at-top
 
     names = sorted(registry.all_variants())
     need(m.name in names, f"model.name={m.name!r} must be one of {names} ('': Strip-MLP)")

@@ -1,12 +1,12 @@
 """Official RaftMLP state dicts <-> Flax variables, with strict accounting.
 
-    from strip_mlp.models.raftmlp_convert import torch_to_flax
+    from strip_mlp.convert.raftmlp import torch_to_flax
     model, variables = torch_to_flax("last_model_0.pt")
     logits = model.apply(variables, images_nhwc)
 
 The official training saves plain state dicts (ignite `Checkpoint({'model': model})`) and
 training states {'model': ..., 'optimizer': ...}; {'state_dict': ...} and `module.` prefixes
-are accepted too (`strip_mlp.torch_io`, which never runs pickled code). Every linear weight
+are accepted too (`strip_mlp.convert.torch_io`, which never runs pickled code). Every linear weight
 (out, in) <-> kernel (in, out); LayerNorm parameters as they are.
 
 Key table (Flax -> PyTorch): levels_<i> -> levels.<i>; embedding -> fn.0; blocks_<d> ->
@@ -18,9 +18,9 @@ import itertools
 import math
 import re
 
-from strip_mlp import torch_mapping as tm
+from strip_mlp.convert import torch_mapping as tm
 from strip_mlp.models.raftmlp import RaftMLP, RaftMLPConfigError, level_sizes
-from strip_mlp.torch_io import CheckpointFormatError, read_state_dict
+from strip_mlp.convert.torch_io import CheckpointFormatError, read_state_dict
 
 _BLOCKS = {"vertical": "1", "horizontal": "3", "channel": "5"}
 _MLP = {"fc1": "fn.0", "fc2": "fn.3"}

@@ -1,6 +1,6 @@
 """Official MS-MLP PyTorch state dicts <-> Flax variables of `MSMLP`, with strict accounting.
 
-    from strip_mlp.models.msmlp_convert import torch_to_flax
+    from strip_mlp.convert.msmlp import torch_to_flax
     model, variables = torch_to_flax("msmlp_tiny_patch4_ckpt_epoch299.pth")
     logits = model.apply(variables, images_nhwc)
 
@@ -14,10 +14,10 @@ import re
 
 import numpy as np
 
-from strip_mlp import torch_mapping as tm
-from strip_mlp.model import abstract_variables
+from strip_mlp.convert import torch_mapping as tm
+from strip_mlp.models.strip_mlp import abstract_variables
 from strip_mlp.models.msmlp import MSMLP
-from strip_mlp.torch_io import CheckpointFormatError, read_state_dict
+from strip_mlp.convert.torch_io import CheckpointFormatError, read_state_dict
 
 _LEAF_RENAMES = {"kernel": "weight", "scale": "weight"}
 _INDEXED = re.compile(r"^(.*)_(\d+)$")

@@ -1,7 +1,8 @@
 """Evaluation over a whole split, on any number of devices and processes: the one
 implementation behind eval.py and the evaluations during training.
 
-    from strip_mlp import evaluate, model_checkpoint
+    from strip_mlp.evaluation import evaluate
+    from strip_mlp.checkpoints import model_checkpoint
     ckpt = model_checkpoint.load_weights("workdir_or_converted_dir", which="best", ema=True)
     metrics = evaluate.evaluate(ckpt.model, ckpt.variables, data_cfg, batch_size=256)
     # {'top1', 'top5', 'loss', 'count', 'images_per_sec', 'num_examples', ...}
@@ -24,10 +25,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from strip_mlp import sharding as sharding_lib
-from strip_mlp import steps
+from strip_mlp.runtime import sharding as sharding_lib
+from strip_mlp.train import steps
 from strip_mlp.errors import EvalError
-from strip_mlp.model import ARCHITECTURE_KEYS, VARIANTS, StripMLP
+from strip_mlp.models.strip_mlp import ARCHITECTURE_KEYS, VARIANTS, StripMLP
 
 MAX_EXACT_BATCH = 2**24  # float32 sums of 0/1 hits are exact below this
 

@@ -7,9 +7,10 @@
 
 `img_size` fixes the strip lengths the weights are trained at (img_size / 4 / 2^s in
 stage s); the model takes images of any height and width that are multiples of 32 (the
-strip layers then run on overlapping windows, see `strip_mlp.windows`). At exactly
+strip layers then run on overlapping windows, see `strip_mlp.models.windows`). At exactly
 img_size x img_size the function is the one the released PyTorch weights compute.
-The layers live in `strip_mlp.layers`; parameter names mirror the PyTorch `state_dict`.
+The layers live in `strip_mlp.models.strip_mlp_layers`; parameter names mirror the PyTorch
+`state_dict`.
 """
 
 import dataclasses
@@ -21,8 +22,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from strip_mlp.errors import UserError
-from strip_mlp.batch_norm import BatchNorm
-from strip_mlp.layers import BN_EPS, BN_MOMENTUM, Block, PatchConv, dense, strip_patch
+from strip_mlp.models.batch_norm import BatchNorm
+from strip_mlp.models.strip_mlp_layers import (
+    BN_EPS,
+    BN_MOMENTUM,
+    Block,
+    PatchConv,
+    dense,
+    strip_patch,
+)
 
 VARIANTS = {
     "tiny_light": dict(embed_dim=80, layers=(2, 2, 6, 2)),  # Strip-MLP-T*

@@ -1,6 +1,6 @@
 """The training loop: one code path for 1 CPU, 1 GPU, 8 GPUs or a TPU pod.
 
-    from strip_mlp import train_lib
+    from strip_mlp.train import train_lib
     result = train_lib.train_and_evaluate(config, workdir)
 
 A ('data', 'fsdp') mesh over all devices of all processes; the train state created by a
@@ -20,14 +20,18 @@ from typing import Callable, Iterator
 import jax
 import ml_collections
 
-from strip_mlp import evaluate, finetune, registry, sharding, train_checkpoint
-from strip_mlp.build import Built, build
-from strip_mlp.checkpoint_recovery import find_resume_point
+from strip_mlp.evaluation import evaluate
+from strip_mlp.train import finetune
+from strip_mlp.models import registry
+from strip_mlp.runtime import sharding
+from strip_mlp.checkpoints import train_checkpoint
+from strip_mlp.train.build import Built, build
+from strip_mlp.checkpoints.checkpoint_recovery import find_resume_point
 from strip_mlp.errors import TrainingDivergedError
-from strip_mlp.metric_writer import MetricWriter
-from strip_mlp.model import count_params
-from strip_mlp.plan import read_dataset_info, validate_config
-from strip_mlp.train_helpers import (
+from strip_mlp.train.metric_writer import MetricWriter
+from strip_mlp.models.strip_mlp import count_params
+from strip_mlp.train.plan import read_dataset_info, validate_config
+from strip_mlp.train.train_helpers import (
     PreemptionWatcher,
     Progress,
     Saver,

@@ -8,7 +8,7 @@ params; 'mean', 'var' in batch_stats), so checkpoints and converters are unchang
 
 Statistics are over every axis but the last, of the input this module sees. Ghost batch
 norm (statistics per group of examples, the released per-GPU batch) is done by the train
-step, which vmaps the model over groups (`strip_mlp.steps`); under that vmap each call
+step, which vmaps the model over groups (`strip_mlp.train.steps`); under that vmap each call
 sees one group, and the step averages the groups' running-statistics updates.
 """
 

@@ -9,10 +9,12 @@ import numpy as np
 from flax import traverse_util
 from jax.sharding import Mesh
 
-from strip_mlp import model_checkpoint, registry, sharding
+from strip_mlp.checkpoints import model_checkpoint
+from strip_mlp.models import registry
+from strip_mlp.runtime import sharding
 from strip_mlp.errors import CheckpointMismatchError, NotACheckpointError
-from strip_mlp.model_checkpoint import WEIGHTS
-from strip_mlp.tree_diff import mismatches, shape_map, summarize
+from strip_mlp.checkpoints.model_checkpoint import WEIGHTS
+from strip_mlp.checkpoints.tree_diff import mismatches, shape_map, summarize
 
 HEAD = "head"  # name of the classifier in every family's params
 
@@ -21,7 +23,7 @@ def load_pretrained(path: str, img_size: int | None = None) -> tuple[dict, dict]
   """(model keywords, {'params', 'batch_stats'} as numpy) of pretrained weights at `path`:
   any path `load_weights` reads (a converted directory, a .pth file, a training workdir),
   read by each process onto its first local device. With `img_size` (Strip-MLP), the
-  strip-length tensors are resampled to that training resolution (`strip_mlp.resample`)."""
+  strip-length tensors are resampled to that training resolution (`strip_mlp.models.resample`)."""
   if not os.path.exists(path):
     raise NotACheckpointError(
         f"init_from={path!r} does not exist; give a converted checkpoint directory "
@@ -33,7 +35,7 @@ def load_pretrained(path: str, img_size: int | None = None) -> tuple[dict, dict]
   variables = jax.tree_util.tree_map(np.asarray, dict(loaded.variables))
   model = loaded.model
   if img_size is not None and img_size != getattr(model, "img_size", img_size):
-    from strip_mlp import resample  # pylint: disable=g-import-not-at-top
+    from strip_mlp.models import resample  # pylint: disable=g-import-not-at-top
 
     target = model.clone(img_size=img_size)
     variables = jax.tree_util.tree_map(

@@ -15,9 +15,11 @@ from typing import Any, Callable
 import jax
 import optax
 
-from strip_mlp import optim, registry, sharding, steps
-from strip_mlp.model import StripMLP, create_model
-from strip_mlp.plan import Plan, make_plan
+from strip_mlp.train import optim, steps
+from strip_mlp.models import registry
+from strip_mlp.runtime import sharding
+from strip_mlp.models.strip_mlp import StripMLP, create_model
+from strip_mlp.train.plan import Plan, make_plan
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,1 @@
+"""What is on disk: model and training checkpoints, recovery, the workdir lock, storage errors."""

@@ -1,0 +1,1 @@
+"""Training: the loop, its plan and build, steps, optimizer, mixup, fine-tuning, metrics."""

@@ -113,48 +113,12 @@ def make_train_step(
   mix_fn(rng, part) -> (images, soft targets) mixes one group (default: the config's
   mixup/cutmix and label smoothing).
   """
-  d = config.data
   accum = int(config.grad_accum_steps)
-  group = int(config.get("group_size") or 0)
   ema_decay = float(config.ema_decay)
   base_key = jax.random.key(int(config.seed) + 1)
   micro_sharding = NamedSharding(mesh, P(None, sharding.DATA_AXES))
-  if mix_fn is None:
-    mix_fn = lambda rng, part: mixup_cutmix(
-        rng,
-        part["image"],
-        part["label"],
-        num_classes,
-        mixup_alpha=d.mixup_alpha,
-        cutmix_alpha=d.cutmix_alpha,
-        switch_prob=d.mixup_switch_prob,
-        label_smoothing=d.label_smoothing,
-        mix_prob=d.mixup_prob,
-    )
-
-  def group_loss(params, batch_stats, part, rng):
-    mix_rng, drop_rng = jax.random.split(rng)
-    images, targets = mix_fn(mix_rng, part)
-    logits, updates = model.apply(
-        {"params": params, "batch_stats": batch_stats},
-        images,
-        train=True,
-        rngs={"drop_path": drop_rng},
-        mutable=["batch_stats"],
-    )
-    return jnp.mean(soft_cross_entropy(logits, targets)), updates.get("batch_stats", {})
-
-  def loss_fn(params, batch_stats, part, rng):
-    n = part["label"].shape[0]
-    if not group or group >= n:
-      return group_loss(params, batch_stats, part, rng)
-    groups = jax.tree_util.tree_map(lambda x: x.reshape((n // group, group) + x.shape[1:]), part)
-    rngs = jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(n // group))
-    losses, stats = jax.vmap(group_loss, in_axes=(None, None, 0, 0))(
-        params, batch_stats, groups, rngs
-    )
-    return jnp.mean(losses), jax.tree_util.tree_map(lambda s: jnp.mean(s, axis=0), stats)
-
+  mix_fn = mix_fn or config_mix_fn(config.data, num_classes)
+  loss_fn = make_loss_fn(model, mix_fn, int(config.get("group_size") or 0))
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
   def train_step(state: TrainState, batch: dict):
@@ -182,6 +146,57 @@ def make_train_step(
     return new_state, metrics
 
   return train_step
+
+
+def config_mix_fn(data, num_classes: int) -> Callable:
+  """mix_fn(rng, part) -> (images, soft targets): the data config's mixup/cutmix draw and
+  label smoothing for one group (`strip_mlp.mixup.mixup_cutmix`)."""
+  return lambda rng, part: mixup_cutmix(
+      rng,
+      part["image"],
+      part["label"],
+      num_classes,
+      mixup_alpha=data.mixup_alpha,
+      cutmix_alpha=data.cutmix_alpha,
+      switch_prob=data.mixup_switch_prob,
+      label_smoothing=data.label_smoothing,
+      mix_prob=data.mixup_prob,
+  )
+
+
+def make_loss_fn(model, mix_fn: Callable, group: int) -> Callable:
+  """loss_fn(params, batch_stats, part, rng) -> (mean loss, new batch_stats) of a
+  (micro-)batch `part` ({'image', 'label', ...}, (n, ...) each).
+
+  group = g > 0 (and < n): n / g groups of g consecutive examples, the model vmapped over
+  them (own BatchNorm batch statistics, own mix draw with rng fold_in(rng, i)); the loss
+  and the running statistics are the groups' means. Otherwise one group: the whole part.
+  """
+
+  def group_loss(params, batch_stats, part, rng):
+    mix_rng, drop_rng = jax.random.split(rng)
+    images, targets = mix_fn(mix_rng, part)
+    logits, updates = model.apply(
+        {"params": params, "batch_stats": batch_stats},
+        images,
+        train=True,
+        rngs={"drop_path": drop_rng},
+        mutable=["batch_stats"],
+    )
+    return jnp.mean(soft_cross_entropy(logits, targets)), updates.get("batch_stats", {})
+
+  def loss_fn(params, batch_stats, part, rng):
+    n = part["label"].shape[0]
+    if not group or group >= n:
+      return group_loss(params, batch_stats, part, rng)
+    groups = jax.tree_util.tree_map(lambda x: x.reshape((n // group, group) + x.shape[1:]), part)
+    rngs = jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(n // group))
+    losses, stats = jax.vmap(group_loss, in_axes=(None, None, 0, 0))(
+        params, batch_stats, groups, rngs
+    )
+    return jnp.mean(losses), jax.tree_util.tree_map(lambda s: jnp.mean(s, axis=0), stats)
+
+  return loss_fn
 
 
 def accumulated_grads(grad_fn, state: TrainState, batch: dict, rng, accum: int, micro_sharding):

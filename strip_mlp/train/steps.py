@@ -150,7 +150,7 @@ def make_train_step(
 
 def config_mix_fn(data, num_classes: int) -> Callable:
   """mix_fn(rng, part) -> (images, soft targets): the data config's mixup/cutmix draw and
-  label smoothing for one group (`strip_mlp.mixup.mixup_cutmix`)."""
+  label smoothing for one group (`strip_mlp.train.mixup.mixup_cutmix`)."""
   return lambda rng, part: mixup_cutmix(
       rng,
       part["image"],

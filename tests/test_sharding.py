@@ -69,7 +69,7 @@ def test_distributed_start_from_launcher_environment():
   """JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID, as a launcher sets them,
   start the real distributed runtime (one process here) without any flag."""
   code = (
-      "import jax\nfrom strip_mlp import sharding\n"
+      "import jax\nfrom strip_mlp.runtime import sharding\n"
       "started = sharding.maybe_initialize_distributed()\n"
       "print(started, jax.process_count(), jax.process_index())\n"
       "jax.distributed.shutdown()\n"

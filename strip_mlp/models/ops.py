@@ -32,10 +32,11 @@ _AUTO = {
 _FALLBACK = {"depthwise": "xla", "patchify": "einsum"}
 
 
-def resolve_impl(kind: str, impl: str) -> str:
-  """Returns the concrete formulation of op `kind` ('depthwise'|'patchify') for `impl`."""
+def resolve_impl(kind: str, impl: str, platform: str | None = None) -> str:
+  """Returns the concrete formulation of op `kind` ('depthwise'|'patchify') for `impl` on
+  `platform` ('cpu' | 'gpu' | 'tpu'; default: JAX's default backend)."""
   if impl == "auto":
-    return _AUTO[kind].get(jax.default_backend(), _FALLBACK[kind])
+    return _AUTO[kind].get(platform or jax.default_backend(), _FALLBACK[kind])
   if impl not in _CHOICES[kind]:
     raise ValueError(f"{kind}_impl={impl!r} is not one of {('auto',) + _CHOICES[kind]}")
   return impl

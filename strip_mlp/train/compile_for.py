@@ -1,0 +1,265 @@
+"""Ahead-of-time compilation of the training step for a TPU topology, on any machine.
+
+`compile_step(config, devices)` builds the run exactly as train.py does (`build`: config,
+plan, ('data', 'fsdp') mesh, shardings, remat, dtype, grad accumulation, the jitted update)
+over abstract devices (strip_mlp/runtime/tpu_topology.py), lowers the train step with
+abstract inputs (no data read, no device touched) and compiles it with the TPU compiler.
+Its `Report` holds what the compiler says per chip: argument/output/temporary/code bytes,
+FLOPs and bytes accessed, and the HLO op census. `max_batch` searches the largest per-chip
+batch that fits. Memory and FLOPs are the compiler's; a time from them is an estimate.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import re
+import time
+
+import jax
+import jax.numpy as jnp
+
+from strip_mlp.errors import ConfigError
+from strip_mlp.models import ops
+from strip_mlp.runtime import sharding, tpu_topology
+from strip_mlp.train import plan as plan_lib
+
+# (num_classes, num_train, num_eval) of the datasets the configs name: the plan needs the
+# sizes (the schedule's length), the model the class count; no data is read.
+KNOWN_DATASETS = {
+    "imagenet2012": (1000, 1281167, 50000),
+    "cifar10": (10, 50000, 10000),
+    "cifar100": (100, 50000, 10000),
+    "caltech101": (102, 3060, 6084),
+    "digits": (10, 1437, 360),
+}
+CENSUS_OPS = ("convolution", "dot", "fusion", "slice", "gather", "transpose", "copy")
+_OPCODE = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*.*?\s([a-z][a-z0-9\-]*)\(")
+
+
+@dataclasses.dataclass(frozen=True)
+class Report:
+  """One compiled train step. Bytes and FLOPs are per chip (device) and per step."""
+
+  topology: str
+  chips: int
+  processes: int
+  batch_per_chip: int
+  chip: tpu_topology.Chip
+  argument_bytes: int
+  output_bytes: int
+  alias_bytes: int
+  temp_bytes: int
+  code_bytes: int
+  flops: float
+  bytes_accessed: float
+  compile_s: float
+  census: dict
+
+  @property
+  def total_bytes(self) -> int:
+    """What the step holds at its peak: arguments, outputs not aliased to them (the
+    donated state is updated in place), temporaries and the program."""
+    return self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes + (
+        self.code_bytes
+    )
+
+  def fits(self, hbm_bytes: int | None = None) -> bool:
+    return self.total_bytes <= (hbm_bytes or self.chip.hbm_bytes)
+
+  @property
+  def roofline_s(self) -> float:
+    """max(FLOPs / peak, bytes accessed / HBM bandwidth): an estimate, not a measurement."""
+    return max(self.flops / self.chip.peak_flops, self.bytes_accessed / self.chip.hbm_bytes_per_s)
+
+
+def dataset_info(config):
+  """The plan's DatasetInfo from KNOWN_DATASETS and model.num_classes (no data read)."""
+  from strip_mlp.data.pipeline import DatasetInfo  # pylint: disable=g-import-not-at-top
+
+  name = config.data.name if config.data.source == "tfds" else config.data.source
+  known = KNOWN_DATASETS.get(name)
+  classes = config.model.num_classes or config.data.get("num_classes") or (known or (0,))[0]
+  if not classes:
+    raise ConfigError(
+        f"compiling without data needs the class count of {name!r}: set "
+        "--config.model.num_classes=N"
+    )
+  num_train, num_eval = known[1:] if known else (max(config.batch_size, 1) * 1000, 1)
+  return DatasetInfo(
+      name=name,
+      num_classes=int(classes),
+      num_train=int(num_train),
+      num_eval=int(num_eval),
+      image_size=int(config.data.image_size),
+      train_split=config.data.train_split,
+      eval_split=config.data.get("eval_split") or "",
+  )
+
+
+def for_platform(config, platform: str = "tpu"):
+  """A copy of `config` with the 'auto' formulations resolved for `platform`, not for the
+  machine that compiles (a CPU here would pick its own)."""
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    for kind in ("depthwise", "patchify"):
+      key = f"{kind}_impl"
+      config.model[key] = ops.resolve_impl(kind, config.model.get(key, "auto"), platform)
+  return config
+
+
+def abstract_train_batch(config, batch_size: int, mesh) -> dict:
+  """The train iterator's batch as ShapeDtypeStructs split over the mesh."""
+  r = int(config.model.img_size or config.data.image_size)
+  spec = sharding.batch_sharding(mesh)
+  dtype = jnp.bfloat16 if config.data.get("image_dtype") == "bfloat16" else jnp.float32
+  return {
+      "image": jax.ShapeDtypeStruct((batch_size, r, r, 3), dtype, sharding=spec),
+      "label": jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=spec),
+  }
+
+
+def compile_step(config, devices, *, topology: str = "", batch_per_chip: int | None = None):
+  """Compiles `config`'s train step over `devices`; returns a Report.
+
+  batch_per_chip: replaces config.batch_size by this many images per chip (times the chip
+  count). Raises ConfigError (one line) for a batch, accumulation, group or mesh that the
+  device count cannot take, as train.py would on those devices.
+  """
+  from strip_mlp.train.build import build  # pylint: disable=g-import-not-at-top
+
+  n = len(devices)
+  processes = len({d.process_index for d in devices})
+  config = for_platform(config, devices[0].platform)
+  if batch_per_chip is not None:
+    with config.unlocked():
+      config.batch_size = int(batch_per_chip) * n
+  plan_lib.validate_config(config, num_devices=n, num_processes=processes)
+  mesh = sharding.create_mesh(config.mesh.fsdp, devices=devices)
+  run = build(config, dataset_info(config), mesh)
+  t0 = time.time()
+  compiled = run.train_step.lower(
+      run.abstract_state, abstract_train_batch(config, config.batch_size, mesh)
+  ).compile()
+  compile_s = time.time() - t0
+  mem = compiled.memory_analysis()
+  cost = compiled.cost_analysis()
+  cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
+  return Report(
+      topology=topology,
+      chips=n,
+      processes=processes,
+      batch_per_chip=config.batch_size // n,
+      chip=tpu_topology.chip_of(devices),
+      argument_bytes=int(mem.argument_size_in_bytes),
+      output_bytes=int(mem.output_size_in_bytes),
+      alias_bytes=int(mem.alias_size_in_bytes),
+      temp_bytes=int(mem.temp_size_in_bytes),
+      code_bytes=int(mem.generated_code_size_in_bytes),
+      flops=float(cost.get("flops", 0.0)),
+      bytes_accessed=float(cost.get("bytes accessed", 0.0)),
+      compile_s=compile_s,
+      census=op_census(compiled.as_text()),
+  )
+
+
+def op_census(hlo_text: str) -> dict:
+  """Instruction counts of an HLO module's text, by opcode (fused bodies included), with
+  'total'. Async pairs count once (`copy-start`/`copy-done` as 'copy')."""
+  counts = collections.Counter()
+  for line in hlo_text.splitlines():
+    m = _OPCODE.match(line)
+    if m:
+      op = m.group(1)
+      if op.endswith("-done"):
+        continue
+      counts[op.removesuffix("-start")] += 1
+  counts["total"] = sum(counts.values())
+  return dict(counts)
+
+
+def batch_step(config, chips: int) -> int:
+  """The per-chip batch granule: a multiple of 8 whose global batch every micro-batch
+  and BatchNorm/mixup group divides."""
+  unit = int(config.grad_accum_steps) * int(config.get("group_size") or 1)
+  step = 8
+  while (step * chips) % unit:
+    step += 8
+  return step
+
+
+def max_batch(config, devices, *, topology: str = "", hbm_bytes: int | None = None, log=print):
+  """The largest per-chip batch (a multiple of `batch_step`) whose step fits in
+  `hbm_bytes` (default: the chip's HBM). Returns (largest fitting Report or None, the
+  Reports compiled). Memory is close to affine in the batch: two compiles give the line,
+  and the search then checks its prediction and the next batch up, walking on when the
+  line was off."""
+  g = batch_step(config, len(devices))
+  compiled = {}
+
+  def at(b: int):
+    if b not in compiled:
+      compiled[b] = r = compile_step(config, devices, topology=topology, batch_per_chip=b)
+      log(
+          f"  batch/chip {b:5d}: {gib(r.total_bytes):7.2f} GiB "
+          f"{'fits' if r.fits(hbm_bytes) else 'does not fit'} ({r.compile_s:.0f}s compile)"
+      )
+    return compiled[b]
+
+  hbm = hbm_bytes or tpu_topology.chip_of(devices).hbm_bytes
+  lo, hi = at(g), at(2 * g)
+  if not lo.fits(hbm):
+    return None, compiled
+  per_image = max((hi.total_bytes - lo.total_bytes) / g, 1.0)
+  guess = g * max(1, int((hbm - lo.total_bytes) / per_image / g) + 1)
+  good, bad = g, None
+  b = guess
+  for _ in range(12):
+    if at(b).fits(hbm):
+      good = max(good, b)
+      if bad is not None and bad == good + g:
+        break
+      b = b + g if bad is None or b + g < bad else (good + bad) // (2 * g) * g
+    else:
+      bad = b if bad is None else min(bad, b)
+      if bad == good + g:
+        break
+      b = max(good + g, (good + bad) // (2 * g) * g)
+      if b >= bad:
+        break
+  return compiled[good], compiled
+
+
+def gib(n: float) -> float:
+  return n / 2**30
+
+
+def describe(r: Report, hbm_bytes: int | None = None) -> list[str]:
+  """The report as lines for a terminal."""
+  hbm = hbm_bytes or r.chip.hbm_bytes
+  images = r.batch_per_chip
+  lines = [
+      f"compiled the train step for {r.topology or r.chip.generation} ({r.chips} chips, "
+      f"{r.processes} host(s)) in {r.compile_s:.1f}s: batch {images} per chip, "
+      f"{images * r.chips} global",
+      f"  per chip: arguments {gib(r.argument_bytes):.2f} GiB, outputs "
+      f"{gib(r.output_bytes):.2f} GiB ({gib(r.alias_bytes):.2f} GiB of them in place of "
+      f"the donated state), temporaries {gib(r.temp_bytes):.2f} GiB, code "
+      f"{gib(r.code_bytes):.3f} GiB",
+      f"  total {gib(r.total_bytes):.2f} GiB of {gib(hbm):.2f} GiB HBM "
+      f"({r.chip.generation}, {r.chip.source})",
+      f"  FLOPs per chip per step {r.flops / 1e12:.3f} T, per image "
+      f"{r.flops / max(images, 1) / 1e9:.2f} G; bytes accessed {gib(r.bytes_accessed):.2f} GiB",
+      f"  roofline estimate (not a measurement): {1e3 * r.roofline_s:.1f} ms per step, "
+      f"{images / max(r.roofline_s, 1e-12):.0f} images/s per chip",
+      "  HLO: " + ", ".join(f"{op} {r.census.get(op, 0)}" for op in ("total",) + CENSUS_OPS),
+  ]
+  left = hbm - r.total_bytes
+  if left >= 0:
+    lines.append(f"verdict: fits, {gib(left):.2f} GiB ({100 * left / hbm:.0f}%) to spare")
+  else:
+    lines.append(
+        f"verdict: does not fit, {gib(-left):.2f} GiB over; lower batch_size, raise "
+        "grad_accum_steps or mesh.fsdp, or set model.remat=True / model.dtype=bfloat16"
+    )
+  return lines

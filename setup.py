@@ -25,6 +25,9 @@ setup(
             "importlib_resources",  # TFDS imports it to prepare datasets, without declaring it
             "scikit-learn>=1.3",
         ],
+        # The TPU compiler (libtpu), to compile the train step for a TPU topology on any
+        # machine (train.py --compile_for); a TPU host has it already.
+        "tpu": ["jax[tpu]"],
         # Reading released PyTorch .pth files.
         "convert": ["torch>=2.4"],
         "test": [
@@ -36,6 +39,7 @@ setup(
             "importlib_resources",
             "scikit-learn>=1.3",
             "torch>=2.4",
+            "jax[tpu]",  # libtpu: tests/test_compile_for.py compiles for TPU topologies
             "Pillow>=13",  # reference of tests/test_pil_parity.py (Pillow 13's resize pass order)
         ],
     },

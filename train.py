@@ -4,7 +4,11 @@ r"""Trains Strip-MLP: the same command on one CPU, one GPU, many GPUs or a TPU p
     python train.py --config configs/imagenet_tiny.py --workdir gs://b/run \
         --config.data.data_dir=/data/tfds --config.batch_size=2048
 
-Overrides: --config.<key>=<value> for any key of the config (see configs/common.py).
+    python train.py --config configs/imagenet_tiny.py --compile_for=v5p:4x4x4 [--max_batch]
+
+The last compiles the train step for a TPU topology here (no TPU, no data; libtpu from the
+`tpu` extra) and prints its memory per chip against the HBM, FLOPs and op census
+(strip_mlp/train/compile_for.py). Overrides: --config.<key>=<value> for any key of the config (see configs/common.py).
 Rerunning the same command resumes from the newest checkpoint in --workdir. With several
 processes (one per host), JAX's distributed runtime is started from the cluster
 environment (SLURM, Open MPI, TPU pods) or from --coordinator_address/--num_processes/
@@ -78,6 +82,21 @@ _WORKDIR = flags.DEFINE_string(
     "resumes. Default: workdirs/<config name>.",
 )
 cli.define_process_flags()
+_COMPILE_FOR = flags.DEFINE_string(
+    "compile_for",
+    None,
+    "Compile the train step for this TPU topology (e.g. v5e:2x2, v5e:16x16, v5p:4x4x4) here, "
+    "without a TPU or data; print memory per chip against its HBM, FLOPs and the op census, "
+    "and exit (exit code 3 when it does not fit). Needs pip install 'strip-mlp-jax[tpu]'.",
+)
+_MAX_BATCH = flags.DEFINE_bool(
+    "max_batch",
+    False,
+    "With --compile_for: search the largest batch per chip that fits, remat off and on.",
+)
+_HBM_GIB = flags.DEFINE_float(
+    "hbm_gib", None, "With --compile_for: GiB per chip to fit in (default: the chip's HBM)."
+)
 
 
 def _parse_flags(argv):
@@ -155,12 +174,37 @@ def _train(config, workdir: str):
     lock.release()
 
 
+def _compile_for(config) -> int:
+  """--compile_for: 0 when the step fits, 3 when it does not, 1 for a one-line error."""
+  from strip_mlp.train import compile_for  # pylint: disable=g-import-not-at-top
+
+  fits = []
+  rc = cli.guarded(
+      PROG,
+      lambda: fits.append(
+          compile_for.main(
+              config,
+              _COMPILE_FOR.value,
+              find_max_batch=_MAX_BATCH.value,
+              hbm_gib=_HBM_GIB.value,
+              log=lambda line: print(line, flush=True),
+          )
+      ),
+      out_of_memory_fix="lower batch_size",
+  )
+  return rc or (0 if fits[0] else 3)
+
+
 def main(argv):
   if len(argv) > 1:
     _fail(f"unexpected arguments: {' '.join(argv[1:])} (flags are --name=value)")
   cli.quiet_logging()
   signal.signal(signal.SIGINT, _on_sigint)
   workdir_lock.release_on_sigterm()  # the training loop saves first on SIGTERM
+  if _COMPILE_FOR.value is not None:
+    return _compile_for(_CONFIG.value)
+  if _MAX_BATCH.value or _HBM_GIB.value is not None:
+    _fail("--max_batch and --hbm_gib go with --compile_for=<TPU topology>")
   workdir = _WORKDIR.value or _default_workdir()
   try:
     return cli.guarded(

@@ -1,4 +1,4 @@
-"""Shared test set-up: 8 fake CPU devices, one persistent compilation cache and quiet logs
+"""Shared test set-up: 8 fake CPU devices (JAX on the CPU), one persistent compilation cache and quiet logs
 for the whole session, the Strip-MLP reference fixtures, and the data sets the data tests read.
 
 Every fixture lives in this repository. The Strip-MLP ones are tests/fixtures/strip_mlp/*.npz,
@@ -9,6 +9,9 @@ tests/synthetic_weights.py."""
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# The tests run on the CPU. libtpu (the `test` extra, for tests/test_compile_for.py) would
+# otherwise look for a TPU in every process that starts JAX, with notices on stderr.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import pathlib  # noqa: E402
 

@@ -74,6 +74,9 @@ def devices(name: str) -> list:
     )
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
 
+  # Only the compiler is used: another process holding libtpu's lock (a training run on a
+  # TPU host, a second compile) must not stop this one.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   with _stderr_captured() as captured:
     try:
       topology = topologies.get_topology_desc(platform="tpu", topology_name=name)

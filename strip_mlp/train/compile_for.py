@@ -31,7 +31,7 @@ KNOWN_DATASETS = {
     "cifar10": (10, 50000, 10000),
     "cifar100": (100, 50000, 10000),
     "caltech101": (102, 3060, 6084),
-    "digits": (10, 1437, 360),
+    "digits": (10, 1438, 359),
 }
 CENSUS_OPS = ("convolution", "dot", "fusion", "slice", "gather", "transpose", "copy")
 _OPCODE = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*.*?\s([a-z][a-z0-9\-]*)\(")
@@ -77,7 +77,7 @@ def dataset_info(config):
   """The plan's DatasetInfo from KNOWN_DATASETS and model.num_classes (no data read)."""
   from strip_mlp.data.pipeline import DatasetInfo  # pylint: disable=g-import-not-at-top
 
-  name = config.data.name if config.data.source == "tfds" else config.data.source
+  name = config.data.name if config.data.source != "folder" else config.data.folder_root
   known = KNOWN_DATASETS.get(name)
   classes = config.model.num_classes or config.data.get("num_classes") or (known or (0,))[0]
   if not classes:
@@ -123,7 +123,7 @@ def compile_step(config, devices, *, topology: str = "", batch_per_chip: int | N
   """Compiles `config`'s train step over `devices`; returns a Report.
 
   batch_per_chip: replaces config.batch_size by this many images per chip (times the chip
-  count). Raises ConfigError (one line) for a batch, accumulation, group or mesh that the
+  count; the eval batch follows it). Raises ConfigError (one line) for a batch, accumulation, group or mesh that the
   device count cannot take, as train.py would on those devices.
   """
   from strip_mlp.train.build import build  # pylint: disable=g-import-not-at-top
@@ -134,13 +134,23 @@ def compile_step(config, devices, *, topology: str = "", batch_per_chip: int | N
   if batch_per_chip is not None:
     with config.unlocked():
       config.batch_size = int(batch_per_chip) * n
+      config.eval_batch_size = None  # (not compiled here) the batch's, which divides
   plan_lib.validate_config(config, num_devices=n, num_processes=processes)
   mesh = sharding.create_mesh(config.mesh.fsdp, devices=devices)
-  run = build(config, dataset_info(config), mesh)
+  info = dataset_info(config)
+  if batch_per_chip is not None:  # a searched batch may exceed a small training split
+    info = dataclasses.replace(info, num_train=max(info.num_train, config.batch_size))
+  run = build(config, info, mesh)
   t0 = time.time()
-  compiled = run.train_step.lower(
+  lowered = run.train_step.lower(
       run.abstract_state, abstract_train_batch(config, config.batch_size, mesh)
-  ).compile()
+  )
+  cache = jax.config.jax_enable_compilation_cache
+  jax.config.update("jax_enable_compilation_cache", False)  # no client to load TPU programs
+  try:
+    compiled = lowered.compile()
+  finally:
+    jax.config.update("jax_enable_compilation_cache", cache)
   compile_s = time.time() - t0
   mem = compiled.memory_analysis()
   cost = compiled.cost_analysis()
@@ -190,76 +200,144 @@ def batch_step(config, chips: int) -> int:
 
 def max_batch(config, devices, *, topology: str = "", hbm_bytes: int | None = None, log=print):
   """The largest per-chip batch (a multiple of `batch_step`) whose step fits in
-  `hbm_bytes` (default: the chip's HBM). Returns (largest fitting Report or None, the
-  Reports compiled). Memory is close to affine in the batch: two compiles give the line,
-  and the search then checks its prediction and the next batch up, walking on when the
-  line was off."""
+  `hbm_bytes` (default: the chip's HBM). Returns (its Report or None when not even one
+  granule fits, {batch: Report} of every compile).
+
+  Two compiles give the slope of memory in the batch, close to affine at batches the TPU
+  tiles fill; the search brackets the line's prediction by steps of ~1/8 of it and then
+  bisects to one granule, each probe a compile.
+  """
   g = batch_step(config, len(devices))
+  hbm = hbm_bytes or tpu_topology.chip_of(devices).hbm_bytes
   compiled = {}
 
-  def at(b: int):
+  def fits(b: int) -> bool:
     if b not in compiled:
       compiled[b] = r = compile_step(config, devices, topology=topology, batch_per_chip=b)
       log(
-          f"  batch/chip {b:5d}: {gib(r.total_bytes):7.2f} GiB "
-          f"{'fits' if r.fits(hbm_bytes) else 'does not fit'} ({r.compile_s:.0f}s compile)"
+          f"  batch/chip {b:5d}: {size(r.total_bytes)} "
+          f"{'fits' if r.fits(hbm) else 'does not fit'} ({r.compile_s:.0f}s compile)"
       )
-    return compiled[b]
+    return compiled[b].fits(hbm)
 
-  hbm = hbm_bytes or tpu_topology.chip_of(devices).hbm_bytes
-  lo, hi = at(g), at(2 * g)
-  if not lo.fits(hbm):
+  lo = g * -(-32 // g)
+  if not fits(lo) and not fits(g):
     return None, compiled
-  per_image = max((hi.total_bytes - lo.total_bytes) / g, 1.0)
-  guess = g * max(1, int((hbm - lo.total_bytes) / per_image / g) + 1)
-  good, bad = g, None
-  b = guess
-  for _ in range(12):
-    if at(b).fits(hbm):
-      good = max(good, b)
-      if bad is not None and bad == good + g:
-        break
-      b = b + g if bad is None or b + g < bad else (good + bad) // (2 * g) * g
+  if fits(lo):
+    fits(2 * lo)
+    slope = max((compiled[2 * lo].total_bytes - compiled[lo].total_bytes) / lo, 1.0)
+    guess = max(g, int(lo + (hbm - compiled[lo].total_bytes) / slope) // g * g)
+  else:
+    guess = g
+  good = max([b for b, r in compiled.items() if r.fits(hbm)], default=g)
+  bad = min([b for b, r in compiled.items() if not r.fits(hbm)], default=None)
+  step = max(g, guess // 8 // g * g)
+  b = guess if guess > good and (bad is None or guess < bad) else good + step
+  while bad is None:  # bracket: walk up by growing steps until a batch does not fit
+    if fits(b):
+      good, b, step = b, b + step, 2 * step
     else:
-      bad = b if bad is None else min(bad, b)
-      if bad == good + g:
-        break
-      b = max(good + g, (good + bad) // (2 * g) * g)
-      if b >= bad:
-        break
+      bad = b
+  while bad - good > g:  # bisect down to one granule
+    mid = (good + bad) // 2 // g * g
+    if fits(mid):
+      good = mid
+    else:
+      bad = mid
   return compiled[good], compiled
 
 
-def gib(n: float) -> float:
-  return n / 2**30
+def size(n: float) -> str:
+  """Bytes for a terminal: '6.43 GiB', '12.0 MiB'."""
+  return f"{n / 2**30:.2f} GiB" if abs(n) >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 def describe(r: Report, hbm_bytes: int | None = None) -> list[str]:
-  """The report as lines for a terminal."""
+  """The report as lines for a terminal, ending with the verdict."""
   hbm = hbm_bytes or r.chip.hbm_bytes
   images = r.batch_per_chip
   lines = [
       f"compiled the train step for {r.topology or r.chip.generation} ({r.chips} chips, "
       f"{r.processes} host(s)) in {r.compile_s:.1f}s: batch {images} per chip, "
       f"{images * r.chips} global",
-      f"  per chip: arguments {gib(r.argument_bytes):.2f} GiB, outputs "
-      f"{gib(r.output_bytes):.2f} GiB ({gib(r.alias_bytes):.2f} GiB of them in place of "
-      f"the donated state), temporaries {gib(r.temp_bytes):.2f} GiB, code "
-      f"{gib(r.code_bytes):.3f} GiB",
-      f"  total {gib(r.total_bytes):.2f} GiB of {gib(hbm):.2f} GiB HBM "
-      f"({r.chip.generation}, {r.chip.source})",
-      f"  FLOPs per chip per step {r.flops / 1e12:.3f} T, per image "
-      f"{r.flops / max(images, 1) / 1e9:.2f} G; bytes accessed {gib(r.bytes_accessed):.2f} GiB",
-      f"  roofline estimate (not a measurement): {1e3 * r.roofline_s:.1f} ms per step, "
-      f"{images / max(r.roofline_s, 1e-12):.0f} images/s per chip",
-      "  HLO: " + ", ".join(f"{op} {r.census.get(op, 0)}" for op in ("total",) + CENSUS_OPS),
+      f"  per chip: arguments {size(r.argument_bytes)}, outputs {size(r.output_bytes)} "
+      f"({size(r.alias_bytes)} of them in place of the donated state), temporaries "
+      f"{size(r.temp_bytes)}, code {size(r.code_bytes)}",
+      f"  total {size(r.total_bytes)} of {size(hbm)} "
+      + ("(--hbm_gib)" if hbm_bytes else f"HBM ({r.chip.generation}, {r.chip.source})"),
+      f"  FLOPs per chip per step {r.flops / 1e9:,.1f} G, per image "
+      f"{r.flops / max(images, 1) / 1e9:.2f} G; bytes accessed {size(r.bytes_accessed)}",
+      f"  roofline estimate (not a measurement): {1e3 * r.roofline_s:.2f} ms per step, "
+      f"{images / max(r.roofline_s, 1e-12):,.0f} images/s per chip at the chip's peak",
+      "  HLO instructions: " + ", ".join(
+          f"{op} {r.census.get(op, 0)}" for op in ("total",) + CENSUS_OPS),
   ]
   left = hbm - r.total_bytes
   if left >= 0:
-    lines.append(f"verdict: fits, {gib(left):.2f} GiB ({100 * left / hbm:.0f}%) to spare")
+    lines.append(f"verdict: fits, {size(left)} ({100 * left / hbm:.0f}%) to spare")
   else:
     lines.append(
-        f"verdict: does not fit, {gib(-left):.2f} GiB over; lower batch_size, raise "
+        f"verdict: does not fit, {size(-left)} over; lower batch_size, raise "
         "grad_accum_steps or mesh.fsdp, or set model.remat=True / model.dtype=bfloat16"
     )
   return lines
+
+
+def main(config, topology: str, *, find_max_batch: bool = False, hbm_gib: float | None = None,
+         log=print) -> bool:
+  """train.py --compile_for: compiles `config`'s step for `topology` and prints the report
+  (with `find_max_batch`, the largest per-chip batch with and without remat and the one
+  recommended). Returns whether the configured step fits. Raises UserError (one line)."""
+  jax.config.update("jax_platforms", "cpu")  # nothing runs here; libtpu is only the compiler
+  devices = tpu_topology.devices(topology)
+  hbm = int(hbm_gib * 2**30) if hbm_gib else None
+  if hbm is not None and hbm <= 0:
+    raise ConfigError(f"--hbm_gib={hbm_gib} must be positive")
+  if config.batch_size % len(devices):
+    raise ConfigError(
+        f"batch_size={config.batch_size} does not divide over the {len(devices)} chips of "
+        f"{topology}; give a multiple of {len(devices)}"
+    )
+  if not find_max_batch:
+    report = compile_step(config, devices, topology=topology)
+    for line in describe(report, hbm):
+      log(line)
+    return report.fits(hbm)
+  return _search(config, devices, topology, hbm, log)
+
+
+def _search(config, devices, topology: str, hbm: int | None, log) -> bool:
+  """The max-batch mode of `main`: remat off and (Strip-MLP only) on."""
+  wanted = config.batch_size // len(devices)
+  results = {}
+  options = (False, True) if not config.model.get("name") else (False,)
+  for remat in options:
+    c = config.copy_and_resolve_references()
+    with c.unlocked():
+      c.model.remat = remat
+    log(f"remat {'on' if remat else 'off'}: searching the batch per chip on {topology}")
+    best, _ = max_batch(c, devices, topology=topology, hbm_bytes=hbm, log=log)
+    results[remat] = best
+    if best is None:
+      log(f"remat {'on' if remat else 'off'}: even {batch_step(c, len(devices))} per chip does "
+          "not fit")
+    else:
+      log(f"remat {'on' if remat else 'off'}: at most {best.batch_per_chip} per chip "
+          f"({size(best.total_bytes)}; {best.flops / best.batch_per_chip / 1e9:.1f} "
+          "GFLOP per image)")
+  if len(options) == 1:
+    log("remat applies to Strip-MLP only (model.name='')")
+  off, on = results.get(False), results.get(True)
+  if off is not None and off.batch_per_chip >= wanted:
+    log(f"recommended: remat off, batch up to {off.batch_per_chip} per chip (the configured "
+        f"{wanted} fits without recomputing the forward pass)")
+  elif on is not None and on.batch_per_chip >= wanted:
+    log(f"recommended: model.remat=True: the configured {wanted} per chip fits only with "
+        "remat (about one more forward pass of compute)")
+  else:
+    top = max((r for r in (off, on) if r is not None), key=lambda r: r.batch_per_chip,
+              default=None)
+    log(f"recommended: the configured {wanted} per chip does not fit; " + (
+        f"use at most {top.batch_per_chip} per chip (grad_accum_steps or more chips for the "
+        "global batch)" if top else "use more chips with mesh.fsdp, or a smaller model"))
+  return any(r is not None and r.batch_per_chip >= wanted for r in (off, on))

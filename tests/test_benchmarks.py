@@ -163,3 +163,21 @@ def test_a_killed_worker_is_one_line_that_says_why():
   with pytest.raises(SystemExit, match=r"^msmlp_t: the worker stopped \(killed, .*memory"):
     worker.run("train")
   worker.close()  # a stopped worker closes quietly
+
+
+def test_tpu_compile_benchmark_compares_formulations_by_the_compilers_figures(tmp_path):
+  """One small Strip-MLP compiled for v5e:2x2 with two depthwise formulations: each row
+  holds the compiler's memory, FLOPs and op census; the shifted sum is made of slices."""
+  bench = _load("tpu_compile_benchmark")
+  out = tmp_path / "tpu.json"
+  bench.main([
+      "--models=tiny_light", "--layers=1,0,0,0", "--image_size=32", "--topologies=v5e:2x2",
+      "--dtype=bfloat16", "--remat=off", "--impls=depthwise=xla,depthwise=shift",
+      "--batch_per_chip=32", f"--json={out}",
+  ])
+  rows = {r["impl"]: r for r in json.loads(out.read_text())["rows"]}
+  assert set(rows) == {"depthwise=xla", "depthwise=shift"}
+  for r in rows.values():
+    assert r["fits"] == "yes" and 0 < r["gib_per_chip"] < r["hbm_gib"]
+    assert r["gflop_per_image"] > 0 and r["est_img_s"] > 0 and r["n_total"] > 0
+  assert rows["depthwise=shift"]["n_slice"] > rows["depthwise=xla"]["n_slice"]

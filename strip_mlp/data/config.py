@@ -55,6 +55,22 @@ def local_batch_size(global_batch_size: int, process_count: int) -> int:
 
 
 @dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+  """Static facts of the configured dataset (also readable as info['num_classes'])."""
+
+  name: str
+  num_classes: int
+  num_train: int
+  num_eval: int
+  image_size: int
+  train_split: str
+  eval_split: str
+
+  def __getitem__(self, key):
+    return getattr(self, key)
+
+
+@dataclasses.dataclass(frozen=True)
 class RandAugmentSpec:
   """Parsed timm RandAugment string, e.g. 'rand-m9-mstd0.5-inc1'."""
 

@@ -36,8 +36,9 @@ import tensorflow as tf
 from strip_mlp.data import digits, folders, sources, transforms
 # re-exported:
 from strip_mlp.runtime.sharding import device_iterator, to_global_arrays  # noqa: F401
-from strip_mlp.data.config import (
+from strip_mlp.data.config import (  # noqa: F401  (DatasetInfo: re-exported)
     EMBEDDED_DATASETS,
+    DatasetInfo,
     IMAGE_DTYPES,
     JPEG_DCT_METHOD,
     SOURCES,
@@ -52,22 +53,6 @@ try:  # TensorFlow must never grab accelerator memory: JAX owns the devices.
   tf.config.set_visible_devices([], "TPU")
 except (RuntimeError, ValueError):  # already initialised / no such device type
   pass
-
-
-@dataclasses.dataclass(frozen=True)
-class DatasetInfo:
-  """Static facts of the configured dataset (also readable as info['num_classes'])."""
-
-  name: str
-  num_classes: int
-  num_train: int
-  num_eval: int
-  image_size: int
-  train_split: str
-  eval_split: str
-
-  def __getitem__(self, key):
-    return getattr(self, key)
 
 
 # ----------------------------------------------------------------------------- sources

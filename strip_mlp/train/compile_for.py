@@ -19,6 +19,7 @@ import time
 import jax
 import jax.numpy as jnp
 
+from strip_mlp.data.config import DatasetInfo
 from strip_mlp.errors import ConfigError
 from strip_mlp.models import ops
 from strip_mlp.runtime import sharding, tpu_topology
@@ -75,8 +76,6 @@ class Report:
 
 def dataset_info(config):
   """The plan's DatasetInfo from KNOWN_DATASETS and model.num_classes (no data read)."""
-  from strip_mlp.data.pipeline import DatasetInfo  # pylint: disable=g-import-not-at-top
-
   name = config.data.name if config.data.source != "folder" else config.data.folder_root
   known = KNOWN_DATASETS.get(name)
   classes = config.model.num_classes or config.data.get("num_classes") or (known or (0,))[0]

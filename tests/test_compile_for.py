@@ -97,6 +97,19 @@ def test_the_command_line_prints_the_report_and_exits_3_when_it_does_not_fit():
   assert "verdict: does not fit" in tight.stdout
 
 
+def test_max_batch_mode_says_when_nothing_fits():
+  """--max_batch with an HBM too small for any batch: both remat settings are searched,
+  the recommendation says so, exit code 3."""
+  p = _train_py(
+      "--compile_for=v5e:2x2", "--config.model.layers=(0,0,0,0)", "--max_batch",
+      "--hbm_gib=0.001",
+  )
+  assert p.returncode == 3, p.stderr[-2000:]
+  assert "remat off: even 8 per chip does not fit" in p.stdout
+  assert "remat on: even 8 per chip does not fit" in p.stdout
+  assert "recommended: the configured 16 per chip does not fit" in p.stdout
+
+
 @pytest.mark.parametrize(
     "args, expected",
     [

@@ -90,6 +90,8 @@ def run_row(row: dict, batch_per_chip: int, max_batch: bool) -> dict:
       chips=r.chips,
       hbm_gib=round(r.chip.hbm_bytes / 2**30, 2),
       gib_per_chip=round(r.total_bytes / 2**30, 2),
+      **{f"{k}_bytes": getattr(r, f"{k}_bytes") for k in ("argument", "output", "alias", "temp",
+                                                         "code")},
       fits="yes" if r.fits() else "no",
       gflop_per_image=round(r.flops / batch_per_chip / 1e9, 2),
       compile_s=round(r.compile_s, 1),

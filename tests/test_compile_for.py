@@ -42,7 +42,8 @@ def test_the_train_step_compiles_for_a_single_host_slice():
   )
   r = compile_for.compile_step(config, devices, topology="v5e:2x2", batch_per_chip=16)
   assert (r.chips, r.processes, r.batch_per_chip) == (4, 1, 16)
-  assert r.chip.generation == "v5e" and r.chip.hbm_bytes == 16 * 10**9
+  assert r.chip.generation == "v5e" and r.chip.hbm_bytes == 16 * 2**30
+  assert r.hbm_bytes == int(15.75 * 2**30)  # the compiler's own limit, reservations deducted
   assert r.argument_bytes > 0 and r.temp_bytes > 0 and r.code_bytes > 0
   assert 0 < r.total_bytes < r.chip.hbm_bytes and r.fits()
   assert r.flops > 0 and r.bytes_accessed > 0 and r.roofline_s > 0
@@ -70,6 +71,15 @@ def test_memory_grows_with_the_batch_and_the_verdict_flips_at_the_hbm_limit():
   between = (small.total_bytes + large.total_bytes) // 2
   assert small.fits(between) and not large.fits(between)
   assert compile_for.describe(large, between)[-1].startswith("verdict: does not fit")
+
+
+def test_a_step_the_compiler_refuses_for_memory_does_not_fit():
+  devices = tpu_topology.devices("v5e:2x2")
+  config = _config(**NO_BLOCKS, **{"data.image_size": 224})
+  r = compile_for.compile_step(config, devices, batch_per_chip=16384)
+  assert r.refused.startswith("RESOURCE_EXHAUSTED") and not r.fits()
+  assert r.temp_bytes > r.hbm_bytes  # what the compiler said the temporaries need
+  assert compile_for.describe(r)[-1].startswith("verdict: does not fit")
 
 
 def test_max_batch_finds_the_boundary_of_a_made_up_hbm():

@@ -4,7 +4,8 @@
 sees them, on any machine where libtpu is installed (`pip install "strip-mlp-jax[tpu]"`),
 without a TPU: `jax.jit(f).lower(...).compile()` over a Mesh of them gives the real TPU
 executable (strip_mlp/train/compile_for.py). `chip_of(devices)` gives the chip's HBM, peak
-bf16 compute and HBM bandwidth, from Google's Cloud TPU system-architecture pages.
+bf16 compute and HBM bandwidth, from Google's Cloud TPU system-architecture pages;
+`usable_hbm_bytes(devices)` what the compiler lets one program use (asked of it).
 """
 
 from __future__ import annotations
@@ -32,16 +33,16 @@ class Chip:
   source: str
 
 
-_GB, _GIB = 10**9, 2**30
+_GIB = 2**30  # the pages' "GB" of HBM are GiB: the compiler allows v5e 15.75 GiB of 16
 _DOCS = "https://cloud.google.com/tpu/docs/"
 # device_kind (as libtpu names it) -> the chip's figures, per device.
 CHIPS = {
     "TPU v2": Chip("v2", 8 * _GIB, 22.5e12, 300e9, _DOCS + "v2"),
     "TPU v3": Chip("v3", 16 * _GIB, 61.5e12, 450e9, _DOCS + "v3"),
     "TPU v4": Chip("v4", 32 * _GIB, 275e12, 1228e9, _DOCS + "v4"),
-    "TPU v5 lite": Chip("v5e", 16 * _GB, 197e12, 819e9, _DOCS + "v5e"),
-    "TPU v5": Chip("v5p", 95 * _GB, 459e12, 2765e9, _DOCS + "v5p"),
-    "TPU v6 lite": Chip("v6e", 32 * _GB, 918e12, 1640e9, _DOCS + "v6e"),
+    "TPU v5 lite": Chip("v5e", 16 * _GIB, 197e12, 819e9, _DOCS + "v5e"),
+    "TPU v5": Chip("v5p", 95 * _GIB, 459e12, 2765e9, _DOCS + "v5p"),
+    "TPU v6 lite": Chip("v6e", 32 * _GIB, 918e12, 1640e9, _DOCS + "v6e"),
 }
 EXAMPLES = "v5e:2x2, v5e:4x4, v5e:16x16, v4:2x2x2, v5p:2x2x4, v6e:4x4"
 _NAME = re.compile(r"^v(2|3|4|5e|5p|6e):\d+x\d+(x\d+)?$")
@@ -90,6 +91,42 @@ def devices(name: str) -> list:
         f"try e.g. {EXAMPLES}"
     )
   return sorted(topology.devices, key=lambda d: d.id)
+
+
+_AVAILABLE = re.compile(r"exceeds available HBM \(([0-9.]+)([KMGT])\)")
+_UNITS = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+_usable: dict = {}
+
+
+def parse_bytes(number: str, unit: str) -> int:
+  """'15.75', 'G' (the TPU compiler's figures, binary units) -> bytes."""
+  return int(float(number) * _UNITS[unit])
+
+
+def usable_hbm_bytes(devs) -> int:
+  """The HBM a program may use on one of `devs`, as the TPU compiler counts it (its
+  reservations deducted: v5e 15.75 GiB of 16), found by compiling a program that needs
+  more than any chip has and reading the limit from the refusal. Falls back to the
+  published figure (`chip_of(devs).hbm_bytes`) when the refusal says no number."""
+  kind = devs[0].device_kind
+  if kind not in _usable:
+    import jax  # pylint: disable=g-import-not-at-top
+    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+    n = 2**17  # three (n, n) float32 temporaries: 192 GiB
+
+    def too_big(x):
+      a = jnp.cumsum(jnp.broadcast_to(x, (n, n)) * jnp.arange(n, dtype=jnp.float32), axis=0)
+      return jnp.sum(a * jnp.cumsum(a[::-1], axis=1))
+
+    arg = jax.ShapeDtypeStruct((), jnp.float32, sharding=jax.sharding.SingleDeviceSharding(devs[0]))
+    found = None
+    try:
+      jax.jit(too_big).lower(arg).compile()
+    except Exception as e:  # pylint: disable=broad-except  (the refusal is what we want)
+      found = _AVAILABLE.search(str(e))
+    _usable[kind] = parse_bytes(*found.groups()) if found else chip_of(devs).hbm_bytes
+  return _usable[kind]
 
 
 def chip_of(devs) -> Chip:

@@ -35,6 +35,7 @@ KNOWN_DATASETS = {
     "digits": (10, 1438, 359),
 }
 CENSUS_OPS = ("convolution", "dot", "fusion", "slice", "gather", "transpose", "copy")
+_TEMPORARIES = re.compile(r"HLO temporaries \(([0-9.]+)([KMGT])\)")
 _OPCODE = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*.*?\s([a-z][a-z0-9\-]*)\(")
 
 
@@ -56,6 +57,9 @@ class Report:
   bytes_accessed: float
   compile_s: float
   census: dict
+  hbm_bytes: int  # what the compiler lets a program use on one chip
+  refused: str = ""  # the compiler's message when the program did not fit (figures are 0
+  # but temp_bytes, what it said the temporaries need)
 
   @property
   def total_bytes(self) -> int:
@@ -66,7 +70,7 @@ class Report:
     )
 
   def fits(self, hbm_bytes: int | None = None) -> bool:
-    return self.total_bytes <= (hbm_bytes or self.chip.hbm_bytes)
+    return not self.refused and self.total_bytes <= (hbm_bytes or self.hbm_bytes)
 
   @property
   def roofline_s(self) -> float:
@@ -146,8 +150,26 @@ def compile_step(config, devices, *, topology: str = "", batch_per_chip: int | N
   )
   cache = jax.config.jax_enable_compilation_cache
   jax.config.update("jax_enable_compilation_cache", False)  # no client to load TPU programs
+  common = dict(
+      topology=topology,
+      chips=n,
+      processes=processes,
+      batch_per_chip=config.batch_size // n,
+      chip=tpu_topology.chip_of(devices),
+      hbm_bytes=tpu_topology.usable_hbm_bytes(devices),
+  )
   try:
     compiled = lowered.compile()
+  except Exception as e:  # pylint: disable=broad-except
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    needed = _TEMPORARIES.search(str(e))
+    return Report(
+        **common, argument_bytes=0, output_bytes=0, alias_bytes=0,
+        temp_bytes=tpu_topology.parse_bytes(*needed.groups()) if needed else 0, code_bytes=0,
+        flops=0.0, bytes_accessed=0.0, compile_s=time.time() - t0, census={},
+        refused=str(e).strip().splitlines()[0][:300],
+    )
   finally:
     jax.config.update("jax_enable_compilation_cache", cache)
   compile_s = time.time() - t0
@@ -155,11 +177,7 @@ def compile_step(config, devices, *, topology: str = "", batch_per_chip: int | N
   cost = compiled.cost_analysis()
   cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
   return Report(
-      topology=topology,
-      chips=n,
-      processes=processes,
-      batch_per_chip=config.batch_size // n,
-      chip=tpu_topology.chip_of(devices),
+      **common,
       argument_bytes=int(mem.argument_size_in_bytes),
       output_bytes=int(mem.output_size_in_bytes),
       alias_bytes=int(mem.alias_size_in_bytes),
@@ -207,7 +225,7 @@ def max_batch(config, devices, *, topology: str = "", hbm_bytes: int | None = No
   bisects to one granule, each probe a compile.
   """
   g = batch_step(config, len(devices))
-  hbm = hbm_bytes or tpu_topology.chip_of(devices).hbm_bytes
+  hbm = hbm_bytes or tpu_topology.usable_hbm_bytes(devices)
   compiled = {}
 
   def fits(b: int) -> bool:
@@ -253,8 +271,16 @@ def size(n: float) -> str:
 
 def describe(r: Report, hbm_bytes: int | None = None) -> list[str]:
   """The report as lines for a terminal, ending with the verdict."""
-  hbm = hbm_bytes or r.chip.hbm_bytes
+  hbm = hbm_bytes or r.hbm_bytes
   images = r.batch_per_chip
+  if r.refused:
+    return [
+        f"the TPU compiler refused the train step for {r.topology or r.chip.generation} at "
+        f"batch {images} per chip: {r.refused}",
+        f"verdict: does not fit: its temporaries alone need {size(r.temp_bytes)} of the "
+        f"{size(r.hbm_bytes)} a program can use; lower batch_size, raise grad_accum_steps or "
+        "mesh.fsdp, or set model.remat=True / model.dtype=bfloat16",
+    ]
   lines = [
       f"compiled the train step for {r.topology or r.chip.generation} ({r.chips} chips, "
       f"{r.processes} host(s)) in {r.compile_s:.1f}s: batch {images} per chip, "
@@ -263,7 +289,8 @@ def describe(r: Report, hbm_bytes: int | None = None) -> list[str]:
       f"({size(r.alias_bytes)} of them in place of the donated state), temporaries "
       f"{size(r.temp_bytes)}, code {size(r.code_bytes)}",
       f"  total {size(r.total_bytes)} of {size(hbm)} "
-      + ("(--hbm_gib)" if hbm_bytes else f"HBM ({r.chip.generation}, {r.chip.source})"),
+      + ("(--hbm_gib)" if hbm_bytes else f"HBM usable on a {r.chip.generation} chip (the "
+         f"compiler's figure; {size(r.chip.hbm_bytes)} published, {r.chip.source})"),
       f"  FLOPs per chip per step {r.flops / 1e9:,.1f} G, per image "
       f"{r.flops / max(images, 1) / 1e9:.2f} G; bytes accessed {size(r.bytes_accessed)}",
       f"  roofline estimate (not a measurement): {1e3 * r.roofline_s:.2f} ms per step, "

@@ -161,3 +161,18 @@ def test_op_census_counts_opcodes_of_hlo_text():
   """
   census = compile_for.op_census(text)
   assert census == {"fusion": 1, "tuple": 1, "copy": 1, "slice": 1, "total": 4}
+
+
+def test_no_search_for_a_tpu_where_there_is_none():
+  """libtpu is installed here (for the compiles) and there is no TPU: the programs keep JAX
+  on the CPU instead of letting libtpu print its failed search for TPU hosts."""
+  env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+  code = (
+      "from strip_mlp.runtime import cli; chose = cli.skip_absent_tpu(); import jax; "
+      "print(chose, jax.devices()[0].platform)"
+  )
+  p = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True,
+                     text=True, timeout=300)
+  assert p.returncode == 0, p.stderr[-2000:]
+  assert p.stdout.split() == ["True", "cpu"]
+  assert "TPU" not in p.stderr, p.stderr[-2000:]

@@ -86,9 +86,36 @@ def compilation_cache_dir(flag_value: str | None) -> str:
 
 
 def quiet_logging(fv: flags.FlagValues = flags.FLAGS) -> None:
-  """absl/orbax INFO chatter off unless --verbosity was given (-v 0 brings it back)."""
+  """absl/orbax INFO chatter off unless --verbosity was given (-v 0 brings it back), and no
+  search for a TPU where there is none (`skip_absent_tpu`)."""
   if "verbosity" not in fv or not fv["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
+  skip_absent_tpu()
+
+
+def skip_absent_tpu() -> bool:
+  """JAX on the CPU when libtpu is installed (the `tpu`/`test` extras, for compiling) but
+  this machine has no TPU chip and no GPU plugin: JAX would otherwise start libtpu, which
+  prints its failed search for TPU hosts on stderr. JAX_PLATFORMS, when set, is left as it
+  is. Returns whether it chose the CPU. Call before JAX starts a backend."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+
+  if os.environ.get("JAX_PLATFORMS") or not importlib.util.find_spec("libtpu"):
+    return False
+  if importlib.util.find_spec("jax_plugins"):  # a GPU plugin (CUDA, ROCm)
+    return False
+  try:
+    from jax._src import hardware_utils  # pylint: disable=g-import-not-at-top
+
+    chips, _ = hardware_utils.num_available_tpu_chips_and_device_id()
+  except Exception:  # pylint: disable=broad-except  (a jax without it: let JAX decide)
+    return False
+  if chips:
+    return False
+  import jax  # pylint: disable=g-import-not-at-top
+
+  jax.config.update("jax_platforms", "cpu")
+  return True
 
 
 def parse_flags(

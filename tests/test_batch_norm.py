@@ -39,7 +39,9 @@ def test_one_value_per_channel_stays_finite():
   bn = BatchNorm(use_running_average=False)
   v = bn.init(jax.random.key(0), x)
   (y, upd), grads = jax.value_and_grad(
-      lambda p: (lambda o: (jnp.sum(o[0]), o))(bn.apply({**v, "params": p}, x, mutable=["batch_stats"])),
+      lambda p: (lambda o: (jnp.sum(o[0]), o))(
+          bn.apply({**v, "params": p}, x, mutable=["batch_stats"])
+      ),
       has_aux=True,
   )(v["params"])
   del y
@@ -54,10 +56,12 @@ def _setup(accum, image_size):
   config = utils.small_config(
       **{"grad_accum_steps": accum, "group_size": 8, "batch_size": 32, "data.mixup_alpha": 0.8}
   )
-  info = types.SimpleNamespace(name="x", num_classes=10, num_train=320, num_eval=32,
-                               image_size=image_size)
-  model = StripMLP(embed_dim=8, layers=(0, 0, 0, 1), img_size=32, num_classes=10,
-                   drop_path_rate=0.0)
+  info = types.SimpleNamespace(
+      name="x", num_classes=10, num_train=320, num_eval=32, image_size=image_size
+  )
+  model = StripMLP(
+      embed_dim=8, layers=(0, 0, 0, 1), img_size=32, num_classes=10, drop_path_rate=0.0
+  )
   rng = np.random.default_rng(1)
   batch = {
       "image": rng.normal(size=(32, image_size, image_size, 3)).astype(np.float32),
@@ -73,11 +77,22 @@ def _by_hand(run, config, state, batch):
   @jax.jit
   def group(stats, images, labels, rng):
     mix_rng, drop_rng = jax.random.split(rng)
-    images, targets = mixup_cutmix(mix_rng, images, labels, 10, mixup_alpha=0.8,
-                                   cutmix_alpha=config.data.cutmix_alpha, label_smoothing=0.1)
-    logits, upd = run.model.apply({"params": state.params, "batch_stats": stats}, images,
-                                  train=True, rngs={"drop_path": drop_rng},
-                                  mutable=["batch_stats"])
+    images, targets = mixup_cutmix(
+        mix_rng,
+        images,
+        labels,
+        10,
+        mixup_alpha=0.8,
+        cutmix_alpha=config.data.cutmix_alpha,
+        label_smoothing=0.1,
+    )
+    logits, upd = run.model.apply(
+        {"params": state.params, "batch_stats": stats},
+        images,
+        train=True,
+        rngs={"drop_path": drop_rng},
+        mutable=["batch_stats"],
+    )
     return -jnp.mean(jnp.sum(targets * jax.nn.log_softmax(logits), -1)), upd["batch_stats"]
 
   k, g = config.grad_accum_steps, config.group_size
@@ -89,8 +104,9 @@ def _by_hand(run, config, state, batch):
     updates = []
     for i in range(len(micro["label"]) // g):
       part = slice(i * g, (i + 1) * g)
-      loss, upd = group(stats, micro["image"][part], micro["label"][part],
-                        jax.random.fold_in(micro_rng, i))
+      loss, upd = group(
+          stats, micro["image"][part], micro["label"][part], jax.random.fold_in(micro_rng, i)
+      )
       losses.append(loss)
       updates.append(upd)
     stats = jax.tree_util.tree_map(lambda *u: jnp.mean(jnp.stack(u), 0), *updates)
@@ -110,8 +126,9 @@ def test_ghost_groups_are_separate_batches_on_eight_devices(accum, image_size, f
     want_loss, want_stats = _by_hand(run, config, state, batch)
     new, metrics = run.train_step(state, batch)
   assert float(metrics["loss"]) == pytest.approx(want_loss, rel=1e-5)
-  for got, want in zip(jax.tree_util.tree_leaves(new.batch_stats),
-                       jax.tree_util.tree_leaves(want_stats)):
+  for got, want in zip(
+      jax.tree_util.tree_leaves(new.batch_stats), jax.tree_util.tree_leaves(want_stats)
+  ):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 

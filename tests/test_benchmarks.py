@@ -170,11 +170,19 @@ def test_tpu_compile_benchmark_compares_formulations_by_the_compilers_figures(tm
   holds the compiler's memory, FLOPs and op census; the shifted sum is made of slices."""
   bench = _load("tpu_compile_benchmark")
   out = tmp_path / "tpu.json"
-  bench.main([
-      "--models=tiny_light", "--layers=1,0,0,0", "--image_size=32", "--topologies=v5e:2x2",
-      "--dtype=bfloat16", "--remat=off", "--impls=depthwise=xla,depthwise=shift",
-      "--batch_per_chip=32", f"--json={out}",
-  ])
+  bench.main(
+      [
+          "--models=tiny_light",
+          "--layers=1,0,0,0",
+          "--image_size=32",
+          "--topologies=v5e:2x2",
+          "--dtype=bfloat16",
+          "--remat=off",
+          "--impls=depthwise=xla,depthwise=shift",
+          "--batch_per_chip=32",
+          f"--json={out}",
+      ]
+  )
   rows = {r["impl"]: r for r in json.loads(out.read_text())["rows"]}
   assert set(rows) == {"depthwise=xla", "depthwise=shift"}
   for r in rows.values():

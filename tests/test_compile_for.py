@@ -37,9 +37,7 @@ def test_the_train_step_compiles_for_a_single_host_slice():
   two micro-batches, FSDP over pairs of chips) compiles for v5e:2x2, and the report holds
   the compiler's figures."""
   devices = tpu_topology.devices("v5e:2x2")
-  config = _config(
-      grad_accum_steps=2, group_size=8, **{"mesh.fsdp": 2, "data.mixup_alpha": 0.8}
-  )
+  config = _config(grad_accum_steps=2, group_size=8, **{"mesh.fsdp": 2, "data.mixup_alpha": 0.8})
   r = compile_for.compile_step(config, devices, topology="v5e:2x2", batch_per_chip=16)
   assert (r.chips, r.processes, r.batch_per_chip) == (4, 1, 16)
   assert r.chip.generation == "v5e" and r.chip.hbm_bytes == 16 * 2**30
@@ -56,8 +54,7 @@ def test_the_train_step_compiles_for_a_single_host_slice():
 def test_a_multi_host_pod_compiles_as_one_global_mesh():
   devices = tpu_topology.devices("v5e:4x4")
   assert len({d.process_index for d in devices}) == 4
-  r = compile_for.compile_step(_config(**NO_BLOCKS), devices, topology="v5e:4x4",
-                               batch_per_chip=8)
+  r = compile_for.compile_step(_config(**NO_BLOCKS), devices, topology="v5e:4x4", batch_per_chip=8)
   assert (r.chips, r.processes, r.batch_per_chip) == (16, 4, 8)
 
 
@@ -111,7 +108,9 @@ def test_max_batch_mode_says_when_nothing_fits():
   """--max_batch with an HBM too small for any batch: both remat settings are searched,
   the recommendation says so, exit code 3."""
   p = _train_py(
-      "--compile_for=v5e:2x2", "--config.model.layers=(0,0,0,0)", "--max_batch",
+      "--compile_for=v5e:2x2",
+      "--config.model.layers=(0,0,0,0)",
+      "--max_batch",
       "--hbm_gib=0.001",
   )
   assert p.returncode == 3, p.stderr[-2000:]
@@ -171,8 +170,9 @@ def test_no_search_for_a_tpu_where_there_is_none():
       "from strip_mlp.runtime import cli; chose = cli.skip_absent_tpu(); import jax; "
       "print(chose, jax.devices()[0].platform)"
   )
-  p = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True,
-                     text=True, timeout=300)
+  p = subprocess.run(
+      [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+  )
   assert p.returncode == 0, p.stderr[-2000:]
   assert p.stdout.split() == ["True", "cpu"]
   assert "TPU" not in p.stderr, p.stderr[-2000:]

@@ -222,9 +222,7 @@ def test_lr_timings():
   micro-batches); 'current': lr(i); 'epoch': lr at the start of i's epoch (timm stepped once
   per epoch, 2.5 updates per epoch here)."""
   sched = optim.warmup_cosine_schedule(1e-3, 1e-6, 1e-5, 20, 5)
-  at = lambda timing, k=1: [
-      float(optim.timed_schedule(sched, timing, k, 2.5)(i)) for i in range(8)
-  ]
+  at = lambda timing, k=1: [float(optim.timed_schedule(sched, timing, k, 2.5)(i)) for i in range(8)]
   value = lambda t: float(sched(t))
   close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-7)
   close(at("current"), [value(i) for i in range(8)])

@@ -28,6 +28,7 @@ FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "trainer"
 sys.path.insert(0, str(FIXTURES))
 from inputs import CLASSES, IMAGE, MICRO_BATCH, held_fixed, pinned_images  # noqa: E402
 
+
 def _config(case):
   from configs import imagenet_tiny_light  # pylint: disable=g-import-not-at-top
 
@@ -118,9 +119,7 @@ def _rel(a, b):
   return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
-@pytest.mark.parametrize(
-    "name", ["plain", "mixup_cutmix", "clipped", "accum2", "accum2_clipped"]
-)
+@pytest.mark.parametrize("name", ["plain", "mixup_cutmix", "clipped", "accum2", "accum2_clipped"])
 def test_updates_match_the_released_trainer(name):
   with jax.default_matmul_precision("highest"):
     ref, case, init, rows, ours = _train(name)
@@ -156,4 +155,3 @@ def test_released_lr_is_not_scaled_by_batch():
   p = plan.make_plan(c, info)
   assert (p.base_lr, p.warmup_lr, p.min_lr) == (5e-4, 5e-7, 5e-6)
   assert c.batch_size == 1024 and c.group_size == 128 and c.lr.timing == "released"
-

@@ -25,7 +25,6 @@ This module imports TensorFlow (CPU only: GPUs are hidden from it); `strip_mlp/_
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 from typing import Any, Iterator
@@ -34,6 +33,7 @@ import jax
 import tensorflow as tf
 
 from strip_mlp.data import digits, folders, sources, transforms
+
 # re-exported:
 from strip_mlp.runtime.sharding import device_iterator, to_global_arrays  # noqa: F401
 from strip_mlp.data.config import (  # noqa: F401  (DatasetInfo: re-exported)

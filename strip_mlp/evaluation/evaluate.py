@@ -97,15 +97,18 @@ def evaluate_batches(eval_fn: Callable, variables: Any, batches: Iterable[dict])
   }
 
 
-def abstract_eval_batch(batch_size: int, data_cfg, batch_sharding) -> dict:
-  """ShapeDtypeStructs of an eval batch {'image' (B, R, R, 3), 'label' (B,), 'mask' (B,)}."""
+def abstract_eval_batch(batch_size: int, data_cfg, batch_sharding, mask: bool = True) -> dict:
+  """ShapeDtypeStructs of a batch {'image' (B, R, R, 3), 'label' (B,), 'mask' (B,)} with
+  R = data_cfg.image_size; `mask=False`: a train batch, without 'mask'."""
   b, r = batch_size, int(data_cfg.image_size)
   dtype = jnp.bfloat16 if data_cfg.image_dtype == "bfloat16" else jnp.float32
-  return {
+  spec = {
       "image": jax.ShapeDtypeStruct((b, r, r, 3), dtype, sharding=batch_sharding),
       "label": jax.ShapeDtypeStruct((b,), jnp.int32, sharding=batch_sharding),
-      "mask": jax.ShapeDtypeStruct((b,), jnp.float32, sharding=batch_sharding),
   }
+  if mask:
+    spec["mask"] = jax.ShapeDtypeStruct((b,), jnp.float32, sharding=batch_sharding)
+  return spec
 
 
 def evaluate_split(

@@ -27,6 +27,7 @@ from strip_mlp.models.strip_mlp_layers import (
     torch_bias_init,
     torch_kernel_init,
 )
+
 # timm's trunc_normal_(.02):
 from strip_mlp.models.strip_mlp_layers import position_table_init as trunc_normal_02
 

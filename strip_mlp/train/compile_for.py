@@ -17,10 +17,10 @@ import re
 import time
 
 import jax
-import jax.numpy as jnp
 
 from strip_mlp.data.config import DatasetInfo
 from strip_mlp.errors import ConfigError
+from strip_mlp.evaluation import evaluate
 from strip_mlp.models import ops
 from strip_mlp.runtime import sharding, tpu_topology
 from strip_mlp.train import plan as plan_lib
@@ -65,8 +65,12 @@ class Report:
   def total_bytes(self) -> int:
     """What the step holds at its peak: arguments, outputs not aliased to them (the
     donated state is updated in place), temporaries and the program."""
-    return self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes + (
-        self.code_bytes
+    return (
+        self.argument_bytes
+        + self.output_bytes
+        - self.alias_bytes
+        + self.temp_bytes
+        + (self.code_bytes)
     )
 
   def fits(self, hbm_bytes: int | None = None) -> bool:
@@ -111,17 +115,6 @@ def for_platform(config, platform: str = "tpu"):
   return config
 
 
-def abstract_train_batch(config, batch_size: int, mesh) -> dict:
-  """The train iterator's batch as ShapeDtypeStructs split over the mesh."""
-  r = int(config.model.img_size or config.data.image_size)
-  spec = sharding.batch_sharding(mesh)
-  dtype = jnp.bfloat16 if config.data.get("image_dtype") == "bfloat16" else jnp.float32
-  return {
-      "image": jax.ShapeDtypeStruct((batch_size, r, r, 3), dtype, sharding=spec),
-      "label": jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=spec),
-  }
-
-
 def compile_step(config, devices, *, topology: str = "", batch_per_chip: int | None = None):
   """Compiles `config`'s train step over `devices`; returns a Report.
 
@@ -146,7 +139,10 @@ def compile_step(config, devices, *, topology: str = "", batch_per_chip: int | N
   run = build(config, info, mesh)
   t0 = time.time()
   lowered = run.train_step.lower(
-      run.abstract_state, abstract_train_batch(config, config.batch_size, mesh)
+      run.abstract_state,
+      evaluate.abstract_eval_batch(
+          config.batch_size, config.data, sharding.batch_sharding(mesh), mask=False
+      ),
   )
   cache = jax.config.jax_enable_compilation_cache
   jax.config.update("jax_enable_compilation_cache", False)  # no client to load TPU programs
@@ -165,9 +161,16 @@ def compile_step(config, devices, *, topology: str = "", batch_per_chip: int | N
       raise
     needed = _TEMPORARIES.search(str(e))
     return Report(
-        **common, argument_bytes=0, output_bytes=0, alias_bytes=0,
-        temp_bytes=tpu_topology.parse_bytes(*needed.groups()) if needed else 0, code_bytes=0,
-        flops=0.0, bytes_accessed=0.0, compile_s=time.time() - t0, census={},
+        **common,
+        argument_bytes=0,
+        output_bytes=0,
+        alias_bytes=0,
+        temp_bytes=tpu_topology.parse_bytes(*needed.groups()) if needed else 0,
+        code_bytes=0,
+        flops=0.0,
+        bytes_accessed=0.0,
+        compile_s=time.time() - t0,
+        census={},
         refused=str(e).strip().splitlines()[0][:300],
     )
   finally:
@@ -215,53 +218,80 @@ def batch_step(config, chips: int) -> int:
   return step
 
 
-def max_batch(config, devices, *, topology: str = "", hbm_bytes: int | None = None, log=print):
+def max_batch(
+    config,
+    devices,
+    *,
+    topology: str = "",
+    hbm_bytes: int | None = None,
+    start: int | None = None,
+    seen: dict | None = None,
+    log=print,
+):
   """The largest per-chip batch (a multiple of `batch_step`) whose step fits in
   `hbm_bytes` (default: the chip's HBM). Returns (its Report or None when not even one
   granule fits, {batch: Report} of every compile).
 
-  Two compiles give the slope of memory in the batch, close to affine at batches the TPU
-  tiles fill; the search brackets the line's prediction by steps of ~1/8 of it and then
-  bisects to one granule, each probe a compile.
+  Each probe is a compile. The first is `start` (default: the configured batch per chip);
+  `seen` ({batch: Report}) are compiles already made for this config and devices. The
+  next follow the line of memory against the batch (close to affine; above the HBM the
+  compiler refuses the step), strictly inside the bracket of the largest batch that fits
+  and the smallest that does not (see `_next_probe`). It ends with both ends compiled,
+  one granule apart.
   """
   g = batch_step(config, len(devices))
   hbm = hbm_bytes or tpu_topology.usable_hbm_bytes(devices)
-  compiled = {}
-
-  def fits(b: int) -> bool:
-    if b not in compiled:
-      compiled[b] = r = compile_step(config, devices, topology=topology, batch_per_chip=b)
-      log(
-          f"  batch/chip {b:5d}: {size(r.total_bytes)} "
-          f"{'fits' if r.fits(hbm) else 'does not fit'} ({r.compile_s:.0f}s compile)"
-      )
-    return compiled[b].fits(hbm)
-
-  lo = g * -(-32 // g)
-  if not fits(lo) and not fits(g):
-    return None, compiled
-  if fits(lo):
-    fits(2 * lo)
-    slope = max((compiled[2 * lo].total_bytes - compiled[lo].total_bytes) / lo, 1.0)
-    guess = max(g, int(lo + (hbm - compiled[lo].total_bytes) / slope) // g * g)
-  else:
-    guess = g
-  good = max([b for b, r in compiled.items() if r.fits(hbm)], default=g)
+  compiled = dict(seen or {})
+  good = max([b for b, r in compiled.items() if r.fits(hbm)], default=0)
   bad = min([b for b, r in compiled.items() if not r.fits(hbm)], default=None)
-  step = max(g, guess // 8 // g * g)
-  b = guess if guess > good and (bad is None or guess < bad) else good + step
-  while bad is None:  # bracket: walk up by growing steps until a batch does not fit
-    if fits(b):
-      good, b, step = b, b + step, 2 * step
+  run, last, b = 0, None, max(g, (start or config.batch_size // len(devices)) // g * g)
+  if compiled:
+    b = _next_probe(compiled, hbm, g, good, bad, run)
+  while bad is None or bad - good > g:
+    r = compiled[b] = compile_step(config, devices, topology=topology, batch_per_chip=b)
+    ok = r.fits(hbm)
+    log(
+        f"  batch/chip {b:5d}: {size(r.total_bytes)} "
+        f"{'fits' if ok else 'refused' if r.refused else 'does not fit'} "
+        f"({r.compile_s:.0f}s compile)"
+    )
+    run, last = (run + 1 if ok == last else 1), ok  # probes in a row that moved one end
+    good, bad = (b, bad) if ok else (good, b)
+    b = _next_probe(compiled, hbm, g, good, bad, run)
+  return compiled.get(good), compiled
+
+
+def _next_probe(compiled, hbm: int, g: int, good: int, bad, run: int) -> int:
+  """The next batch to compile, a multiple of g strictly between `good` and `bad`.
+
+  Where the line of memory against the batch crosses `hbm`: through the compiled step
+  nearest it and the one farthest from that; or from one, taking the memory that is not the donated state as per-image;
+  or, with none compiled below the HBM, from a refused step's temporaries (the compiler's
+  figure). The bracket's middle instead when the line has moved the same end `run` times
+  in a row (3, or 2 with nothing below the HBM compiled).
+  """
+  top = bad - g if bad is not None else None
+  known = sorted((abs(r.total_bytes - hbm), b, r) for b, r in compiled.items() if not r.refused)
+  if bad is not None and run >= (3 if known else 2):
+    return max(good + g, min(top, (good + bad) // 2 // g * g))
+  if len(known) >= 2:  # memory steps with the TPU's tiling: the widest baseline for the slope
+    _, b1, r1 = known[0]
+    _, b2, r2 = max(known[1:], key=lambda k: abs(k[1] - b1))
+    slope = (r2.total_bytes - r1.total_bytes) / (b2 - b1)
+    if slope <= 0:
+      guess = (good + bad) / 2 if bad is not None else 2 * good
     else:
-      bad = b
-  while bad - good > g:  # bisect down to one granule
-    mid = (good + bad) // 2 // g * g
-    if fits(mid):
-      good = mid
-    else:
-      bad = mid
-  return compiled[good], compiled
+      guess = b1 + (hbm - r1.total_bytes) / slope
+  elif known:
+    _, b1, r1 = known[0]
+    guess = b1 * hbm / max(r1.total_bytes - r1.alias_bytes, 1)
+  else:
+    r = compiled[bad]
+    guess = bad * hbm / r.temp_bytes if r.temp_bytes else bad / 2
+  guess = int(guess) // g * g
+  if bad is None and run >= 2:  # fitted twice in a row: grow by at least an eighth
+    guess = max(guess, good + good // 8 // g * g)
+  return max(good + g, min(guess, top) if top is not None else guess)
 
 
 def size(n: float) -> str:
@@ -289,14 +319,18 @@ def describe(r: Report, hbm_bytes: int | None = None) -> list[str]:
       f"({size(r.alias_bytes)} of them in place of the donated state), temporaries "
       f"{size(r.temp_bytes)}, code {size(r.code_bytes)}",
       f"  total {size(r.total_bytes)} of {size(hbm)} "
-      + ("(--hbm_gib)" if hbm_bytes else f"HBM usable on a {r.chip.generation} chip (the "
-         f"compiler's figure; {size(r.chip.hbm_bytes)} published, {r.chip.source})"),
+      + (
+          "(--hbm_gib)"
+          if hbm_bytes
+          else f"HBM usable on a {r.chip.generation} chip (the "
+          f"compiler's figure; {size(r.chip.hbm_bytes)} published, {r.chip.source})"
+      ),
       f"  FLOPs per chip per step {r.flops / 1e9:,.1f} G, per image "
       f"{r.flops / max(images, 1) / 1e9:.2f} G; bytes accessed {size(r.bytes_accessed)}",
       f"  roofline estimate (not a measurement): {1e3 * r.roofline_s:.2f} ms per step, "
       f"{images / max(r.roofline_s, 1e-12):,.0f} images/s per chip at the chip's peak",
-      "  HLO instructions: " + ", ".join(
-          f"{op} {r.census.get(op, 0)}" for op in ("total",) + CENSUS_OPS),
+      "  HLO instructions: "
+      + ", ".join(f"{op} {r.census.get(op, 0)}" for op in ("total",) + CENSUS_OPS),
   ]
   left = hbm - r.total_bytes
   if left >= 0:
@@ -309,8 +343,9 @@ def describe(r: Report, hbm_bytes: int | None = None) -> list[str]:
   return lines
 
 
-def main(config, topology: str, *, find_max_batch: bool = False, hbm_gib: float | None = None,
-         log=print) -> bool:
+def main(
+    config, topology: str, *, find_max_batch: bool = False, hbm_gib: float | None = None, log=print
+) -> bool:
   """train.py --compile_for: compiles `config`'s step for `topology` and prints the report
   (with `find_max_batch`, the largest per-chip batch with and without remat and the one
   recommended). Returns whether the configured step fits. Raises UserError (one line)."""
@@ -345,25 +380,38 @@ def _search(config, devices, topology: str, hbm: int | None, log) -> bool:
     best, _ = max_batch(c, devices, topology=topology, hbm_bytes=hbm, log=log)
     results[remat] = best
     if best is None:
-      log(f"remat {'on' if remat else 'off'}: even {batch_step(c, len(devices))} per chip does "
-          "not fit")
+      log(
+          f"remat {'on' if remat else 'off'}: even {batch_step(c, len(devices))} per chip does "
+          "not fit"
+      )
     else:
-      log(f"remat {'on' if remat else 'off'}: at most {best.batch_per_chip} per chip "
+      log(
+          f"remat {'on' if remat else 'off'}: at most {best.batch_per_chip} per chip "
           f"({size(best.total_bytes)}; {best.flops / best.batch_per_chip / 1e9:.1f} "
-          "GFLOP per image)")
+          "GFLOP per image)"
+      )
   if len(options) == 1:
     log("remat applies to Strip-MLP only (model.name='')")
   off, on = results.get(False), results.get(True)
   if off is not None and off.batch_per_chip >= wanted:
-    log(f"recommended: remat off, batch up to {off.batch_per_chip} per chip (the configured "
-        f"{wanted} fits without recomputing the forward pass)")
+    log(
+        f"recommended: remat off, batch up to {off.batch_per_chip} per chip (the configured "
+        f"{wanted} fits without recomputing the forward pass)"
+    )
   elif on is not None and on.batch_per_chip >= wanted:
-    log(f"recommended: model.remat=True: the configured {wanted} per chip fits only with "
-        "remat (about one more forward pass of compute)")
+    log(
+        f"recommended: model.remat=True: the configured {wanted} per chip fits only with "
+        "remat (about one more forward pass of compute)"
+    )
   else:
-    top = max((r for r in (off, on) if r is not None), key=lambda r: r.batch_per_chip,
-              default=None)
-    log(f"recommended: the configured {wanted} per chip does not fit; " + (
-        f"use at most {top.batch_per_chip} per chip (grad_accum_steps or more chips for the "
-        "global batch)" if top else "use more chips with mesh.fsdp, or a smaller model"))
+    top = max((r for r in (off, on) if r is not None), key=lambda r: r.batch_per_chip, default=None)
+    log(
+        f"recommended: the configured {wanted} per chip does not fit; "
+        + (
+            f"use at most {top.batch_per_chip} per chip (grad_accum_steps or more chips for the "
+            "global batch)"
+            if top
+            else "use more chips with mesh.fsdp, or a smaller model"
+        )
+    )
   return any(r is not None and r.batch_per_chip >= wanted for r in (off, on))

@@ -189,3 +189,22 @@ def test_tpu_compile_benchmark_compares_formulations_by_the_compilers_figures(tm
     assert r["fits"] == "yes" and 0 < r["gib_per_chip"] < r["hbm_gib"]
     assert r["gflop_per_image"] > 0 and r["est_img_s"] > 0 and r["n_total"] > 0
   assert rows["depthwise=shift"]["n_slice"] > rows["depthwise=xla"]["n_slice"]
+
+
+def test_tpu_compile_benchmark_row_of_a_step_the_compiler_refuses(tmp_path):
+  """A batch over the HBM is a row that says the compiler refused it (no FLOPs or census),
+  not a crash of the whole table."""
+  bench = _load("tpu_compile_benchmark")
+  row = dict(
+      model="tiny_light",
+      topology="v5e:2x2",
+      image_size=224,
+      dtype="bfloat16",
+      remat="off",
+      impl="",
+      layers=[0, 0, 0, 0],
+  )
+  row = bench.run_row(row, 16384, max_batch=False)
+  assert row["fits"] == "refused by the compiler"
+  assert row["gib_per_chip"] > row["hbm_gib"]  # the temporaries the compiler said it needs
+  assert "gflop_per_image" not in row and "n_total" not in row

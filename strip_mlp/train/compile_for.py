@@ -218,26 +218,15 @@ def batch_step(config, chips: int) -> int:
   return step
 
 
-def max_batch(
-    config,
-    devices,
-    *,
-    topology: str = "",
-    hbm_bytes: int | None = None,
-    start: int | None = None,
-    seen: dict | None = None,
-    log=print,
-):
+def max_batch(config, devices, *, topology="", hbm_bytes=None, start=None, seen=None, log=print):
   """The largest per-chip batch (a multiple of `batch_step`) whose step fits in
   `hbm_bytes` (default: the chip's HBM). Returns (its Report or None when not even one
   granule fits, {batch: Report} of every compile).
 
-  Each probe is a compile. The first is `start` (default: the configured batch per chip);
-  `seen` ({batch: Report}) are compiles already made for this config and devices. The
-  next follow the line of memory against the batch (close to affine; above the HBM the
-  compiler refuses the step), strictly inside the bracket of the largest batch that fits
-  and the smallest that does not (see `_next_probe`). It ends with both ends compiled,
-  one granule apart.
+  Each probe is a compile: first `start` (default: the configured batch per chip), or
+  after `seen` ({batch: Report} already compiled) the next, strictly inside the bracket of
+  the largest batch that fits and the smallest that does not (`_next_probe`), until both
+  ends are compiled one granule apart.
   """
   g = batch_step(config, len(devices))
   hbm = hbm_bytes or tpu_topology.usable_hbm_bytes(devices)
@@ -245,16 +234,12 @@ def max_batch(
   good = max([b for b, r in compiled.items() if r.fits(hbm)], default=0)
   bad = min([b for b, r in compiled.items() if not r.fits(hbm)], default=None)
   run, last, b = 0, None, max(g, (start or config.batch_size // len(devices)) // g * g)
-  if compiled:
-    b = _next_probe(compiled, hbm, g, good, bad, run)
+  b = _next_probe(compiled, hbm, g, good, bad, run) if compiled else b
   while bad is None or bad - good > g:
     r = compiled[b] = compile_step(config, devices, topology=topology, batch_per_chip=b)
     ok = r.fits(hbm)
-    log(
-        f"  batch/chip {b:5d}: {size(r.total_bytes)} "
-        f"{'fits' if ok else 'refused' if r.refused else 'does not fit'} "
-        f"({r.compile_s:.0f}s compile)"
-    )
+    verdict = "fits" if ok else "refused" if r.refused else "does not fit"
+    log(f"  batch/chip {b:5d}: {size(r.total_bytes)} {verdict} ({r.compile_s:.0f}s compile)")
     run, last = (run + 1 if ok == last else 1), ok  # probes in a row that moved one end
     good, bad = (b, bad) if ok else (good, b)
     b = _next_probe(compiled, hbm, g, good, bad, run)
@@ -262,14 +247,11 @@ def max_batch(
 
 
 def _next_probe(compiled, hbm: int, g: int, good: int, bad, run: int) -> int:
-  """The next batch to compile, a multiple of g strictly between `good` and `bad`.
-
-  Where the line of memory against the batch crosses `hbm`: through the compiled step
-  nearest it and the one farthest from that; or from one, taking the memory that is not the donated state as per-image;
-  or, with none compiled below the HBM, from a refused step's temporaries (the compiler's
-  figure). The bracket's middle instead when the line has moved the same end `run` times
-  in a row (3, or 2 with nothing below the HBM compiled).
-  """
+  """The next batch to compile, a multiple of g strictly between `good` and `bad`: where
+  the memory line crosses `hbm` (through the compiled step nearest it and the one farthest
+  from that; from one, its memory but the donated state taken as per-image; with none
+  below the HBM, from a refused step's temporaries), or the bracket's middle once the line
+  moved the same end `run` times in a row (3; 2 with nothing below the HBM compiled)."""
   top = bad - g if bad is not None else None
   known = sorted((abs(r.total_bytes - hbm), b, r) for b, r in compiled.items() if not r.refused)
   if bad is not None and run >= (3 if known else 2):
@@ -278,10 +260,7 @@ def _next_probe(compiled, hbm: int, g: int, good: int, bad, run: int) -> int:
     _, b1, r1 = known[0]
     _, b2, r2 = max(known[1:], key=lambda k: abs(k[1] - b1))
     slope = (r2.total_bytes - r1.total_bytes) / (b2 - b1)
-    if slope <= 0:
-      guess = (good + bad) / 2 if bad is not None else 2 * good
-    else:
-      guess = b1 + (hbm - r1.total_bytes) / slope
+    guess = b1 + (hbm - r1.total_bytes) / slope if slope > 0 else 2 * good
   elif known:
     _, b1, r1 = known[0]
     guess = b1 * hbm / max(r1.total_bytes - r1.alias_bytes, 1)

@@ -65,13 +65,8 @@ class Report:
   def total_bytes(self) -> int:
     """What the step holds at its peak: arguments, outputs not aliased to them (the
     donated state is updated in place), temporaries and the program."""
-    return (
-        self.argument_bytes
-        + self.output_bytes
-        - self.alias_bytes
-        + self.temp_bytes
-        + (self.code_bytes)
-    )
+    held = self.argument_bytes + self.output_bytes - self.alias_bytes
+    return held + self.temp_bytes + self.code_bytes
 
   def fits(self, hbm_bytes: int | None = None) -> bool:
     return not self.refused and self.total_bytes <= (hbm_bytes or self.hbm_bytes)

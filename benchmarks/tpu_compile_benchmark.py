@@ -40,12 +40,12 @@ def parse_args(argv=None):
   p.add_argument(
       "--models",
       default=",".join(DEFAULT_MODELS),
-      help="Strip-MLP variants " "and relatives' variant names (strip_mlp.models.registry)",
+      help="Strip-MLP variants and relatives' variant names (strip_mlp.models.registry)",
   )
   p.add_argument(
       "--topologies",
       default="v5e:2x2,v5e:16x16",
-      help="comma list of TPU " "topologies, e.g. one host and one pod",
+      help="comma list of TPU topologies, e.g. one host and one pod",
   )
   p.add_argument("--remat", default="off,on", help="off,on (Strip-MLP only)")
   p.add_argument(
@@ -156,7 +156,7 @@ def main(argv=None):
                 )
             )
   header = bench_util.machine_header(
-      batch_per_chip=args.batch_per_chip, target="tpu (compiled " "here, not run)"
+      batch_per_chip=args.batch_per_chip, target="tpu (compiled here, not run)"
   )
   print(header, flush=True)
   t0 = time.time()

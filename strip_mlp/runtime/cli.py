@@ -234,7 +234,7 @@ def check_writable_dir(path: str, what: str) -> None:
     os.makedirs(path, exist_ok=True)
   except OSError as e:
     raise NotWritableError(
-        f"cannot create {what} {path} ({e.strerror or e}); give a " "writable directory"
+        f"cannot create {what} {path} ({e.strerror or e}); give a writable directory"
     ) from None
   try:
     fd, probe = tempfile.mkstemp(prefix=".write_test_", dir=path)

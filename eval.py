@@ -28,6 +28,10 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 PROG = "eval.py"
+if __name__ == "__main__":
+  from strip_mlp.runtime import host_allocator  # no JAX: re-executes with mimalloc, here
+
+  host_allocator.use_packaged_allocator(PROG)
 
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402

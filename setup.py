@@ -16,6 +16,8 @@ setup(
         "orbax-checkpoint>=0.11.20",
         "ml_collections>=0.1.1",
         "absl-py>=1.0",
+        # The programs' host allocator (strip_mlp/runtime/host_allocator.py).
+        'cmeel-mimalloc>=3.2; platform_system == "Linux" and platform_machine in "x86_64 aarch64"',
     ],
     extras_require={
         # tf.data / TFDS input pipeline (host side only; JAX keeps the accelerator).

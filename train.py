@@ -31,8 +31,10 @@ import sys
 
 PROG = "train.py"
 if __name__ == "__main__":
+  from strip_mlp.runtime import host_allocator  # no JAX: re-executes with mimalloc, here
   from strip_mlp.runtime import supervisor  # no JAX: multi-process runs start as a child, here
 
+  host_allocator.use_packaged_allocator(PROG)
   supervisor.supervise(PROG)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 _STDERR_FD = os.dup(2)  # stderr even while TensorFlow's import notices are redirected

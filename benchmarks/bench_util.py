@@ -126,7 +126,7 @@ def allocator(environ=None) -> str:
   """The host allocator a process started with `environ` (default: this one's) gets."""
   env = os.environ if environ is None else environ
   preload = env.get("LD_PRELOAD", "")
-  name = "tcmalloc" if "tcmalloc" in preload else "glibc"
+  name = next((n for n in ("mimalloc", "tcmalloc") if n in preload), "glibc")
   if name == "glibc" and env.get("GLIBC_TUNABLES"):
     name += f" ({env['GLIBC_TUNABLES']})"
   return name

@@ -15,14 +15,15 @@ models in turn, the sequence twice: the steady state of one process, as train.py
 --order interleaved alternates single steps (A B C A B C ...), which spreads the machine's
 drift evenly but, with glibc's allocator, makes every step page-fault its buffers afresh
 after another process's step (benchmarks/README.md); --malloc sets the workers' allocator
-(tcmalloc keeps freed memory mapped, so each worker holds its peak: mind the memory).
+(default: the package's mimalloc, as train.py starts; mimalloc and tcmalloc keep freed
+memory mapped, so each worker holds its peak: mind the memory).
 
 Part `train`: `train.py` itself, once per model and seed, on the embedded digits with the
 recipe of configs/default.py (AdamW, warmup + cosine, clipping, label smoothing; batch
 64) for --train_steps steps, each family's model built at 32 px with 10 classes by
 `--config.model.name`; rows give the final test top-1 per seed, their mean and sample
 standard deviation, the last logged train loss (mean over seeds) and the median logged
-train images/s (glibc's allocator, as train.py ships). Each run's
+train images/s (with the allocator train.py starts with). Each run's
 workdir (metrics.jsonl, log.txt) is kept under --workdir when it is given.
 """
 
@@ -101,7 +102,7 @@ def parse_args(argv=None):
   )
   p.add_argument(
       "--malloc",
-      default="default",
+      default="shipped",
       choices=sorted(host_memory.SETTINGS),
       help="speed: host allocator of every worker (tcmalloc: see benchmarks/README.md)",
   )

@@ -3,12 +3,15 @@
 XLA:CPU allocates each execution's temporary buffer when the execution starts and frees
 it when it ends: about 2.9 GiB for a tiny_light train step at batch 16. glibc serves a
 block that large with a fresh mmap, so every step page-faults it back in (775k 4-KiB
-faults, 1.3 s of system time per 2.8 s step on the 2-core VM of benchmarks/README.md). On a VM that hands
+faults, 1.3 s of system time per 2.8 s step on the 2-core VM of benchmarks/README.md). On a
+VM that hands
 freed guest memory back to the host (virtio-balloon free page reporting, as there), a
 fault on memory freed a few seconds earlier costs about 5x more, so a step that follows
 another process's work ran at half speed.
 
-  default:   glibc as configured.
+  shipped:   what train.py, eval.py and benchmarks/jax_worker.py start with: mimalloc,
+             preloaded by the process itself (strip_mlp/runtime/host_allocator.py).
+  default:   glibc as configured (what `import strip_mlp` in a script of your own gets).
   hugepages: `glibc.malloc.hugetlb=1`: transparent huge pages for mmapped blocks (about
              1.7k faults per step). Does not help after the memory went back to the host.
   resident:  one glibc arena that never mmaps or trims, so the temporary buffer stays
@@ -48,6 +51,15 @@ SETTINGS = {
         preload="tcmalloc_minimal",
         environ=(("TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD", str(1 << 40)),),
     ),
+}
+# The programs (and benchmarks/jax_worker.py) preload mimalloc themselves unless told not to:
+# every setting but 'shipped' keeps the allocator it sets up.
+SETTINGS = {
+    "shipped": Setting(),
+    **{
+        name: s._replace(environ=s.environ + (("STRIP_MLP_ALLOCATOR", "system"),))
+        for name, s in SETTINGS.items()
+    },
 }
 
 

@@ -7,7 +7,9 @@ SPEC_JSON: {"model": constructor keyword arguments plus "variant", a variant of 
 (N, R, R, 3) float32 and `labels` (N,) int32, "modes": ["inference", "train"],
 "compiler_options": {XLA option: value} for the inference function (empty as shipped)}.
 
-Inference is `jax.jit(model.apply)` in eval mode; the train step is forward, backward and
+The worker starts as train.py and eval.py do, re-executed with the package's allocator
+(strip_mlp/runtime/host_allocator.py) unless its environment says STRIP_MLP_ALLOCATOR=system
+or preloads another. Inference is `jax.jit(model.apply)` in eval mode; the train step is forward, backward and
 an AdamW update (optax, weight decay 0.05), jitted with the state donated, dropout paths
 drawn as in training. Both are compiled before the worker reports ready; its first line
 (see `bench_util.serve`) gives the parameter count and per mode the compile seconds and
@@ -20,12 +22,17 @@ import os
 import sys
 import time
 
-import jax
-import numpy as np
-import optax
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from strip_mlp.runtime import host_allocator  # noqa: E402  pylint: disable=g-import-not-at-top
+
+if __name__ == "__main__":
+  host_allocator.use_packaged_allocator("jax_worker.py")  # as train.py and eval.py do
+
+import jax  # noqa: E402  pylint: disable=g-import-not-at-top
+import numpy as np  # noqa: E402  pylint: disable=g-import-not-at-top
+import optax  # noqa: E402  pylint: disable=g-import-not-at-top
+
 import bench_util  # noqa: E402  pylint: disable=g-import-not-at-top
 from strip_mlp import count_params  # noqa: E402  pylint: disable=g-import-not-at-top
 from strip_mlp.models import registry  # noqa: E402  pylint: disable=g-import-not-at-top

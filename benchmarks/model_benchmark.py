@@ -10,8 +10,10 @@ Every model runs in a fresh process of its own (benchmarks/jax_worker.py, and wi
 --official_code benchmarks/official_worker.py), all on the same synthetic inputs; their
 steps alternate (one step each in turn, --repeats rounds after --warmup) and the table
 gives medians. --settings picks how ours runs, one worker and one row each:
-  as_shipped: plain jax.jit(model.apply), the allocator this shell gives (glibc unless
-              LD_PRELOAD says otherwise): what train.py / eval.py users get,
+  as_shipped: plain jax.jit(model.apply) in a process started as train.py / eval.py
+              start, with the package's mimalloc (strip_mlp/runtime/host_allocator.py),
+  system_malloc: the same with glibc's allocator: what `import strip_mlp` in a script of
+              your own gets,
   single_dot: as shipped, with XLA:CPU's YNNPACK limited to single dots for inference,
   tcmalloc:   as shipped, with tcmalloc preloaded (benchmarks/host_memory.py),
   tuned:      tcmalloc and single_dot together.
@@ -36,8 +38,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # train step ran slower with it; see benchmarks/README.md).
 SINGLE_DOT = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
 SETTINGS = {  # name: (host_memory setting, compiler options of the inference function)
-    "as_shipped": ("default", {}),
-    "single_dot": ("default", SINGLE_DOT),
+    "as_shipped": ("shipped", {}),
+    "system_malloc": ("default", {}),
+    "single_dot": ("shipped", SINGLE_DOT),
     "tcmalloc": ("tcmalloc", {}),
     "tuned": ("tcmalloc", SINGLE_DOT),
 }

@@ -3,6 +3,7 @@
 
 import importlib.util
 import json
+import sys
 
 import pytest
 
@@ -43,6 +44,8 @@ def test_model_benchmark_runs_on_tiny_config(tmp_path, capsys):
   ]
   for r in rows:
     assert r["images_per_s"] > 0 and r["gflops_per_image"] > 0
+    # The worker restarts itself with the package's allocator, as train.py does.
+    assert r["allocator"] == ("mimalloc" if sys.platform.startswith("linux") else "glibc")
   # A train step costs about 3x the forward FLOPs (plus the optimizer, large at this size).
   assert 2 < rows[1]["gflops_per_image"] / rows[0]["gflops_per_image"] < 6
   assert json.loads(out.read_text())["rows"] == rows

@@ -1,0 +1,100 @@
+"""The programs' host allocator: mimalloc, installed with the package, preloaded at start.
+
+XLA:CPU allocates each execution's temporary buffer when the execution starts and frees it
+when it ends (about 2.9 GiB for tiny_light's train step at batch 16). glibc's malloc serves a
+block that large with a fresh mmap, so every step page-faults the whole buffer back in
+(benchmarks/README.md). mimalloc, set up as below, keeps it mapped for reuse. A malloc can only be
+replaced before the process starts, so `use_packaged_allocator` re-executes the running
+program once, with the same interpreter, options and arguments, and with mimalloc
+(`cmeel-mimalloc`, a dependency of the package on Linux x86_64/aarch64) in LD_PRELOAD.
+
+train.py, eval.py and the benchmarks' workers call it first thing. Nothing else does: a
+library must not restart its user's process, so `import strip_mlp` in your own script keeps
+your allocator (run it with `LD_PRELOAD=$(python -m strip_mlp.runtime.host_allocator)` to
+get the same).
+
+STRIP_MLP_ALLOCATOR=system keeps the allocator the process started with. MIMALLOC_*
+variables already set are kept.
+"""
+
+import importlib.metadata
+import os
+import sys
+
+ENV = "STRIP_MLP_ALLOCATOR"
+CHOICES = ("mimalloc", "system")
+# Freed memory stays mapped (no purge), and in transparent huge pages where the kernel
+# gives them on request (THP 'madvise'): mimalloc's defaults purge after 10 ms and turn THP
+# off for the whole process, which left the train step as slow as with glibc.
+MIMALLOC_OPTIONS = {"MIMALLOC_PURGE_DELAY": "-1", "MIMALLOC_ALLOW_LARGE_OS_PAGES": "1"}
+_DISTRIBUTION = "cmeel-mimalloc"
+_LIBRARY = "libmimalloc.so"
+
+
+def packaged_library() -> str | None:
+  """The path of mimalloc's shared library installed with the package, or None."""
+  try:
+    files = importlib.metadata.files(_DISTRIBUTION) or ()
+  except importlib.metadata.PackageNotFoundError:
+    return None
+  for f in files:
+    if f.name == _LIBRARY:
+      path = str(f.locate())
+      return path if os.path.exists(path) else None
+  return None
+
+
+def choice(environ=None) -> str:
+  """STRIP_MLP_ALLOCATOR's value (default 'mimalloc'); ValueError names the choices."""
+  value = (os.environ if environ is None else environ).get(ENV, "") or "mimalloc"
+  if value not in CHOICES:
+    raise ValueError(f"{ENV}={value!r} is not one of {', '.join(CHOICES)}")
+  return value
+
+
+def preloaded(environ=None) -> bool:
+  """Whether a process with `environ` (default: this one's) starts with mimalloc."""
+  preload = (os.environ if environ is None else environ).get("LD_PRELOAD", "")
+  return any("mimalloc" in os.path.basename(p) for p in preload.replace(" ", ":").split(":"))
+
+
+def _command() -> list[str]:
+  """This process's command line as started: interpreter options, -c or -m included."""
+  return [sys.executable, *(getattr(sys, "orig_argv", None) or ["", *sys.argv])[1:]]
+
+
+def reexec_environ(environ=None) -> dict | None:
+  """The environment to re-execute with, or None when this process should go on as is
+  (not Linux, STRIP_MLP_ALLOCATOR=system, mimalloc already preloaded or not installed)."""
+  env = dict(os.environ if environ is None else environ)
+  if not sys.platform.startswith("linux") or choice(env) == "system" or preloaded(env):
+    return None
+  library = packaged_library()
+  if library is None:
+    return None
+  env["LD_PRELOAD"] = ":".join(p for p in (library, env.get("LD_PRELOAD", "")) if p)
+  env[ENV] = "mimalloc"
+  for name, value in MIMALLOC_OPTIONS.items():
+    env.setdefault(name, value)
+  return env
+
+
+def use_packaged_allocator(prog: str) -> None:
+  """Re-executes program `prog` with mimalloc preloaded, unless `reexec_environ` says not.
+
+  Call it before anything else runs: whatever the process did so far is started again.
+  A bad STRIP_MLP_ALLOCATOR exits with one line `prog: error: ...` (exit code 1).
+  """
+  try:
+    env = reexec_environ()
+  except ValueError as e:
+    sys.exit(f"{prog}: error: {e}")
+  if env is None:
+    return
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os.execve(sys.executable, _command(), env)
+
+
+if __name__ == "__main__":
+  print(packaged_library() or "")

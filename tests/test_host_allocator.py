@@ -1,0 +1,66 @@
+"""The programs' allocator: mimalloc installed with the package, preloaded by a re-exec."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from strip_mlp.runtime import host_allocator
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LINUX = sys.platform.startswith("linux")
+
+# Prints whether mimalloc is mapped into the process, then its arguments and -u's effect.
+_PROBE = textwrap.dedent("""
+    import sys
+    from strip_mlp.runtime import host_allocator
+    host_allocator.use_packaged_allocator("probe")
+    with open("/proc/self/maps") as f:
+      mapped = "libmimalloc" in f.read()
+    print(mapped, sys.argv[1:], sys.flags.dont_write_bytecode)
+""")
+
+
+def _run(env_extra, *args, script=None):
+  env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", host_allocator.ENV)}
+  env.update(env_extra)
+  cmd = [sys.executable, "-B", script or "-c", *([] if script else [_PROBE]), *args]
+  return subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.skipif(not LINUX, reason="mimalloc is a dependency on Linux only")
+def test_the_library_is_installed_with_the_package():
+  path = host_allocator.packaged_library()
+  assert path and os.path.isfile(path) and os.path.basename(path) == "libmimalloc.so"
+
+
+@pytest.mark.skipif(not LINUX, reason="mimalloc is a dependency on Linux only")
+def test_reexec_environ():
+  library = host_allocator.packaged_library()
+  env = host_allocator.reexec_environ({"LD_PRELOAD": "/x/libother.so"})
+  assert env["LD_PRELOAD"] == f"{library}:/x/libother.so"
+  assert host_allocator.preloaded(env)
+  assert host_allocator.reexec_environ(env) is None  # once only
+  assert host_allocator.reexec_environ({host_allocator.ENV: "system"}) is None
+  assert host_allocator.reexec_environ({"LD_PRELOAD": "/y/libmimalloc.so.3"}) is None
+  with pytest.raises(ValueError, match="STRIP_MLP_ALLOCATOR='jemalloc' is not one of mimalloc"):
+    host_allocator.reexec_environ({host_allocator.ENV: "jemalloc"})
+
+
+@pytest.mark.skipif(not LINUX, reason="mimalloc is a dependency on Linux only")
+def test_the_process_restarts_with_mimalloc_and_keeps_its_arguments_and_options():
+  out = _run({}, "a b", "--c")
+  assert out.returncode == 0, out.stderr
+  assert out.stdout.strip() == "True ['a b', '--c'] 1"
+  assert _run({host_allocator.ENV: "system"}).stdout.split()[0] == "False"
+
+
+def test_a_bad_value_is_one_line_from_the_programs():
+  for program in ("train.py", "eval.py"):
+    out = _run({host_allocator.ENV: "tcmalloc"}, "--help", script=program)
+    assert out.returncode == 1
+    assert out.stderr.strip() == (
+        f"{program}: error: STRIP_MLP_ALLOCATOR='tcmalloc' is not one of mimalloc, system"
+    )

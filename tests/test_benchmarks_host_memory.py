@@ -21,7 +21,9 @@ def test_environ_with_appends_to_existing_tunables_once():
   assert tunables[1:] == list(host_memory.SETTINGS["resident"].tunables)
   assert env["OTHER"] == "x"
   assert host_memory.environ_with("resident", env) == env  # idempotent
-  assert host_memory.environ_with("default", {}) == {}
+  assert host_memory.environ_with("shipped", {}) == {}
+  # Every other setting keeps the programs from preloading their own allocator over it.
+  assert host_memory.environ_with("default", {}) == {"STRIP_MLP_ALLOCATOR": "system"}
 
 
 def test_unknown_setting_names_the_choices():

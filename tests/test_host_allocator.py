@@ -45,6 +45,7 @@ def test_reexec_environ():
   assert host_allocator.reexec_environ(env) is None  # once only
   assert host_allocator.reexec_environ({host_allocator.ENV: "system"}) is None
   assert host_allocator.reexec_environ({"LD_PRELOAD": "/y/libmimalloc.so.3"}) is None
+  assert host_allocator.reexec_environ({"LD_PRELOAD": "libtcmalloc_minimal.so.4"}) is None
   with pytest.raises(ValueError, match="STRIP_MLP_ALLOCATOR='jemalloc' is not one of mimalloc"):
     host_allocator.reexec_environ({host_allocator.ENV: "jemalloc"})
 

@@ -13,8 +13,9 @@ library must not restart its user's process, so `import strip_mlp` in your own s
 your allocator (run it with `LD_PRELOAD=$(python -m strip_mlp.runtime.host_allocator)` to
 get the same).
 
-STRIP_MLP_ALLOCATOR=system keeps the allocator the process started with. MIMALLOC_*
-variables already set are kept.
+STRIP_MLP_ALLOCATOR=system keeps the allocator the process started with, as does an
+allocator already in LD_PRELOAD (tcmalloc, jemalloc). MIMALLOC_* variables already set are
+kept.
 """
 
 import importlib.metadata
@@ -53,9 +54,10 @@ def choice(environ=None) -> str:
 
 
 def preloaded(environ=None) -> bool:
-  """Whether a process with `environ` (default: this one's) starts with mimalloc."""
+  """Whether a process with `environ` (default: this one's) starts with an allocator
+  preloaded (mimalloc, tcmalloc, jemalloc, ...: a library named *malloc*)."""
   preload = (os.environ if environ is None else environ).get("LD_PRELOAD", "")
-  return any("mimalloc" in os.path.basename(p) for p in preload.replace(" ", ":").split(":"))
+  return any("malloc" in os.path.basename(p) for p in preload.replace(" ", ":").split(":"))
 
 
 def _command() -> list[str]:
@@ -65,7 +67,8 @@ def _command() -> list[str]:
 
 def reexec_environ(environ=None) -> dict | None:
   """The environment to re-execute with, or None when this process should go on as is
-  (not Linux, STRIP_MLP_ALLOCATOR=system, mimalloc already preloaded or not installed)."""
+  (not Linux, STRIP_MLP_ALLOCATOR=system, an allocator already preloaded, mimalloc not
+  installed)."""
   env = dict(os.environ if environ is None else environ)
   if not sys.platform.startswith("linux") or choice(env) == "system" or preloaded(env):
     return None

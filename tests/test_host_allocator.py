@@ -65,3 +65,23 @@ def test_a_bad_value_is_one_line_from_the_programs():
     assert out.stderr.strip() == (
         f"{program}: error: STRIP_MLP_ALLOCATOR='tcmalloc' is not one of mimalloc, system"
     )
+
+
+@pytest.mark.skipif(not LINUX, reason="mimalloc is a dependency on Linux only")
+def test_the_variables_for_a_script_of_your_own():
+  env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", host_allocator.ENV)}
+  out = subprocess.run(
+      [sys.executable, "-m", "strip_mlp.runtime.host_allocator"],
+      env=env,
+      cwd=ROOT,
+      capture_output=True,
+      text=True,
+      check=True,
+  ).stdout.split()
+  variables = dict(v.split("=", 1) for v in out)
+  assert variables == {
+      "LD_PRELOAD": host_allocator.packaged_library(),
+      **host_allocator.MIMALLOC_OPTIONS,
+  }
+  # Started with them, a script is not restarted and has mimalloc.
+  assert _run(variables).stdout.split()[0] == "True"

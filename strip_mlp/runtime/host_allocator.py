@@ -3,15 +3,15 @@
 XLA:CPU allocates each execution's temporary buffer when the execution starts and frees it
 when it ends (about 2.9 GiB for tiny_light's train step at batch 16). glibc's malloc serves a
 block that large with a fresh mmap, so every step page-faults the whole buffer back in
-(benchmarks/README.md). mimalloc, set up as below, keeps it mapped for reuse. A malloc can only be
-replaced before the process starts, so `use_packaged_allocator` re-executes the running
-program once, with the same interpreter, options and arguments, and with mimalloc
+(benchmarks/README.md). mimalloc, set up as below, keeps it mapped for reuse. A malloc can
+only be replaced before the process starts, so `use_packaged_allocator` re-executes the
+running program once, with the same interpreter, options and arguments, and with mimalloc
 (`cmeel-mimalloc`, a dependency of the package on Linux x86_64/aarch64) in LD_PRELOAD.
 
 train.py, eval.py and the benchmarks' workers call it first thing. Nothing else does: a
 library must not restart its user's process, so `import strip_mlp` in your own script keeps
-your allocator (run it with `LD_PRELOAD=$(python -m strip_mlp.runtime.host_allocator)` to
-get the same).
+your allocator; `env $(python -m strip_mlp.runtime.host_allocator) python your_script.py`
+starts it as the programs start.
 
 STRIP_MLP_ALLOCATOR=system keeps the allocator the process started with, as does an
 allocator already in LD_PRELOAD (tcmalloc, jemalloc). MIMALLOC_* variables already set are
@@ -99,5 +99,15 @@ def use_packaged_allocator(prog: str) -> None:
   os.execve(sys.executable, _command(), env)
 
 
+def _print_variables() -> int:
+  """Prints the variables the programs add (NAME=value ...), for `env $(...) command`."""
+  env = reexec_environ({k: v for k, v in os.environ.items() if k != ENV})
+  if env is None:
+    print("no packaged allocator to preload here (Linux with cmeel-mimalloc)", file=sys.stderr)
+    return 1
+  print(" ".join(f"{k}={v}" for k, v in env.items() if os.environ.get(k) != v and k != ENV))
+  return 0
+
+
 if __name__ == "__main__":
-  print(packaged_library() or "")
+  sys.exit(_print_variables())

@@ -23,10 +23,15 @@ _PROBE = textwrap.dedent("""
 """)
 
 
-def _run(env_extra, *args, script=None):
+def _run(env_extra, *args, script=None, tmp_path=None):
+  """Runs `script` (default: _PROBE written to tmp_path) with interpreter option -B."""
   env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", host_allocator.ENV)}
-  env.update(env_extra)
-  cmd = [sys.executable, "-B", script or "-c", *([] if script else [_PROBE]), *args]
+  env.update(env_extra, PYTHONPATH=ROOT)
+  if script is None:
+    script = str(tmp_path / "probe.py")
+    with open(script, "w") as f:
+      f.write(_PROBE)
+  cmd = [sys.executable, "-B", script, *args]
   return subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
 
 
@@ -51,11 +56,11 @@ def test_reexec_environ():
 
 
 @pytest.mark.skipif(not LINUX, reason="mimalloc is a dependency on Linux only")
-def test_the_process_restarts_with_mimalloc_and_keeps_its_arguments_and_options():
-  out = _run({}, "a b", "--c")
+def test_the_process_restarts_with_mimalloc_and_keeps_its_arguments_and_options(tmp_path):
+  out = _run({}, "a b", "--c", tmp_path=tmp_path)
   assert out.returncode == 0, out.stderr
   assert out.stdout.strip() == "True ['a b', '--c'] 1"
-  assert _run({host_allocator.ENV: "system"}).stdout.split()[0] == "False"
+  assert _run({host_allocator.ENV: "system"}, tmp_path=tmp_path).stdout.split()[0] == "False"
 
 
 def test_a_bad_value_is_one_line_from_the_programs():
@@ -68,7 +73,7 @@ def test_a_bad_value_is_one_line_from_the_programs():
 
 
 @pytest.mark.skipif(not LINUX, reason="mimalloc is a dependency on Linux only")
-def test_the_variables_for_a_script_of_your_own():
+def test_the_variables_for_a_script_of_your_own(tmp_path):
   env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", host_allocator.ENV)}
   out = subprocess.run(
       [sys.executable, "-m", "strip_mlp.runtime.host_allocator"],
@@ -84,4 +89,4 @@ def test_the_variables_for_a_script_of_your_own():
       **host_allocator.MIMALLOC_OPTIONS,
   }
   # Started with them, a script is not restarted and has mimalloc.
-  assert _run(variables).stdout.split()[0] == "True"
+  assert _run(variables, tmp_path=tmp_path).stdout.split()[0] == "True"

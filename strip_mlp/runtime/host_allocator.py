@@ -22,6 +22,8 @@ import importlib.metadata
 import os
 import sys
 
+from strip_mlp.runtime import supervisor
+
 ENV = "STRIP_MLP_ALLOCATOR"
 CHOICES = ("mimalloc", "system")
 # Freed memory stays mapped (no purge), and in transparent huge pages where the kernel
@@ -60,11 +62,6 @@ def preloaded(environ=None) -> bool:
   return any("malloc" in os.path.basename(p) for p in preload.replace(" ", ":").split(":"))
 
 
-def _command() -> list[str]:
-  """This process's command line as started: interpreter options, -c or -m included."""
-  return [sys.executable, *(getattr(sys, "orig_argv", None) or ["", *sys.argv])[1:]]
-
-
 def reexec_environ(environ=None) -> dict | None:
   """The environment to re-execute with, or None when this process should go on as is
   (not Linux, STRIP_MLP_ALLOCATOR=system, an allocator already preloaded, mimalloc not
@@ -96,7 +93,7 @@ def use_packaged_allocator(prog: str) -> None:
     return
   sys.stdout.flush()
   sys.stderr.flush()
-  os.execve(sys.executable, _command(), env)
+  os.execve(sys.executable, supervisor.own_command(), env)
 
 
 def _print_variables() -> int:

@@ -250,7 +250,8 @@ def supervise(prog: str) -> None:
   sys.exit(_run_child(prog))
 
 
-def _child_command() -> list[str]:
+def own_command() -> list[str]:
+  """The command line that started this program: interpreter options (-u, -X) kept."""
   orig = list(getattr(sys, "orig_argv", []))
   if len(orig) > len(sys.argv) and orig[len(orig) - len(sys.argv) :] == sys.argv:
     return [sys.executable, *orig[1:]]  # keeps interpreter options such as -u or -X
@@ -269,7 +270,7 @@ def _run_child(prog: str) -> int:
       os._exit(128 + signal.SIGKILL)  # pylint: disable=protected-access
 
   child = subprocess.Popen(  # pylint: disable=subprocess-popen-preexec-fn
-      _child_command(),
+      own_command(),
       stderr=subprocess.PIPE,
       pass_fds=(write_fd,),
       env={**os.environ, ENV_FD: f"{write_fd}:{parent}"},

@@ -3,11 +3,10 @@
 XLA:CPU allocates each execution's temporary buffer when the execution starts and frees
 it when it ends: about 2.9 GiB for a tiny_light train step at batch 16. glibc serves a
 block that large with a fresh mmap, so every step page-faults it back in (775k 4-KiB
-faults, 1.3 s of system time per 2.8 s step on the 2-core VM of benchmarks/README.md). On a
-VM that hands
-freed guest memory back to the host (virtio-balloon free page reporting, as there), a
-fault on memory freed a few seconds earlier costs about 5x more, so a step that follows
-another process's work ran at half speed.
+faults, 1.3 s of system time per 2.8 s step on the 2-core VM of benchmarks/README.md).
+On a VM that hands freed guest memory back to the host (virtio-balloon free page
+reporting, as there), a fault on memory freed a few seconds earlier costs about 5x more,
+so a step that follows another process's work ran at half speed.
 
   shipped:   what train.py, eval.py and benchmarks/jax_worker.py start with: mimalloc,
              preloaded by the process itself (strip_mlp/runtime/host_allocator.py).

@@ -11,9 +11,9 @@ The worker starts as train.py and eval.py do, re-executed with the package's all
 (strip_mlp/runtime/host_allocator.py) unless its environment says
 STRIP_MLP_ALLOCATOR=system or preloads another. Inference is `jax.jit(model.apply)` in
 eval mode; the train step is forward, backward and an AdamW update (optax, weight decay
-0.05), jitted with the state donated, dropout paths drawn as in training. Both are compiled before the worker reports ready; its first line
-(see `bench_util.serve`) gives the parameter count and per mode the compile seconds and
-XLA's FLOP count per step.
+0.05), jitted with the state donated, dropout paths drawn as in training. Both are
+compiled before the worker reports ready; its first line (see `bench_util.serve`) gives
+the parameter count and per mode the compile seconds and XLA's FLOP count per step.
 """
 
 import functools

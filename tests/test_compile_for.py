@@ -27,6 +27,8 @@ def _train_py(*args, env_extra=None, prelude=""):
       "runpy.run_path('train.py', run_name='__main__')"
   )
   env = dict(os.environ, **train_test_utils.CACHE_ENV, **(env_extra or {}))
+  if prelude:  # it lives in this process only: train.py's restart with mimalloc would drop it
+    env["STRIP_MLP_ALLOCATOR"] = "system"
   return subprocess.run(
       [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
   )

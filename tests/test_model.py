@@ -85,16 +85,17 @@ def _strip_mix_grouped_conv(x, kernel, bias, along):
   return out.transpose(0, 2, 1, 3, 4) if along == "cols" else out
 
 
+@pytest.mark.parametrize("order", ["shift_first", "mix_first"])
 @pytest.mark.parametrize("along", ["rows", "cols"])
-@pytest.mark.parametrize("shape", [(2, 5, 5, 2, 3), (1, 8, 8, 4, 1)])
-def test_strip_mix_matches_loop_and_grouped_conv(along, shape):
+@pytest.mark.parametrize("shape", [(2, 5, 5, 2, 3), (1, 8, 8, 4, 1), (1, 1, 1, 1, 2)])
+def test_strip_mix_matches_loop_and_grouped_conv(along, shape, order):
   kx, kk, kb = jax.random.split(jax.random.PRNGKey(len(shape) + shape[1]), 3)
   n, h, w, p, g = shape
   x = jax.random.normal(kx, shape)
   kernel = jax.random.normal(kk, (3, w, w, g))
   bias = jax.random.normal(kb, (w, g))
   with jax.default_matmul_precision("highest"):
-    got = ops.strip_mix(x, kernel, bias, along)
+    got = ops.strip_mix(x, kernel, bias, along, order)
     conv = _strip_mix_grouped_conv(x, kernel, bias, along)
   loop = _strip_mix_loop(x, kernel, bias, along)
   assert got.shape == x.shape
@@ -105,9 +106,43 @@ def test_strip_mix_matches_loop_and_grouped_conv(along, shape):
   assert rel_err(got[edge], loop[edge]) < 1e-6
 
 
-def test_strip_mix_rejects_unknown_direction():
+@pytest.mark.parametrize("along", ["rows", "cols"])
+def test_strip_mix_orders_have_the_same_gradients(along):
+  kx, kk, kb = jax.random.split(jax.random.PRNGKey(7), 3)
+  x = jax.random.normal(kx, (2, 6, 6, 2, 3))
+  args = (x, jax.random.normal(kk, (3, 6, 6, 3)), jax.random.normal(kb, (6, 3)))
+  loss = lambda order: lambda *a: jnp.sum(jnp.sin(ops.strip_mix(*a, along, order)))
+  with jax.default_matmul_precision("highest"):
+    shift_first = jax.grad(loss("shift_first"), argnums=(0, 1, 2))(*args)
+    mix_first = jax.grad(loss("mix_first"), argnums=(0, 1, 2))(*args)
+  for a, b in zip(mix_first, shift_first):
+    assert rel_err(a, b) < 1e-6
+
+
+def test_strip_mix_rejects_unknown_direction_or_order():
+  args = (jnp.zeros((1, 4, 4, 1, 1)), jnp.zeros((3, 4, 4, 1)), jnp.zeros((4, 1)))
   with pytest.raises(ValueError, match="rows"):
-    ops.strip_mix(jnp.zeros((1, 4, 4, 1, 1)), jnp.zeros((3, 4, 4, 1)), jnp.zeros((4, 1)), "diag")
+    ops.strip_mix(*args, "diag")
+  with pytest.raises(ValueError, match="shift_first"):
+    ops.strip_mix(*args, "rows", "sideways")
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_add_to_each_is_broadcasting_add_with_its_gradients(dtype):
+  kx, kt = jax.random.split(jax.random.PRNGKey(3))
+  x = jax.random.normal(kx, (5, 4, 3, 2)).astype(dtype)
+  table = jax.random.normal(kt, (4, 3, 2)).astype(dtype)
+  loss = lambda add: lambda x, t: jnp.sum(jnp.sin(add(x, t).astype(jnp.float32)))
+  got = jax.jit(jax.grad(loss(ops.add_to_each), argnums=(0, 1)))(x, table)
+  ref = jax.grad(loss(jnp.add), argnums=(0, 1))(x, table)
+  assert jnp.array_equal(ops.add_to_each(x, table), x + table)
+  tol = 1e-6 if dtype == jnp.float32 else 1e-2
+  for a, b in zip(got, ref):
+    assert a.dtype == b.dtype and a.shape == b.shape
+    assert rel_err(a.astype(jnp.float32), b.astype(jnp.float32)) < tol
+  # Both ways of summing the batch, whichever the backend picks.
+  g = jax.random.normal(kx, (5, 4, 3, 2))
+  assert rel_err(ops._sum_leading_by_product(g), ops._sum_leading(g)) < 1e-6
 
 
 def assert_formulations_agree(op, impl, ref_impl, x, kernel):
@@ -125,9 +160,10 @@ def assert_formulations_agree(op, impl, ref_impl, x, kernel):
 
 
 @pytest.mark.parametrize("kernel_size", [(3, 3), (3, 7), (7, 3), (7, 7)])
-def test_depthwise_formulations_agree_forward_and_grad(kernel_size):
+@pytest.mark.parametrize("shape", [(2, 9, 9, 5), (1, 1, 1, 5)])
+def test_depthwise_formulations_agree_forward_and_grad(kernel_size, shape):
   kx, kk = jax.random.split(jax.random.PRNGKey(sum(kernel_size)))
-  x = jax.random.normal(kx, (2, 9, 9, 5))
+  x = jax.random.normal(kx, shape)
   kernel = jax.random.normal(kk, (*kernel_size, 1, 5))
   assert_formulations_agree(ops.depthwise_conv, "shift", "xla", x, kernel)
 

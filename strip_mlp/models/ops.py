@@ -10,7 +10,9 @@ Formulations (`impl`):
                          order of magnitude faster than its depthwise convolution).
   patchify:   'xla'   -> strided convolution;
               'einsum'-> space-to-depth reshape + one dense product.
-'auto' picks per backend (see `resolve_impl`).
+'auto' picks per backend (see `resolve_impl`). `strip_mix` takes an `order` ('shift_first'
+for training, 'mix_first' for inference: the faster of each on XLA:CPU), and `add_to_each`
+sums its gradient over the batch the way each backend runs fastest.
 """
 
 from typing import Literal
@@ -102,7 +104,9 @@ def _depthwise_shift_bwd(residuals, g):
     xi, gi = xg  # one padded image each, (h + kh - 1, w + kw - 1, C)
     dxi = _shifted_sum(gi[None], flipped, h, w)[0]
     g0 = gi[kh // 2 : kh // 2 + h, kw // 2 : kw // 2 + w]
-    prods = [(xi[a : a + h, b : b + w] * g0).astype(jnp.float32) for a in range(kh) for b in range(kw)]
+    prods = [
+        (xi[a : a + h, b : b + w] * g0).astype(jnp.float32) for a in range(kh) for b in range(kw)
+    ]
     sums = lax.reduce(prods, [jnp.float32(0)] * len(prods), _add_each, (0,))  # each (w, C)
     return acc + jnp.stack(sums).sum(axis=1).reshape(acc.shape), dxi
 
@@ -213,8 +217,12 @@ def _sum_leading(g):
 
 def _sum_leading_by_product(g):
   ones = jnp.ones((g.shape[0],), g.dtype)
-  flat = lax.dot(ones, g.reshape(g.shape[0], -1), precision=lax.Precision.HIGHEST,
-                 preferred_element_type=jnp.float32)
+  flat = lax.dot(
+      ones,
+      g.reshape(g.shape[0], -1),
+      precision=lax.Precision.HIGHEST,
+      preferred_element_type=jnp.float32,
+  )
   return flat.reshape(g.shape[1:]).astype(g.dtype)
 
 

@@ -2,6 +2,7 @@
 
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,6 +11,7 @@ from jax import lax
 
 from strip_mlp import StripMLP, VARIANTS, count_params, create_model
 from strip_mlp.models import ops
+from strip_mlp.models import strip_mlp_layers
 from strip_mlp.models.strip_mlp import abstract_variables
 
 TINY = dict(embed_dim=16, layers=(1, 1, 1, 1), img_size=32, num_classes=10)
@@ -143,6 +145,40 @@ def test_add_to_each_is_broadcasting_add_with_its_gradients(dtype):
   # Both ways of summing the batch, whichever the backend picks.
   g = jax.random.normal(kx, (5, 4, 3, 2))
   assert rel_err(ops._sum_leading_by_product(g), ops._sum_leading(g)) < 1e-6
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("shape", [(2, 5, 3, 6), (1, 1, 1, 6), (6,)])
+def test_linear_is_dense_with_its_gradients(dtype, shape):
+  kx, kk = jax.random.split(jax.random.PRNGKey(4))
+  x = jax.random.normal(kx, shape).astype(dtype)
+  kernel = jax.random.normal(kk, (6, 4)).astype(dtype)
+  loss = lambda f: lambda x, k: jnp.sum(jnp.sin(f(x, k).astype(jnp.float32)))
+  with jax.default_matmul_precision("highest"):
+    assert jnp.array_equal(ops.linear(x, kernel), x @ kernel)
+    got = jax.jit(jax.grad(loss(ops.linear), argnums=(0, 1)))(x, kernel)
+    ref = jax.grad(loss(jnp.matmul), argnums=(0, 1))(x, kernel)
+    # The kernel's gradient both ways, whichever the backend picks.
+    g = jax.random.normal(kk, (*shape[:-1], 4)).astype(dtype)
+    by_matrix, plain = ops._weight_grad_by_matrix(x, g), ops._weight_grad(x, g)
+  tol = 1e-6 if dtype == jnp.float32 else 1e-2
+  for a, b in zip(got, ref):
+    assert a.dtype == b.dtype and a.shape == b.shape
+    assert rel_err(a.astype(jnp.float32), b.astype(jnp.float32)) < tol
+  assert by_matrix.shape == plain.shape == kernel.shape
+  assert rel_err(by_matrix.astype(jnp.float32), plain.astype(jnp.float32)) < tol
+
+
+def test_dense_module_is_flax_dense():
+  """Same parameter tree and the same function as nn.Dense, so checkpoints carry over."""
+  x = jax.random.normal(jax.random.PRNGKey(5), (2, 3, 3, 6))
+  ours, flax_dense = strip_mlp_layers.dense(4, 6, name="fc"), nn.Dense(4)
+  params = ours.init(jax.random.PRNGKey(6), x)
+  assert jax.tree.map(jnp.shape, params) == jax.tree.map(
+      jnp.shape, flax_dense.init(jax.random.PRNGKey(6), x)
+  )
+  with jax.default_matmul_precision("highest"):
+    assert rel_err(ours.apply(params, x), flax_dense.apply(params, x)) < 1e-6
 
 
 def assert_formulations_agree(op, impl, ref_impl, x, kernel):

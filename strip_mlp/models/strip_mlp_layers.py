@@ -51,9 +51,27 @@ def gelu(x):
   return 0.5 * x * (1.0 + lax.erf(x * np.asarray(1 / np.sqrt(2), x.dtype)))
 
 
+class Dense(nn.Module):
+  """`nn.Dense` (same parameters, names and function) through `ops.linear`. (..., I) -> (..., O)."""
+
+  features: int
+  use_bias: bool = True
+  dtype: Any = jnp.float32
+  kernel_init: Any = torch_kernel_init()
+  bias_init: Any = nn.initializers.zeros
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features))
+    y = ops.linear(x.astype(self.dtype), kernel.astype(self.dtype))
+    if self.use_bias:
+      y = y + self.param("bias", self.bias_init, (self.features,)).astype(self.dtype)
+    return y
+
+
 def dense(features, in_features, use_bias=True, dtype=jnp.float32, name=None):
   """A 1x1 conv / linear layer with PyTorch's initialisation."""
-  return nn.Dense(
+  return Dense(
       features,
       use_bias=use_bias,
       dtype=dtype,

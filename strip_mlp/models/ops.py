@@ -94,22 +94,28 @@ def _depthwise_shift_bwd(residuals, g):
 
   Both run in one loop over the images. Its inputs are materialised once, where XLA:CPU
   would otherwise fuse the producers of g into each of the kh*kw taps of dx; and each
-  image's kh*kw tap sums are one variadic reduction (one pass over the image, not kh*kw).
+  image's tap sums are a few variadic reductions over the whole image, of ~8 taps each
+  (the fastest grouping on XLA:CPU: 2-3x fewer passes than one reduction per tap, and
+  faster than one reduction of all kh*kw taps at once).
   """
   x, kernel = residuals
   kh, kw = kernel.shape[:2]
   h, w = x.shape[1:3]
   flipped = kernel[::-1, ::-1]
+  taps = [(a, b) for a in range(kh) for b in range(kw)]
+  per_group = -(-len(taps) // -(-len(taps) // 8))  # ceil(T / ceil(T / 8)): 9 -> 9, 21 -> 7
 
   def image(acc, xg):
     xi, gi = xg  # one padded image each, (h + kh - 1, w + kw - 1, C)
     dxi = _shifted_sum(gi[None], flipped, h, w)[0]
     g0 = gi[kh // 2 : kh // 2 + h, kw // 2 : kw // 2 + w]
-    prods = [
-        (xi[a : a + h, b : b + w] * g0).astype(jnp.float32) for a in range(kh) for b in range(kw)
-    ]
-    sums = lax.reduce(prods, [jnp.float32(0)] * len(prods), _add_each, (0,))  # each (w, C)
-    return acc + jnp.stack(sums).sum(axis=1).reshape(acc.shape), dxi
+    sums = []
+    for i in range(0, len(taps), per_group):
+      prods = [
+          (xi[a : a + h, b : b + w] * g0).astype(jnp.float32) for a, b in taps[i : i + per_group]
+      ]
+      sums += lax.reduce(prods, [jnp.float32(0)] * len(prods), _add_each, (0, 1))  # each (C,)
+    return acc + jnp.stack(sums).reshape(acc.shape), dxi
 
   dk, dx = lax.scan(
       image,

@@ -16,6 +16,7 @@ sums its gradient over the batch the way each backend runs fastest; so does `lin
 weight gradient.
 """
 
+import math
 from typing import Literal
 
 import jax
@@ -103,7 +104,7 @@ def _depthwise_shift_bwd(residuals, g):
   h, w = x.shape[1:3]
   flipped = kernel[::-1, ::-1]
   taps = [(a, b) for a in range(kh) for b in range(kw)]
-  per_group = -(-len(taps) // -(-len(taps) // 8))  # ceil(T / ceil(T / 8)): 9 -> 9, 21 -> 7
+  per_group = math.ceil(len(taps) / math.ceil(len(taps) / 8))  # 9 -> 9, 21 -> 7, 49 -> 7
 
   def image(acc, xg):
     xi, gi = xg  # one padded image each, (h + kh - 1, w + kw - 1, C)
@@ -240,10 +241,10 @@ add_to_each.defvjp(_add_to_each_fwd, _add_to_each_bwd)
 def linear(x: jax.Array, kernel: jax.Array) -> jax.Array:
   """x @ kernel over the last axis: x (..., I), kernel (I, O) -> (..., O), as `nn.Dense`.
 
-  The same product and gradients as autodiff's, bit for bit. On XLA:CPU the kernel's
-  gradient is written as (x as a (P, I) matrix, transposed) @ g: XLA:CPU runs autodiff's
-  contraction over the leading axes 1.3-4x slower, through a strided copy of one operand
-  (other backends keep that contraction).
+  The same product as `nn.Dense` and the same gradients as autodiff's (up to the order of
+  summation). On XLA:CPU the kernel's gradient is written as (x as a (P, I) matrix,
+  transposed) @ g: XLA:CPU runs autodiff's contraction over the leading axes 1.3-4x slower,
+  through a strided copy of one operand (other backends keep that contraction).
   """
   return _linear(x, kernel)
 

@@ -181,6 +181,47 @@ def test_dense_module_is_flax_dense():
     assert rel_err(ours.apply(params, x), flax_dense.apply(params, x)) < 1e-6
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("shape", [(2, 5, 3, 6), (1, 1, 1, 6), (6,)])
+@pytest.mark.parametrize("zeros", [False, True])
+def test_layer_norm_is_flax_layer_norm_with_its_gradients(dtype, shape, zeros):
+  """Same parameters and function as nn.LayerNorm(use_fast_variance=False), gradients
+  included, also where the variance is exactly 0 (all-zero input)."""
+  kx, kp = jax.random.split(jax.random.PRNGKey(7))
+  x = jnp.zeros(shape) if zeros else 3.0 * jax.random.normal(kx, shape) + 1.0
+  x = x.astype(dtype)
+  ours = strip_mlp_layers.LayerNorm(1e-5, dtype)
+  theirs = nn.LayerNorm(epsilon=1e-5, dtype=dtype, use_fast_variance=False)
+  params = theirs.init(kp, x)
+  assert jax.tree.map(jnp.shape, ours.init(kp, x)) == jax.tree.map(jnp.shape, params)
+  params = jax.tree.map(lambda p: p + jax.random.normal(kp, p.shape), params)
+  loss = lambda m: lambda p, x: jnp.sum(jnp.sin(m.apply(p, x).astype(jnp.float32)))
+  with jax.default_matmul_precision("highest"):
+    got, ref = jax.jit(ours.apply)(params, x), theirs.apply(params, x)
+    g_got = jax.jit(jax.grad(loss(ours), argnums=(0, 1)))(params, x)
+    g_ref = jax.grad(loss(theirs), argnums=(0, 1))(params, x)
+    # Both formulations of the statistics and their gradients, whichever the backend picks.
+    x32 = x.astype(jnp.float32)
+    pick = lambda f: lambda x: jnp.sum(jnp.sin(f(x)[0]) + jnp.cos(f(x)[1]))
+    by_product, plain = ops._moments_by_product(x32), ops._moments(x32)
+    d_product, d_plain = jax.grad(pick(ops._moments_by_product))(x32), jax.grad(pick(ops._moments))(
+        x32
+    )
+  close = (
+      lambda a, b, tol: rel_err(a, b) < tol if np.any(np.asarray(b, np.float64)) else not np.any(a)
+  )
+  tol = 1e-6 if dtype == jnp.float32 else 1e-2
+  assert got.dtype == ref.dtype == dtype and got.shape == ref.shape
+  assert close(got.astype(jnp.float32), ref.astype(jnp.float32), tol)
+  for a, b in zip(jax.tree.leaves(g_got), jax.tree.leaves(g_ref)):
+    assert a.dtype == b.dtype and bool(jnp.all(jnp.isfinite(a)))
+    assert close(a.astype(jnp.float32), b.astype(jnp.float32), (1e-5 if tol < 1e-3 else tol))
+  for a, b in zip(by_product, plain):
+    assert a.shape == b.shape == (*shape[:-1], 1)
+    assert close(a, b, 1e-6)
+  assert close(d_product, d_plain, 1e-6)
+
+
 def assert_formulations_agree(op, impl, ref_impl, x, kernel):
   """op(x, kernel, impl) matches op(..., ref_impl) in value and in both gradients."""
   loss = lambda i: lambda x, k: jnp.sum(jnp.sin(op(x, k, i)))

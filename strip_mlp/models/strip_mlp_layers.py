@@ -69,6 +69,24 @@ class Dense(nn.Module):
     return y
 
 
+class LayerNorm(nn.Module):
+  """LayerNorm over channels: `nn.LayerNorm(use_fast_variance=False)`'s parameters (scale,
+  bias: (C,)) and function, statistics in float32 or wider (`ops.channel_moments`).
+  (..., C) -> same, in `dtype`."""
+
+  epsilon: float = LN_EPS
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    c = x.shape[-1]
+    scale = self.param("scale", nn.initializers.ones, (c,))
+    bias = self.param("bias", nn.initializers.zeros, (c,))
+    x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    mean, var = ops.channel_moments(x)
+    return ((x - mean) * (lax.rsqrt(var + self.epsilon) * scale) + bias).astype(self.dtype)
+
+
 def dense(features, in_features, use_bias=True, dtype=jnp.float32, name=None):
   """A 1x1 conv / linear layer with PyTorch's initialisation."""
   return Dense(
@@ -288,9 +306,7 @@ class ChannelMixing(nn.Module):
   def __call__(self, x):
     c = x.shape[-1]
     x = DepthwiseConv((7, 7), self.depthwise_impl, self.dtype, name="conv_77")(x)
-    x = nn.LayerNorm(epsilon=LN_EPS, dtype=self.dtype, use_fast_variance=False, name="layer_norm")(
-        x
-    )
+    x = LayerNorm(LN_EPS, self.dtype, name="layer_norm")(x)
     x = gelu(dense(self.alpha * c, c, dtype=self.dtype, name="fc1")(x))
     x = GRN(self.dtype, name="grn")(x)
     return dense(c, self.alpha * c, dtype=self.dtype, name="fc2")(x)

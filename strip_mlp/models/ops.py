@@ -183,19 +183,22 @@ def strip_mix(
     raise ValueError(f"along must be 'rows' or 'cols', got {along!r}")
   axis = 1 if along == "rows" else 2  # the axis the taps cross
   size = x.shape[axis]
-  pad = [(0, 0)] * (x.ndim + (order == "mix_first"))
+  pad = lambda t, lo, hi: jnp.pad(t, [(lo, hi) if a == axis else (0, 0) for a in range(t.ndim)])
   bias = bias[:, None] if along == "rows" else bias[:, None, None]
   if order == "shift_first":
-    pad[axis] = (1, 1)
-    xp = jnp.pad(x, pad)
+    xp = pad(x, 1, 1)
     taps = jnp.stack([lax.slice_in_dim(xp, k, k + size, axis=axis) for k in range(3)], axis + 1)
     spec = "nhkwcg,kwvg->nhvcg" if along == "rows" else "nhwkcg,khvg->nvwcg"
     return jnp.einsum(spec, taps, kernel) + bias
   if order == "mix_first":
     spec = "nhwcg,kwvg->knhvcg" if along == "rows" else "nhwcg,khvg->knvwcg"
-    pad[axis + 1] = (1, 1)
-    mixed = jnp.pad(jnp.einsum(spec, x, kernel), pad)  # mixed[k]: x mixed by tap k, unshifted
-    return sum(lax.slice_in_dim(mixed[k], k, k + size, axis=axis) for k in range(3)) + bias
+    mixed = jnp.einsum(spec, x, kernel)  # mixed[k]: x mixed by tap k, unshifted
+
+    # Tap k's rows (cols) moved by one, zero filled, each its own pad: XLA then fuses them
+    # into the sum instead of copying all of `mixed` padded first.
+    shifted = lambda k, lo, hi: pad(lax.slice_in_dim(mixed[k], hi, size - lo, axis=axis), lo, hi)
+
+    return mixed[1] + shifted(0, 1, 0) + shifted(2, 0, 1) + bias
   raise ValueError(f"order must be 'shift_first' or 'mix_first', got {order!r}")
 
 

@@ -1,7 +1,7 @@
 """The programs' host allocator: mimalloc, installed with the package, preloaded at start.
 
 XLA:CPU allocates each execution's temporary buffer when the execution starts and frees it
-when it ends (about 2.9 GiB for tiny_light's train step at batch 16). glibc's malloc serves a
+when it ends (about 3.2 GiB for tiny_light's train step at batch 16). glibc's malloc serves a
 block that large with a fresh mmap, so every step page-faults the whole buffer back in
 (benchmarks/README.md). mimalloc, set up as below, keeps it mapped for reuse. A malloc can
 only be replaced before the process starts, so `use_packaged_allocator` re-executes the
@@ -26,10 +26,16 @@ from strip_mlp.runtime import supervisor
 
 ENV = "STRIP_MLP_ALLOCATOR"
 CHOICES = ("mimalloc", "system")
-# Freed memory stays mapped (no purge), and in transparent huge pages where the kernel
-# gives them on request (THP 'madvise'): mimalloc's defaults purge after 10 ms and turn THP
-# off for the whole process, which left the train step as slow as with glibc.
-MIMALLOC_OPTIONS = {"MIMALLOC_PURGE_DELAY": "-1", "MIMALLOC_ALLOW_LARGE_OS_PAGES": "1"}
+# Freed memory stays mapped (no purge), blocks of any size come from mimalloc's arenas
+# (by default it maps a block over ~2 GiB afresh and unmaps it when freed, so a train step's
+# temporary buffer was faulted back in every step), and in transparent huge pages where the
+# kernel gives them on request (THP 'madvise'): mimalloc's defaults purge after 10 ms and
+# turn THP off for the whole process, which left the train step as slow as with glibc.
+MIMALLOC_OPTIONS = {
+    "MIMALLOC_PURGE_DELAY": "-1",
+    "MIMALLOC_ARENA_MAX_OBJECT_SIZE": "1TiB",
+    "MIMALLOC_ALLOW_LARGE_OS_PAGES": "1",
+}
 _DISTRIBUTION = "cmeel-mimalloc"
 _LIBRARY = "libmimalloc.so"
 

@@ -38,7 +38,7 @@ from strip_mlp import count_params  # noqa: E402  pylint: disable=g-import-not-a
 from strip_mlp.models import registry  # noqa: E402  pylint: disable=g-import-not-at-top
 
 
-def _flops(compiled) -> float:
+def flops(compiled) -> float:
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   return float(cost.get("flops", 0.0)) if cost else 0.0
@@ -50,7 +50,7 @@ def _peak_gib():
   return None if peak is None else round(peak / 2**30, 2)
 
 
-def _train_step(model, tx):
+def train_step(model, tx):
   def train_step(variables, opt_state, images, labels, rng):
     def loss_fn(params):
       logits, state = model.apply(
@@ -81,7 +81,7 @@ def main(spec):
   state = {"variables": variables, "opt_state": jax.jit(tx.init)(variables["params"])}
   rng = jax.random.key(1)
   infer = jax.jit(functools.partial(model.apply, train=False))
-  train = jax.jit(_train_step(model, tx), donate_argnums=(0, 1))
+  train = jax.jit(train_step(model, tx), donate_argnums=(0, 1))
   info, compiled = {}, {}
   for mode in spec["modes"]:
     t0 = time.perf_counter()
@@ -93,7 +93,7 @@ def main(spec):
       compiled[mode] = train.lower(
           state["variables"], state["opt_state"], images, labels, rng
       ).compile()
-    info[mode] = {"compile_s": round(time.perf_counter() - t0, 2), "flops": _flops(compiled[mode])}
+    info[mode] = {"compile_s": round(time.perf_counter() - t0, 2), "flops": flops(compiled[mode])}
 
   info = {
       "params": count_params(variables["params"]),

@@ -211,3 +211,48 @@ def test_tpu_compile_benchmark_row_of_a_step_the_compiler_refuses(tmp_path):
   assert row["fits"] == "refused by the compiler"
   assert row["gib_per_chip"] > row["hbm_gib"]  # the temporaries the compiler said it needs
   assert "gflop_per_image" not in row and "n_total" not in row
+
+
+def test_product_floor_benchmark_times_each_product_of_both_steps(capsys):
+  """Every product of a tiny model's steps is timed alone; the products' FLOPs are part
+  of the step's and the train step has the backward products too."""
+  product_rows, step_rows = _load("product_floor_benchmark").main(
+      [
+          "--embed_dim=16",
+          "--layers=1,0,0,0",
+          "--image_size=32",
+          "--num_classes=10",
+          "--batch_size=2",
+          "--repeats=1",
+      ]
+  )
+  inference, train = step_rows
+  assert (inference["mode"], train["mode"]) == ("inference", "train")
+  assert train["products"] > 2 * inference["products"] > 0
+  for row in step_rows:
+    counted = [r for r in product_rows if r["mode"] == row["mode"]]
+    assert sum(r["count"] for r in counted) == row["products"]
+    assert 0 < row["product_gflops_per_image"] <= row["gflops_per_image"]
+    assert row["products_ms"] > 0 and row["step_ms"] > 0
+  out = capsys.readouterr().out
+  assert "| mode | op | lhs | rhs | count | ms each | GFLOP/s | ms total |" in out
+  assert "| custom | 32 | 2 | train |" in out
+
+
+def test_product_floor_counts_the_branch_of_this_platform_and_each_scan_step():
+  """`lax.platform_dependent` holds both backends' products: only the one that runs is
+  counted (ops.linear's weight gradient differs by backend); a scan's product counts
+  once per step."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+  from strip_mlp.models import ops  # pylint: disable=g-import-not-at-top
+
+  bench = _load("product_floor_benchmark")
+  x, k = jnp.ones((4, 3)), jnp.ones((3, 2))
+  grad = jax.make_jaxpr(jax.grad(lambda x, k: ops.linear(x, k).sum(), argnums=1))(x, k).jaxpr
+  lhs = lambda found: sorted(avals[0].shape for _, avals, _ in found)
+  assert lhs(bench.products(grad, "cpu")) == [(3, 4), (4, 2), (4, 3)]  # x.T @ g on CPU
+  assert lhs(bench.products(grad, "tpu")) == [(4, 2), (4, 3), (4, 3)]  # x, g over rows
+  scan = lambda c: jax.lax.scan(lambda c, _: (c @ k @ k.T, None), c, None, length=5)[0]
+  assert sorted(bench.products(jax.make_jaxpr(scan)(x).jaxpr, "cpu").values()) == [5, 5]

@@ -50,7 +50,10 @@ def _peak_gib():
   return None if peak is None else round(peak / 2**30, 2)
 
 
-def train_step(model, tx):
+def make_train_step(model, tx):
+  """Forward, backward and `tx`'s update of `model`: (variables, opt_state, images, labels,
+  rng) -> (variables, opt_state, loss)."""
+
   def train_step(variables, opt_state, images, labels, rng):
     def loss_fn(params):
       logits, state = model.apply(
@@ -81,7 +84,7 @@ def main(spec):
   state = {"variables": variables, "opt_state": jax.jit(tx.init)(variables["params"])}
   rng = jax.random.key(1)
   infer = jax.jit(functools.partial(model.apply, train=False))
-  train = jax.jit(train_step(model, tx), donate_argnums=(0, 1))
+  train = jax.jit(make_train_step(model, tx), donate_argnums=(0, 1))
   info, compiled = {}, {}
   for mode in spec["modes"]:
     t0 = time.perf_counter()

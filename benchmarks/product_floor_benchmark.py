@@ -37,6 +37,8 @@ from strip_mlp.models import registry  # noqa: E402  pylint: disable=g-import-no
 
 PRODUCTS = ("dot_general", "conv_general_dilated")
 PRODUCT_COLUMNS = [
+    ("variant", "variant"),
+    ("mode", "mode"),
     ("op", "op"),
     ("lhs", "lhs"),
     ("rhs", "rhs"),
@@ -123,7 +125,7 @@ def _step(model, mode, images, labels):
   if mode == "inference":
     return lambda v, x: model.apply(v, x, train=False), (variables, images)
   tx = optax.adamw(1e-3, weight_decay=0.05)
-  step = jax_worker.train_step(model, tx)
+  step = jax_worker.make_train_step(model, tx)
   return step, (variables, tx.init(variables["params"]), images, labels, jax.random.key(1))
 
 
@@ -136,6 +138,7 @@ def benchmark(args) -> tuple:
       kw["embed_dim"] = args.embed_dim or 80
       kw["layers"] = tuple(bench_util.int_list(args.layers or "2,2,6,2"))
     model = registry.create(variant, **kw)
+    name = "custom" if "embed_dim" in kw else variant
     for batch in args.batch_size:
       rng = np.random.RandomState(0)
       images = rng.randn(batch, args.image_size, args.image_size, 3).astype(np.float32)
@@ -150,11 +153,11 @@ def benchmark(args) -> tuple:
           total_flops += count * flops
           product_rows.append(
               dict(
-                  variant=variant,
+                  variant=name,
                   mode=mode,
                   op=primitive.name,
-                  lhs=str(avals[0].str_short()),
-                  rhs=str(avals[1].str_short()),
+                  lhs=avals[0].str_short(),
+                  rhs=avals[1].str_short(),
                   count=count,
                   ms_each=round(1e3 * seconds, 2),
                   gflops_per_s=round(flops / seconds / 1e9),
@@ -165,7 +168,7 @@ def benchmark(args) -> tuple:
         step_s = _seconds(compiled, fn_args, args.repeats)
         step_rows.append(
             dict(
-                variant=variant if not kw.get("embed_dim") else "custom",
+                variant=name,
                 image_size=args.image_size,
                 batch=batch,
                 mode=mode,
@@ -186,7 +189,7 @@ def main(argv=None):
   header = bench_util.machine_header()
   product_rows, step_rows = benchmark(args)
   print(header)
-  print(bench_util.markdown_table(product_rows, [("mode", "mode")] + PRODUCT_COLUMNS))
+  print(bench_util.markdown_table(product_rows, PRODUCT_COLUMNS))
   print()
   print(bench_util.markdown_table(step_rows, STEP_COLUMNS))
   return product_rows, step_rows

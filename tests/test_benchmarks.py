@@ -235,7 +235,8 @@ def test_product_floor_benchmark_times_each_product_of_both_steps(capsys):
     assert 0 < row["product_gflops_per_image"] <= row["gflops_per_image"]
     assert row["products_ms"] > 0 and row["step_ms"] > 0
   out = capsys.readouterr().out
-  assert "| mode | op | lhs | rhs | count | ms each | GFLOP/s | ms total |" in out
+  assert "| variant | mode | op | lhs | rhs | count | ms each | GFLOP/s | ms total |" in out
+  assert "| custom | train | dot_general |" in out
   assert "| custom | 32 | 2 | train |" in out
 
 

@@ -32,6 +32,7 @@ import optax  # noqa: E402  pylint: disable=g-import-not-at-top
 from jax.extend import core as jax_core  # noqa: E402  pylint: disable=g-import-not-at-top
 
 import bench_util  # noqa: E402  pylint: disable=g-import-not-at-top
+import family_benchmark  # noqa: E402  pylint: disable=g-import-not-at-top
 import jax_worker  # noqa: E402  pylint: disable=g-import-not-at-top
 from strip_mlp.models import registry  # noqa: E402  pylint: disable=g-import-not-at-top
 
@@ -133,7 +134,7 @@ def benchmark(args) -> tuple:
   """(product rows, step rows) for every variant, batch size and mode."""
   product_rows, step_rows = [], []
   for variant in args.variants:
-    kw = dict(img_size=args.image_size, num_classes=args.num_classes)
+    kw = family_benchmark.model_kwargs(variant, args.image_size, args.num_classes)
     if args.embed_dim or args.layers:
       kw["embed_dim"] = args.embed_dim or 80
       kw["layers"] = tuple(bench_util.int_list(args.layers or "2,2,6,2"))

@@ -120,9 +120,8 @@ def time_product(primitive, avals, params, repeats: int) -> tuple:
   return _seconds(compiled, args, repeats), jax_worker.flops(compiled)
 
 
-def _step(model, mode, images, labels):
+def _step(model, mode, variables, images, labels):
   """(the step's function, its arguments) for `mode`."""
-  variables = jax.jit(lambda k: model.init(k, images[:1], train=False))(jax.random.key(0))
   if mode == "inference":
     return lambda v, x: model.apply(v, x, train=False), (variables, images)
   tx = optax.adamw(1e-3, weight_decay=0.05)
@@ -135,17 +134,24 @@ def benchmark(args) -> tuple:
   product_rows, step_rows = [], []
   for variant in args.variants:
     kw = family_benchmark.model_kwargs(variant, args.image_size, args.num_classes)
-    if args.embed_dim or args.layers:
-      kw["embed_dim"] = args.embed_dim or 80
-      kw["layers"] = tuple(bench_util.int_list(args.layers or "2,2,6,2"))
+    if args.embed_dim:
+      kw["embed_dim"] = args.embed_dim
+    if args.layers:
+      kw["layers"] = tuple(bench_util.int_list(args.layers))
     model = registry.create(variant, **kw)
-    name = "custom" if "embed_dim" in kw else variant
+    name = "custom" if args.embed_dim or args.layers else variant
+    size = args.image_size
+    variables = jax.jit(lambda k: model.init(k, jax.numpy.zeros((1, size, size, 3)), train=False))(
+        jax.random.key(0)
+    )
     for batch in args.batch_size:
       rng = np.random.RandomState(0)
       images = rng.randn(batch, args.image_size, args.image_size, 3).astype(np.float32)
       labels = rng.randint(0, args.num_classes, batch).astype(np.int32)
       for mode in args.modes:
-        fn, fn_args = _step(model, mode, jax.numpy.asarray(images), jax.numpy.asarray(labels))
+        fn, fn_args = _step(
+            model, mode, variables, jax.numpy.asarray(images), jax.numpy.asarray(labels)
+        )
         found = products(jax.make_jaxpr(fn)(*fn_args).jaxpr, jax.default_backend())
         total_s = total_flops = 0.0
         for (primitive, avals, params), count in found.items():
